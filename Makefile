@@ -1,0 +1,50 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the whole test suite).
+# Both create .venv if missing and install ltc into it first.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# torch is installed first, pinned: 2.13.0's CPU build lies on disk on ltc's CI and dev machines.
+# GPU machines: make TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128 (see README).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+# Data: $LTC_DATA_HOME, else ../shared/data when it exists, else the user cache folder.
+LTC_DATA_HOME ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),$(HOME)/.cache/ltc/data)
+export LTC_DATA_HOME
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_ARGS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: install
+	@echo "data home: $(LTC_DATA_HOME)"
+	$(BIN)/ltc datasets
+	$(BIN)/ltc prepare agl l96
+
+test: install lint
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check ltc tests benchmarks
+	$(BIN)/ruff format --check ltc tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix ltc tests benchmarks
+	$(BIN)/ruff format ltc tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_graphs.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

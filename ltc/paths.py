@@ -1,0 +1,58 @@
+"""Where ltc reads data and writes its cache.
+
+- data home: ``$LTC_DATA_HOME``, else ``~/.cache/ltc/data`` (laid out like ``shared/data``: one folder
+  per dataset, see ``SOURCES.md``).
+- shard cache: ``$LTC_CACHE``, else ``<data home>/.ltc_cache`` when the data home is writable, else
+  ``~/.cache/ltc/cache`` (a read-only data home, as on CI, still works).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/ltc`` or ``~/.cache/ltc``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ltc"
+
+
+def data_home(path: str | os.PathLike[str] | None = None) -> Path:
+    """The data home: ``path`` if given, else ``$LTC_DATA_HOME``, else the user cache folder."""
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get("LTC_DATA_HOME")
+    if env:
+        return Path(env).expanduser()
+    return user_cache_root() / "data"
+
+
+def cache_root(path: str | os.PathLike[str] | None = None, *, home: Path | None = None) -> Path:
+    """The shard cache folder (created if missing)."""
+    if path is not None:
+        root = Path(path).expanduser()
+    elif os.environ.get("LTC_CACHE"):
+        root = Path(os.environ["LTC_CACHE"]).expanduser()
+    else:
+        home = data_home() if home is None else home
+        root = home / ".ltc_cache"
+        if not _writable(root):
+            fallback = user_cache_root() / "cache"
+            log.info("data home %s is not writable; caching shards in %s", home, fallback)
+            root = fallback
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _writable(folder: Path) -> bool:
+    """True if ``folder`` exists and is writable, or can be created."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return os.access(probe, os.W_OK)

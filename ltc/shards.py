@@ -1,0 +1,582 @@
+"""Arrow graph shards: build each (dataset, graph config) once, memory-map it in every trial.
+
+A shard set is a folder ``<cache>/shards/<dataset>-<key>/`` holding
+
+- ``shard-00000.arrow`` …: Arrow IPC files (uncompressed, one record batch each), one row per graph;
+- ``rejected.parquet``: every input row that did not become a graph (``id``, ``reason``);
+- ``manifest.json``: schema version, dataset, fingerprint, graph config, counts, shard list.
+
+``key`` hashes (schema version, dataset, dataset fingerprint, graph config): changed inputs give a new
+folder and never overwrite an old one. A set is built in a temporary folder and renamed into place,
+so a killed build leaves nothing that a reader trusts.
+
+Reading (``ShardSet``) memory-maps the files: opening costs near nothing, the page cache is shared by
+every process on a node, and ``batch(indices)`` gathers graphs straight from the mapped buffers into a
+PyG ``Batch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ltc import __version__, datasets
+from ltc.graphs import GraphConfig, GraphError, structure_to_graph
+from ltc.paths import cache_root, data_home
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# One row per graph. Ragged per-graph arrays are Arrow lists; ``vectors`` holds 3 floats per edge.
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("y", pa.float64()),  # target, raw units
+        ("formula", pa.string()),  # reduced formula
+        ("num_nodes", pa.int32()),
+        ("num_edges", pa.int32()),
+        ("z", pa.list_(pa.uint8())),  # [n] atomic numbers
+        ("edge_src", pa.list_(pa.int32())),  # [E] neighbour j (local index)
+        ("edge_dst", pa.list_(pa.int32())),  # [E] centre i
+        ("distances", pa.list_(pa.float32())),  # [E] Å
+        ("vectors", pa.list_(pa.float32())),  # [3E] Å, r_j + image - r_i, row-major
+    ],
+    metadata={"ltc_schema_version": str(SCHEMA_VERSION)},
+)
+_RAGGED = ("z", "edge_src", "edge_dst", "distances", "vectors")
+# Below this much work (in JSON-structure units), building in-process beats starting worker processes.
+PARALLEL_MIN_COST = 4096
+_PARSE_COST = {"cif": 20, "poscar": 5}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
+
+
+class ShardError(Exception):
+    """A shard folder that is missing, incomplete or of another schema version."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Building.
+
+
+def shard_key(dataset: str, fingerprint: str, config: GraphConfig) -> str:
+    """Content address of a shard set: 16 hex digits."""
+    blob = json.dumps(
+        {"schema": SCHEMA_VERSION, "dataset": dataset, "fingerprint": fingerprint, "graph": config.to_dict()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """Where a shard set is, what its manifest says, and whether this call built it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    built: bool
+    seconds: float
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(id, reason) of every rejected row."""
+        table = pq.read_table(self.path / "rejected.parquet")
+        return list(zip(table["id"].to_pylist(), table["reason"].to_pylist(), strict=True))
+
+
+def prepare(
+    name: str,
+    *,
+    graph: GraphConfig = GraphConfig(),
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    download: bool | None = None,
+    shard_size: int | None = None,
+) -> PrepareResult:
+    """Build the shards of dataset ``name`` under ``graph`` settings, or find them already built.
+
+    ``workers`` processes build shards in parallel (default: the CPUs this process may use);
+    ``shard_size`` graphs per shard file (default: sized to keep every worker busy). Neither changes
+    the content, so neither is part of the cache key.
+    """
+    t0 = time.perf_counter()
+    home_path = data_home(home)
+    file = datasets.locate(name, data_home=home_path, download=download)
+    key = shard_key(name, file.fingerprint, graph)
+    root = cache_root(cache, home=home_path) / "shards"
+    final = root / f"{name}-{key}"
+    if (final / "manifest.json").is_file():
+        manifest = read_manifest(final)
+        return PrepareResult(final, manifest, built=False, seconds=time.perf_counter() - t0)
+
+    raw = datasets.read(file)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root, f"{name}-{key}")
+    tmp = root / f".tmp-{name}-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        shards, build_rejected = _build_shards(
+            raw.records, graph, tmp, workers=workers, progress=progress, name=name, shard_size=shard_size
+        )
+        rejected = raw.rejected + build_rejected
+        n_graphs = sum(s["n_graphs"] for s in shards)
+        if n_graphs + len(rejected) != raw.n_rows:  # never a silently shorter dataset
+            raise RuntimeError(
+                f"{name}: {raw.n_rows} input rows but {n_graphs} graphs + {len(rejected)} rejected; please report"
+            )
+        pq.write_table(
+            pa.table(
+                {"id": [r.id for r in rejected], "reason": [r.reason for r in rejected]},
+                schema=pa.schema([("id", pa.string()), ("reason", pa.string())]),
+            ),
+            tmp / "rejected.parquet",
+        )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "ltc_version": __version__,
+            "dataset": name,
+            "title": raw.spec.title,
+            "target": raw.spec.target,
+            "units": raw.spec.units,
+            "source_file": str(raw.path.relative_to(home_path))
+            if raw.path.is_relative_to(home_path)
+            else str(raw.path),
+            "fingerprint": raw.fingerprint,
+            "graph": graph.to_dict(),
+            "key": key,
+            "n_input": raw.n_rows,
+            "n_graphs": n_graphs,
+            "n_rejected": len(rejected),
+            "shards": shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        _write_json_atomic(tmp / "manifest.json", manifest)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+            # Another process built the same key first: its shards are identical, keep them.
+            shutil.rmtree(tmp, ignore_errors=True)
+            manifest = read_manifest(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrepareResult(final, manifest, built=True, seconds=time.perf_counter() - t0)
+
+
+def _remove_stale_builds(root: Path, stem: str) -> None:
+    """Remove temporary folders of killed builds of ``stem`` on this host (their process is gone)."""
+    host = socket.gethostname()
+    for tmp in root.glob(f".tmp-{stem}-*"):
+        m = re.fullmatch(rf"\.tmp-{re.escape(stem)}-(.+)-(\d+)-[0-9a-f]+", tmp.name)
+        if m is None or m.group(1) != host:
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a killed build", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _build_shards(
+    records: list[datasets.RawRecord],
+    graph: GraphConfig,
+    folder: Path,
+    *,
+    workers: int | None,
+    progress: bool,
+    name: str,
+    shard_size: int | None = None,
+) -> tuple[list[dict[str, Any]], list[datasets.Rejected]]:
+    """Write the shard files of ``records`` into ``folder``; return shard entries and rejected rows."""
+    from tqdm.auto import tqdm
+
+    workers = _default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"{workers=} must be >= 1")
+    # Several chunks per worker keep the pool busy to the end; a chunk is also one shard file.
+    if shard_size is not None and shard_size < 1:
+        raise ValueError(f"{shard_size=} must be >= 1")
+    size = shard_size or max(1024, min(8192, math.ceil(len(records) / (4 * workers))))
+    chunks = [records[i : i + size] for i in range(0, len(records), size)] or [[]]
+    files = [folder / f"shard-{i:05d}.arrow" for i in range(len(chunks))]
+    results: list[tuple[dict[str, Any], list[datasets.Rejected]] | None] = [None] * len(chunks)
+    with tqdm(total=len(records), desc=f"prepare {name}", unit="struct", disable=not progress) as bar:
+        # Starting worker processes costs seconds (imports); small sets build faster in this one.
+        cost = sum(_PARSE_COST.get(r.fmt, 1) for r in records)
+        if workers > 1 and cost >= PARALLEL_MIN_COST and len(chunks) > 1:
+            try:
+                # spawn, not fork: the caller may hold threads (Ray, torch) that fork would copy half-locked
+                ctx = get_context("spawn")
+                with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+                    futures = {pool.submit(build_shard, chunks[i], graph, files[i]): i for i in range(len(chunks))}
+                    for fut in as_completed(futures):
+                        i = futures[fut]
+                        results[i] = fut.result()
+                        bar.update(len(chunks[i]))
+            except BrokenProcessPool as err:
+                # e.g. a __main__ that spawned workers cannot import (python - < script): finish here
+                log.warning("worker processes failed (%s); building the remaining shards in this process", err)
+        for i in range(len(chunks)):
+            if results[i] is None:
+                results[i] = build_shard(chunks[i], graph, files[i], on_record=bar.update)
+    shards: list[dict[str, Any]] = []
+    rejected: list[datasets.Rejected] = []
+    for entry, rej in results:  # type: ignore[misc]
+        shards.append(entry)
+        rejected.extend(rej)
+    return shards, rejected
+
+
+def build_shard(
+    records: Sequence[datasets.RawRecord],
+    graph: GraphConfig,
+    path: Path,
+    *,
+    on_record=None,
+) -> tuple[dict[str, Any], list[datasets.Rejected]]:
+    """Parse ``records``, build their graphs and write one Arrow IPC file at ``path``.
+
+    Returns the shard entry for the manifest and the rows rejected (unparsable structure, empty
+    structure, atom without neighbour …), each with its reason.
+    """
+    cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    rejected: list[datasets.Rejected] = []
+    for rec in records:
+        try:
+            structure = datasets.parse_structure(rec.fmt, rec.payload)
+        except datasets.EmptyStructureError as err:
+            rejected.append(datasets.Rejected(rec.id, str(err)))
+        except Exception as err:  # any parser failure is this row's reason, never the dataset's end
+            rejected.append(datasets.Rejected(rec.id, f"unparsable structure: {type(err).__name__}: {err}"[:500]))
+        else:
+            try:
+                g = structure_to_graph(structure, config=graph)
+            except GraphError as err:
+                rejected.append(datasets.Rejected(rec.id, str(err)))
+            except Exception as err:  # e.g. a degenerate lattice inside pymatgen's neighbour search
+                rejected.append(datasets.Rejected(rec.id, f"graph failed: {type(err).__name__}: {err}"[:500]))
+            else:
+                cols["id"].append(rec.id)
+                cols["y"].append(rec.target)
+                cols["formula"].append(structure.composition.reduced_formula)
+                cols["num_nodes"].append(g.num_nodes)
+                cols["num_edges"].append(g.num_edges)
+                cols["z"].append(g.z)
+                cols["edge_src"].append(g.edge_index[0])
+                cols["edge_dst"].append(g.edge_index[1])
+                cols["distances"].append(g.distances)
+                cols["vectors"].append(g.vectors.reshape(-1))
+        if on_record is not None:
+            on_record(1)
+    arrays = []
+    for field in SCHEMA:
+        if field.name in _RAGGED:
+            arrays.append(_list_array(cols[field.name], field.type))
+        else:
+            arrays.append(pa.array(cols[field.name], type=field.type))
+    table = pa.Table.from_arrays(arrays, schema=SCHEMA)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        # One record batch per file: each column is one contiguous buffer, gathered without joins.
+        writer.write_table(table, max_chunksize=max(1, table.num_rows))
+    entry = {
+        "file": path.name,
+        "n_graphs": table.num_rows,
+        "n_nodes": int(sum(cols["num_nodes"])),
+        "n_edges": int(sum(cols["num_edges"])),
+    }
+    return entry, rejected
+
+
+def _list_array(parts: list[np.ndarray], type_: pa.ListType) -> pa.ListArray:
+    """A list array from per-row numpy arrays, with one concatenation (no per-element Python)."""
+    dtype = type_.value_type.to_pandas_dtype()
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_.value_type))
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a shard folder; errors say what is wrong with it."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(f"{folder} is not a shard folder (no manifest.json); run `ltc prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: damaged manifest ({err})") from err
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardError(
+            f"{folder}: shard schema version {version}, this ltc reads {SCHEMA_VERSION}; run `ltc prepare` again"
+        )
+    return manifest
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a rejection reason (``"<kind>: <detail>"``), for counting."""
+    return reason.split(":", 1)[0]
+
+
+def summarize_rejected(reasons: Sequence[str]) -> list[tuple[str, int]]:
+    """(kind, count) of rejection reasons, most frequent first."""
+    return Counter(reason_kind(r) for r in reasons).most_common()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading.
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """Zero-copy numpy views of one memory-mapped shard file."""
+
+    table: pa.Table
+    offsets: dict[str, np.ndarray]  # [n + 1] per ragged column
+    values: dict[str, np.ndarray]  # flat values per ragged column
+
+
+def _open_shard(path: Path) -> _Shard:
+    source = pa.memory_map(str(path), "r")
+    table = pa.ipc.open_file(source).read_all()
+    offsets, values = {}, {}
+    for name in _RAGGED:
+        col = table.column(name)
+        if col.num_chunks != 1:
+            col = pa.chunked_array([pa.concat_arrays(col.chunks)]) if col.num_chunks else col
+        arr = col.chunk(0) if col.num_chunks else pa.array([], type=SCHEMA.field(name).type)
+        offsets[name] = arr.offsets.to_numpy(zero_copy_only=True)
+        values[name] = arr.values.to_numpy(zero_copy_only=True)
+    return _Shard(table, offsets, values)
+
+
+def _ragged_gather(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions of the values of ``rows`` (in order) and each row's length."""
+    starts = offsets[rows].astype(np.int64)
+    lengths = offsets[rows + 1].astype(np.int64) - starts
+    total = int(lengths.sum())
+    # position k of the output reads value starts[row(k)] + (k - first output position of row(k))
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift, lengths
+
+
+def _reorder(cat: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph-wise reorder of concatenated batch arrays: output graph k is input graph ``rows[k]``."""
+    node_off = np.concatenate([[0], np.cumsum(cat["n"])])
+    edge_off = np.concatenate([[0], np.cumsum(cat["e"])])
+    npos, _ = _ragged_gather(node_off, rows)
+    epos, _ = _ragged_gather(edge_off, rows)
+    out = {"z": cat["z"][npos], "n": cat["n"][rows], "e": cat["e"][rows], "y": cat["y"][rows]}
+    for name in ("edge_src", "edge_dst", "distances"):
+        out[name] = cat[name][epos]
+    out["vectors"] = cat["vectors"].reshape(-1, 3)[epos].reshape(-1)
+    return out
+
+
+class ShardSet:
+    """A memory-mapped shard set: ``len``, ``ids``, ``y``, ``get(i)`` and ``batch(indices)``.
+
+    Indices are positions 0 … len-1 in the set, in shard order.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.path = Path(folder)
+        self.manifest = read_manifest(self.path)
+        self._shards: list[_Shard] = []
+        for entry in self.manifest["shards"]:
+            file = self.path / entry["file"]
+            if not file.is_file():
+                raise ShardError(f"{self.path}: shard file {entry['file']} is missing; run `ltc prepare` again")
+            shard = _open_shard(file)
+            if shard.table.num_rows != entry["n_graphs"]:
+                raise ShardError(f"{file}: {shard.table.num_rows} rows, manifest says {entry['n_graphs']}")
+            self._shards.append(shard)
+        counts = [s.table.num_rows for s in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.graph = GraphConfig(**self.manifest["graph"])
+        self.name: str = self.manifest["dataset"]
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        *,
+        graph: GraphConfig = GraphConfig(),
+        home: str | os.PathLike[str] | None = None,
+        cache: str | os.PathLike[str] | None = None,
+        **prepare_kwargs: Any,
+    ) -> ShardSet:
+        """Prepare (if needed) and open the shards of dataset ``name``."""
+        return cls(prepare(name, graph=graph, home=home, cache=cache, **prepare_kwargs).path)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"ShardSet({self.name!r}, n_graphs={len(self)}, graph={self.graph}, path='{self.path}')"
+
+    def _column(self, name: str) -> np.ndarray:
+        parts = [s.table.column(name).to_numpy() for s in self._shards]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for s in self._shards for i in s.table.column("id").to_pylist()]
+
+    @property
+    def y(self) -> np.ndarray:
+        """[n] targets in raw units (float64)."""
+        return self._column("y").astype(np.float64)
+
+    @property
+    def formulas(self) -> list[str]:
+        return [f for s in self._shards for f in s.table.column("formula").to_pylist()]
+
+    @property
+    def num_nodes(self) -> np.ndarray:
+        return self._column("num_nodes").astype(np.int64)
+
+    def indices_of(self, ids: Sequence[str], *, missing: str = "raise") -> np.ndarray:
+        """Positions of ``ids`` in this set. ``missing``: "raise" or "skip" ids not in the set."""
+        pos = {k: i for i, k in enumerate(self.ids)}
+        out = [pos.get(str(k), -1) for k in ids]
+        if missing == "raise" and -1 in out:
+            absent = [k for k, i in zip(ids, out, strict=True) if i < 0]
+            raise KeyError(f"{len(absent)} id(s) not in {self.name} shards, e.g. {absent[:5]}")
+        return np.asarray([i for i in out if i >= 0], dtype=np.int64)
+
+    def _locate(self, indices: np.ndarray) -> np.ndarray:
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            bad = indices[(indices < 0) | (indices >= len(self))][0]
+            raise IndexError(f"graph index {int(bad)} out of range for {len(self)} graphs")
+        return np.searchsorted(self._starts, indices, side="right") - 1
+
+    def get(self, i: int):
+        """Graph ``i`` as a PyG ``Data`` whose arrays view the mapped file (no copy)."""
+        import torch
+        from torch_geometric.data import Data
+
+        shard_no = int(self._locate(np.asarray([i]))[0])
+        s, row = self._shards[shard_no], i - int(self._starts[shard_no])
+
+        def view(name: str) -> np.ndarray:
+            o = s.offsets[name]
+            return s.values[name][o[row] : o[row + 1]]
+
+        with warnings.catch_warnings():
+            # the mapped buffers are read-only; the tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            return Data(
+                z=torch.from_numpy(view("z")).long(),
+                edge_index=torch.from_numpy(np.stack([view("edge_src"), view("edge_dst")])).long(),
+                edge_dist=torch.from_numpy(view("distances")),
+                edge_vec=torch.from_numpy(view("vectors")).view(-1, 3),
+                y=torch.tensor([float(s.table.column("y")[row].as_py())], dtype=torch.float64),
+                num_nodes=int(view("z").shape[0]),
+                idx=torch.tensor([i]),
+            )
+
+    def batch(self, indices: Sequence[int] | np.ndarray):
+        """Graphs ``indices`` as one PyG ``Batch`` (node indices offset per graph, ``batch``, ``ptr``).
+
+        Fields: ``z`` [N] long, ``edge_index`` [2, E] long, ``edge_dist`` [E] float32 (Å),
+        ``edge_vec`` [E, 3] float32 (Å), ``y`` [B] float64 (raw units), ``idx`` [B] positions in this set.
+        """
+        import torch
+        from torch_geometric.data import Batch
+
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shard_of = self._locate(idx)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_RAGGED, "y", "n", "e")}
+        order = np.argsort(shard_of, kind="stable")
+        for shard_no in np.unique(shard_of):
+            s = self._shards[int(shard_no)]
+            rows = idx[order][shard_of[order] == shard_no] - self._starts[shard_no]
+            pos, n = _ragged_gather(s.offsets["z"], rows)
+            parts["z"].append(s.values["z"][pos])
+            parts["n"].append(n)
+            pos, e = _ragged_gather(s.offsets["edge_src"], rows)
+            for name in ("edge_src", "edge_dst", "distances"):
+                parts[name].append(s.values[name][pos])
+            parts["e"].append(e)
+            vpos = (pos[:, None] * 3 + np.arange(3)).reshape(-1)
+            parts["vectors"].append(s.values["vectors"][vpos])
+            parts["y"].append(s.table.column("y").chunk(0).to_numpy()[rows])
+        cat = {k: np.concatenate(v) for k, v in parts.items()}
+        if len(parts["n"]) > 1:
+            # Gathered shard by shard; put the graphs back in the order asked for.
+            cat = _reorder(cat, np.argsort(order))
+        n, e = cat["n"], cat["e"]
+        node_start = np.cumsum(n) - n
+        shift = np.repeat(node_start, e)
+        edge_index = np.stack([cat["edge_src"] + shift, cat["edge_dst"] + shift])
+        ptr = np.concatenate([[0], np.cumsum(n)])
+        return Batch(
+            z=torch.from_numpy(cat["z"].astype(np.int64)),
+            edge_index=torch.from_numpy(edge_index.astype(np.int64)),
+            edge_dist=torch.from_numpy(cat["distances"]),
+            edge_vec=torch.from_numpy(cat["vectors"].reshape(-1, 3)),
+            y=torch.from_numpy(cat["y"].astype(np.float64)),
+            idx=torch.from_numpy(idx),
+            batch=torch.from_numpy(np.repeat(np.arange(len(n)), n)),
+            ptr=torch.from_numpy(ptr),
+        )
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[Any]:
+        """Batches of ``batch_size`` graphs over ``indices`` (default all), optionally shuffled by ``seed``."""
+        if batch_size < 1:
+            raise ValueError(f"{batch_size=} must be >= 1")
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle:
+            idx = np.random.default_rng(seed).permutation(idx)
+        stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
+        for i in range(0, stop, batch_size):
+            yield self.batch(idx[i : i + batch_size])
