@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+_told: set[Path] = set()  # read-only data homes already reported
 
 
 def user_cache_root() -> Path:
@@ -42,17 +43,23 @@ def cache_root(path: str | os.PathLike[str] | None = None, *, home: Path | None 
         root = home / ".ltc_cache"
         if not _writable(root):
             fallback = user_cache_root() / "cache"
-            log.info("data home %s is not writable; caching shards in %s", home, fallback)
+            if home not in _told:
+                _told.add(home)
+                log.info("data home %s is not writable; caching shards in %s", home, fallback)
             root = fallback
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 def _writable(folder: Path) -> bool:
-    """True if ``folder`` exists and is writable, or can be created."""
+    """True if ``folder`` (or its nearest existing parent) may be written to.
+
+    A folder with no write permission bit at all counts as read-only even for root, who passes
+    ``os.access``: a shared, read-only data home must never receive a cache.
+    """
     probe = folder
     while not probe.exists():
         if probe.parent == probe:
             return False
         probe = probe.parent
-    return os.access(probe, os.W_OK)
+    return bool(probe.stat().st_mode & 0o222) and os.access(probe, os.W_OK)
