@@ -45,6 +45,7 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_graphs.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

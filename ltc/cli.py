@@ -110,6 +110,87 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# ltc train
+
+
+def _model_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs, values read as YAML scalars or lists (``hidden=32``, ``dense=[64,32]``)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-config {item!r} must look like KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ltc.graphs import GraphConfig
+    from ltc.splits import SplitConfig
+    from ltc.train import StageConfig, TrainConfig, run_stage
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    strategy = args.strategy
+    if args.n_unfrozen is not None:
+        if strategy not in (None, "blocks"):
+            raise ValueError(f"--n-unfrozen goes with --strategy blocks, not {strategy!r}")
+        strategy = "blocks"
+    graph = None
+    if args.cutoff is not None or args.max_neighbors is not None:
+        graph = GraphConfig(cutoff=args.cutoff or 8.0, max_neighbors=args.max_neighbors or 12)
+    stage = StageConfig(
+        datasets=tuple(args.dataset),
+        model=args.model,
+        model_config=_model_overrides(args.model_config),
+        graph=graph,
+        size=args.size,
+        max_size=args.max_size,
+        seed=args.seed,
+        split=SplitConfig(test=args.split, test_fraction=args.test_fraction, split_seed=args.split_seed),
+        holdout=tuple(args.holdout),
+        transform=args.transform,
+        init=str(args.init) if args.init else None,
+        strategy=strategy or "all",
+        n_unfrozen=args.n_unfrozen,
+        head=args.head,
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            loss=args.loss,
+            schedule=args.schedule,
+            patience=args.patience,
+            seed=args.seed,
+            device=args.device,
+        ),
+    )
+    m = run_stage(stage, args.out, home=args.data_home, cache=args.cache)
+    print(
+        f"{m['model']} on {'+'.join(m['datasets'])}: {m['epochs_run']} epochs in {m['train_seconds']:.1f} s, "
+        f"{m['params_trainable']:,} of {m['params_total']:,} parameters trained (strategy {m['strategy']}"
+        + (f", n_unfrozen {m['n_unfrozen']})" if m["n_unfrozen"] is not None else ")")
+    )
+    keys = ("mae", "rmse", "r2", "mape", "mae_log10")
+    rows = []
+    prefixes = [""] if len(m["datasets"]) == 1 else [f"{d}/" for d in m["datasets"]]
+    for prefix in prefixes:
+        for part in ("val", "test"):
+            vals = [m.get(f"{prefix}{part}_{k}") for k in keys]
+            n = m.get(f"{prefix}n_{part}")
+            rows.append((f"{prefix}{part}", n, *("-" if v is None else f"{v:.4g}" for v in vals)))
+    print(_table(rows, ("split", "n", "MAE", "RMSE", "R2", "MAPE %", "MAE log10")))
+    out = Path(args.out)
+    print(f"  {out / 'metrics.json'}\n  {out / 'checkpoint.pt'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +240,89 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
     sp.add_argument("--no-download", action="store_true", help="never download; use local files only")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp = add(
+        "train",
+        cmd_train,
+        "train one model: pre-train from scratch, or fine-tune a checkpoint",
+        "Train a crystal graph model on one dataset (several names: multi-property training, one head each) "
+        "and write OUT/metrics.json (test and validation metrics in raw units, epochs, times, parameter counts), "
+        "OUT/checkpoint.pt and OUT/predictions.parquet. With --init it fine-tunes a checkpoint: --strategy "
+        "chooses what trains (all, last_layer, new_head, two_body, three_body) or --n-unfrozen K trains the "
+        "last K blocks plus readout and head.",
+    )
+    sp.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="dataset name(s), see `ltc datasets`")
+    sp.add_argument("--out", type=Path, required=True, help="output folder")
+    sp.add_argument("--model", choices=["cgcnn", "megnet", "alignn"], help="architecture (needed without --init)")
+    sp.add_argument(
+        "--model-config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config overrides for a new model, e.g. hidden=32 n_blocks=2 head_hidden=[450,350,350]",
+    )
+    g = sp.add_argument_group("data and splits")
+    g.add_argument(
+        "--size", type=int, help="train+validation structures per dataset (default: all outside the test set)"
+    )
+    g.add_argument("--max-size", type=int, help="at most this many train+validation structures (PT size cap)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the subset, its 90/10 train/validation split and the init (default 0)",
+    )
+    g.add_argument(
+        "--split",
+        choices=["seeded", "paper"],
+        default="seeded",
+        help="test set: seeded (a fixed 10%% per dataset) or paper (Devi et al.'s files; their trial subsets for "
+        "sizes 10..800 and seeds 1..5)",
+    )
+    g.add_argument("--test-fraction", type=float, default=0.1, help="seeded test fraction (default 0.1)")
+    g.add_argument("--split-seed", type=int, default=0, help="fixes the seeded test set (default 0)")
+    g.add_argument(
+        "--holdout",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="keep structures whose formula is in these datasets' test sets out of training (e.g. the FT set, in PT)",
+    )
+    g.add_argument(
+        "--transform",
+        choices=list(__import__("ltc.targets", fromlist=["TRANSFORMS"]).TRANSFORMS),
+        help="target transform (default: the dataset's: minmax, or log10p1+standardize for kappa)",
+    )
+    g.add_argument("--cutoff", type=float, help="graph cutoff in Å (default: the model's, or the checkpoint's)")
+    g.add_argument("--max-neighbors", type=int, help="graph neighbours per atom (default: the model's)")
+    g = sp.add_argument_group("fine-tuning")
+    g.add_argument("--init", type=Path, help="checkpoint to start from (a PT or earlier FT stage)")
+    g.add_argument(
+        "--strategy",
+        choices=["all", "blocks", "last_layer", "new_head", "two_body", "three_body"],
+        help="what trains (default all); see ltc/transfer.py for the mapping onto each model",
+    )
+    g.add_argument(
+        "--n-unfrozen", type=int, help="train the last K blocks + readout + head (implies --strategy blocks)"
+    )
+    g.add_argument(
+        "--head",
+        choices=["auto", "keep", "new"],
+        default="auto",
+        help="keep the checkpoint's head, or a new one (auto: keep if the number of targets matches)",
+    )
+    g = sp.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="default 100")
+    g.add_argument("--batch-size", type=int, default=64, help="default 64")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="default mse")
+    g.add_argument(
+        "--schedule", choices=["onecycle", "cosine", "constant"], default="onecycle", help="default onecycle"
+    )
+    g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss (default off)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
     return p
 
 

@@ -34,7 +34,7 @@ class DatasetError(Exception):
     """Base class for dataset errors."""
 
 
-class UnknownDatasetError(DatasetError, KeyError):
+class UnknownDatasetError(DatasetError, KeyError, ValueError):
     """A dataset name that is not in the registry."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import cached_property
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc import __version__, datasets
-from ltc.graphs import GraphConfig, GraphError, structure_to_graph
+from ltc.graphs import CrystalGraph, GraphConfig, GraphError, structure_to_graph
 from ltc.paths import cache_root, data_home
 
 log = logging.getLogger(__name__)
@@ -413,6 +414,46 @@ def _reorder(cat: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
+def _to_batch(cat: dict[str, np.ndarray], idx: np.ndarray):
+    """A PyG ``Batch`` from concatenated per-graph arrays (local node indices in ``edge_src/dst``)."""
+    import torch
+    from torch_geometric.data import Batch
+
+    n, e = cat["n"], cat["e"]
+    shift = np.repeat(np.cumsum(n) - n, e)  # each graph's first node in the batch, per edge
+    edge_index = np.stack([cat["edge_src"] + shift, cat["edge_dst"] + shift])
+    return Batch(
+        z=torch.from_numpy(cat["z"].astype(np.int64)),
+        edge_index=torch.from_numpy(edge_index.astype(np.int64)),
+        edge_dist=torch.from_numpy(np.ascontiguousarray(cat["distances"], dtype=np.float32)),
+        edge_vec=torch.from_numpy(np.ascontiguousarray(cat["vectors"], dtype=np.float32).reshape(-1, 3)),
+        y=torch.from_numpy(cat["y"].astype(np.float64)),
+        idx=torch.from_numpy(np.asarray(idx, dtype=np.int64)),
+        batch=torch.from_numpy(np.repeat(np.arange(len(n)), n)),
+        ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(n)])),
+    )
+
+
+def collate_graphs(graphs: Sequence[CrystalGraph], y: Sequence[float] | None = None):
+    """In-memory ``CrystalGraph``s (e.g. from new CIFs) as one PyG ``Batch``, like ``ShardSet.batch``.
+
+    ``y`` defaults to NaN (unknown targets); ``idx`` is 0 … len-1.
+    """
+    if not graphs:
+        raise ValueError("no graphs to collate")
+    cat = {
+        "n": np.asarray([g.num_nodes for g in graphs], dtype=np.int64),
+        "e": np.asarray([g.num_edges for g in graphs], dtype=np.int64),
+        "z": np.concatenate([g.z for g in graphs]),
+        "edge_src": np.concatenate([g.edge_index[0] for g in graphs]),
+        "edge_dst": np.concatenate([g.edge_index[1] for g in graphs]),
+        "distances": np.concatenate([g.distances for g in graphs]),
+        "vectors": np.concatenate([g.vectors.reshape(-1) for g in graphs]),
+        "y": np.full(len(graphs), np.nan) if y is None else np.asarray(y, dtype=np.float64),
+    }
+    return _to_batch(cat, np.arange(len(graphs)))
+
+
 class ShardSet:
     """A memory-mapped shard set: ``len``, ``ids``, ``y``, ``get(i)`` and ``batch(indices)``.
 
@@ -459,16 +500,22 @@ class ShardSet:
         parts = [s.table.column(name).to_numpy() for s in self._shards]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
         return [i for s in self._shards for i in s.table.column("id").to_pylist()]
+
+    @property
+    def rejected_ids(self) -> list[str]:
+        """Ids of the input rows that did not become graphs (see ``rejected.parquet``)."""
+        path = self.path / "rejected.parquet"
+        return pq.read_table(path, columns=["id"])["id"].to_pylist() if path.is_file() else []
 
     @property
     def y(self) -> np.ndarray:
         """[n] targets in raw units (float64)."""
         return self._column("y").astype(np.float64)
 
-    @property
+    @cached_property
     def formulas(self) -> list[str]:
         return [f for s in self._shards for f in s.table.column("formula").to_pylist()]
 
@@ -476,9 +523,13 @@ class ShardSet:
     def num_nodes(self) -> np.ndarray:
         return self._column("num_nodes").astype(np.int64)
 
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.ids)}
+
     def indices_of(self, ids: Sequence[str], *, missing: str = "raise") -> np.ndarray:
         """Positions of ``ids`` in this set. ``missing``: "raise" or "skip" ids not in the set."""
-        pos = {k: i for i, k in enumerate(self.ids)}
+        pos = self._positions
         out = [pos.get(str(k), -1) for k in ids]
         if missing == "raise" and -1 in out:
             absent = [k for k, i in zip(ids, out, strict=True) if i < 0]
@@ -522,9 +573,6 @@ class ShardSet:
         Fields: ``z`` [N] long, ``edge_index`` [2, E] long, ``edge_dist`` [E] float32 (Å),
         ``edge_vec`` [E, 3] float32 (Å), ``y`` [B] float64 (raw units), ``idx`` [B] positions in this set.
         """
-        import torch
-        from torch_geometric.data import Batch
-
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         shard_of = self._locate(idx)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_RAGGED, "y", "n", "e")}
@@ -546,21 +594,7 @@ class ShardSet:
         if len(parts["n"]) > 1:
             # Gathered shard by shard; put the graphs back in the order asked for.
             cat = _reorder(cat, np.argsort(order))
-        n, e = cat["n"], cat["e"]
-        node_start = np.cumsum(n) - n
-        shift = np.repeat(node_start, e)
-        edge_index = np.stack([cat["edge_src"] + shift, cat["edge_dst"] + shift])
-        ptr = np.concatenate([[0], np.cumsum(n)])
-        return Batch(
-            z=torch.from_numpy(cat["z"].astype(np.int64)),
-            edge_index=torch.from_numpy(edge_index.astype(np.int64)),
-            edge_dist=torch.from_numpy(cat["distances"]),
-            edge_vec=torch.from_numpy(cat["vectors"].reshape(-1, 3)),
-            y=torch.from_numpy(cat["y"].astype(np.float64)),
-            idx=torch.from_numpy(idx),
-            batch=torch.from_numpy(np.repeat(np.arange(len(n)), n)),
-            ptr=torch.from_numpy(ptr),
-        )
+        return _to_batch(cat, idx)
 
     def iter_batches(
         self,

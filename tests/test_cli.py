@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -68,3 +69,92 @@ def test_console_script_help_explains_commands():
     for option in ("--cutoff", "--max-neighbors", "--workers", "--cache", "--data-home", "--all"):
         assert option in out
     assert "rejected.parquet" in out
+
+
+# --- ltc train ---------------------------------------------------------------------------------------
+
+SMALL_ARGS = {
+    "cgcnn": ["hidden=16", "n_blocks=2", "fc_dim=16"],
+    "megnet": ["n_blocks=2", "dense=[32,16]", "conv=[32,16]", "output=[16,8]"],
+    "alignn": ["hidden=16", "embedding=8", "alignn_layers=1", "gcn_layers=1"],
+}
+STRATEGIES = {
+    "cgcnn": ["all", "last_layer", "new_head", "two_body", "--n-unfrozen=1"],
+    "megnet": ["all", "last_layer", "new_head", "two_body", "--n-unfrozen=0"],
+    "alignn": ["all", "last_layer", "new_head", "two_body", "three_body", "--n-unfrozen=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny PT checkpoint per model, on the phonons set, from the CLI."""
+    root = tmp_path_factory.mktemp("pt")
+    out = {}
+    for model, cfg in SMALL_ARGS.items():
+        args = ["train", "--dataset", "ph", "--model", model, "--model-config", *cfg, "--max-size", "64"]
+        args += ["--epochs", "2", "--batch-size", "16", "--out", str(root / model), "--cutoff", "6"]
+        assert main(args) == 0
+        out[model] = root / model / "checkpoint.pt"
+    return out
+
+
+@pytest.mark.parametrize(("model", "strategy"), [(m, s) for m, ss in STRATEGIES.items() for s in ss])
+def test_cli_fine_tunes_every_model_with_every_strategy(pretrained, tmp_path, capsys, model, strategy):
+    flag = [strategy] if strategy.startswith("--") else ["--strategy", strategy]
+    out = tmp_path / "ft"
+    args = ["train", "--dataset", "dc", "--init", str(pretrained[model]), "--size", "40", "--epochs", "2"]
+    assert main([*args, "--batch-size", "8", "--out", str(out), *flag]) == 0
+    printed = capsys.readouterr().out
+    assert f"{model} on dc" in printed and "test" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_train"] + m["n_val"] == 40 and m["test_mae"] is not None
+    expected = strategy.split("=")[0].removeprefix("--").replace("n-unfrozen", "blocks")
+    assert m["strategy"] == expected
+    assert (m["params_trainable"] < m["params_total"]) == (strategy != "all")
+    assert m["graph"]["cutoff"] == 6.0  # the checkpoint's graphs
+
+
+def test_cli_three_stage_chain(tmp_path, capsys):
+    pt, ft1, ft2 = tmp_path / "pt", tmp_path / "ft1", tmp_path / "ft2"
+    common = ["--epochs", "2", "--batch-size", "8", "--loss", "l1"]
+    cfg = [*SMALL_ARGS["megnet"], "head_hidden=[45,35,35]"]
+    assert main(["train", "--dataset", "pz", "--model", "megnet", "--model-config", *cfg, "--max-size", "60",
+                 "--out", str(pt), *common]) == 0  # fmt: skip
+    assert main(["train", "--dataset", "mix", "--init", str(pt / "checkpoint.pt"), "--size", "60",
+                 "--holdout", "hh143", "--out", str(ft1), *common]) == 0  # fmt: skip
+    assert main(["train", "--dataset", "hh143", "--init", str(ft1 / "checkpoint.pt"), "--size", "40",
+                 "--out", str(ft2), *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "MAE log10" in out
+    import torch
+
+    ckpt = torch.load(ft2 / "checkpoint.pt", weights_only=True)
+    assert [h["datasets"] for h in ckpt["history"]] == [["pz"], ["mix"], ["hh143"]]
+    assert ckpt["model"]["config"]["head_hidden"] == [45, 35, 35]
+    m = json.loads((ft2 / "metrics.json").read_text())
+    assert m["graph"] == {"cutoff": 4.0, "max_neighbors": 24}  # MEGNet's default graphs, kept down the chain
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--strategy", "three_body"], "cgcnn has no three-body"),
+        (["--n-unfrozen", "5"], "n_unfrozen=5 must be between 0 and 2"),
+        (["--strategy", "last_layer", "--n-unfrozen", "1"], "--n-unfrozen goes with --strategy blocks"),
+        (["--model", "alignn"], "holds a cgcnn model, not alignn"),
+        (["--cutoff", "5"], "trained on graphs"),
+        (["--size", "5000"], "size=5000 but dc has only 950 structures outside its test set"),
+    ],
+)
+def test_cli_train_errors(pretrained, tmp_path, capsys, extra, message):
+    args = ["train", "--dataset", "dc", "--init", str(pretrained["cgcnn"]), "--epochs", "1", "--out", str(tmp_path)]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_train_damaged_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["train", "--dataset", "dc", "--init", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "damaged or not a checkpoint" in capsys.readouterr().err

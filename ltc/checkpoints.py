@@ -1,0 +1,55 @@
+"""Checkpoints: a plain dict, written atomically, read with ``torch.load(weights_only=True)``.
+
+Keys: ``format`` ("ltc-checkpoint"), ``version``, ``ltc_version``, ``model`` ({name, config}),
+``state_dict``, ``graph`` (the graph settings the model was trained on), ``targets`` (per head: dataset,
+units, kappa flag, target scaler), ``history`` (one entry per training stage, oldest first) and
+``metrics`` (of the last stage).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltc import __version__
+
+FORMAT = "ltc-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, not ltc's, or does not fit the run."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> Path:
+    """Write ``ckpt`` to ``path`` atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"format": FORMAT, "version": VERSION, "ltc_version": __version__, **ckpt}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> dict[str, Any]:
+    """Read an ltc checkpoint (no pickled code: ``weights_only=True``); ``model`` checks the architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ltc checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this ltc reads {VERSION}")
+    name = ckpt["model"]["name"]
+    if model is not None and name != model:
+        raise CheckpointError(f"{path} holds a {name} model, not {model}")
+    return ckpt

@@ -1,0 +1,143 @@
+"""Train / validation / test splits over a shard set.
+
+- Test: a fixed set per dataset, never seen in PT or FT. ``seeded``: the ``test_fraction`` of the
+  dataset's input rows that rank first by a hash of (``split_seed``, dataset, id), so it depends neither
+  on row order nor on graph settings; ``paper``: Devi et al.'s own test file.
+- Training subsets: ``size`` structures drawn per ``seed`` from what is left (or, with ``paper``, Devi
+  et al.'s trial file for trial = seed and that size), then split 90/10 into train and validation.
+- ``exclude_formulas`` keeps structures of other datasets' test sets out of training (leakage through
+  the same compound in a PT set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ltc import datasets
+from ltc.shards import ShardSet
+
+log = logging.getLogger(__name__)
+
+DEVI_SIZES = (10, 100, 200, 500, 800)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    test: str = "seeded"  # seeded | paper
+    test_fraction: float = 0.1
+    split_seed: int = 0  # fixes the seeded test set; trials vary ``seed``, not this
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.test not in ("seeded", "paper"):
+            raise ValueError(f"test={self.test!r} must be 'seeded' or 'paper'")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into one ``ShardSet``; the three are disjoint."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test)}
+
+
+def _hash_rank(ids: list[str], *keys: int | str) -> np.ndarray:
+    """Order of ``ids`` by a stable hash of (keys, id): a random order that depends on each id alone,
+    so adding or dropping other ids never reshuffles the rest."""
+    salt = ":".join(str(k) for k in keys).encode()
+    h = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + b"|" + i.encode(), digest_size=8).digest(), "little") for i in ids),
+        dtype=np.uint64,
+        count=len(ids),
+    )
+    return np.argsort(h, kind="stable")
+
+
+def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig()) -> list[str]:
+    """Ids of the fixed test set of ``shards``' dataset, some possibly without a graph (rejected rows)."""
+    if config.test == "paper":
+        return datasets.devi_test_ids(shards.name)
+    # Drawn over every input row, graphs and rejected rows alike: the same test set for any graph settings.
+    universe = shards.ids + shards.rejected_ids
+    n_test = max(1, math.ceil(config.test_fraction * len(universe)))
+    order = _hash_rank(universe, config.split_seed, shards.name, "test")
+    return [universe[i] for i in order[:n_test]]
+
+
+def test_indices(shards: ShardSet, config: SplitConfig = SplitConfig()) -> np.ndarray:
+    """Positions in ``shards`` of the fixed test set (ids without a graph are skipped)."""
+    wanted = test_ids(shards, config)
+    idx = shards.indices_of(wanted, missing="skip")
+    if len(idx) < len(wanted):
+        log.info(
+            "%s: %d of %d test ids have no graph (rejected rows)", shards.name, len(wanted) - len(idx), len(wanted)
+        )
+    return np.sort(idx)
+
+
+def make_split(
+    shards: ShardSet,
+    *,
+    size: int | None,
+    seed: int,
+    config: SplitConfig = SplitConfig(),
+    exclude_formulas: frozenset[str] | set[str] = frozenset(),
+) -> Split:
+    """Draw ``size`` training+validation structures (all if None) for ``seed``, outside the test set."""
+    test = test_indices(shards, config)
+    in_test = np.zeros(len(shards), dtype=bool)
+    in_test[test] = True
+    pool = np.flatnonzero(~in_test)
+    if exclude_formulas:
+        formulas = shards.formulas
+        keep = np.asarray([formulas[i] not in exclude_formulas for i in pool], dtype=bool)
+        if (~keep).any():
+            log.info(
+                "%s: %d structures left out of training (formula in a held-out test set)",
+                shards.name,
+                int((~keep).sum()),
+            )
+        pool = pool[keep]
+
+    ids = shards.ids
+    if config.test == "paper" and size in DEVI_SIZES and 1 <= seed <= 5:
+        chosen = shards.indices_of(datasets.devi_trial_ids(shards.name, trial=seed, size=size), missing="skip")
+        chosen = chosen[np.isin(chosen, pool)]
+        chosen = chosen[_hash_rank([ids[i] for i in chosen], seed, shards.name, "val")]
+    else:
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+            raise ValueError(f"size={size!r} must be an integer >= 2 (training + validation)")
+        if size is not None and size > len(pool):
+            raise ValueError(
+                f"size={size} but {shards.name} has only {len(pool)} structures outside its test set"
+                + (" and held-out formulas" if exclude_formulas else "")
+            )
+        drawn = pool[_hash_rank([ids[i] for i in pool], seed, shards.name, "subset")]
+        chosen = drawn if size is None else drawn[:size]
+    n_val = max(1, round(config.val_fraction * len(chosen))) if len(chosen) >= 2 else 0
+    return Split(train=np.sort(chosen[n_val:]), val=np.sort(chosen[:n_val]), test=test)
+
+
+def holdout_formulas(
+    names: list[str] | tuple[str, ...], config: SplitConfig = SplitConfig(), **open_kwargs
+) -> frozenset[str]:
+    """Reduced formulas in the test sets of datasets ``names`` (to keep them out of other stages' training)."""
+    out: set[str] = set()
+    for name in names:
+        shards = ShardSet.open(name, **open_kwargs)
+        formulas = shards.formulas
+        out.update(formulas[i] for i in test_indices(shards, config))
+    return frozenset(out)

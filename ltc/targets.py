@@ -1,0 +1,97 @@
+"""Target transforms (fit on the training split only) and metrics in the target's raw units."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+TRANSFORMS = ("minmax", "standardize", "log10p1", "log10p1+standardize", "none")
+
+
+@dataclass(frozen=True)
+class TargetScaler:
+    """``scaled = (f(y) - shift) / scale`` with ``f`` = identity or ``log10(1 + y)``.
+
+    - ``minmax``: to [-1, 1] over the training split (Devi et al.);
+    - ``standardize``: zero mean, unit variance;
+    - ``log10p1+standardize``: log10(kappa + 1), then standardised (ParAIsite);
+    - ``log10p1``: log10(1 + y) only; ``none``: identity.
+    """
+
+    kind: str
+    shift: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def fit(cls, kind: str, y: np.ndarray) -> TargetScaler:
+        if kind not in TRANSFORMS:
+            raise ValueError(f"target transform {kind!r} is not one of {TRANSFORMS}")
+        y = np.asarray(y, dtype=np.float64)
+        if y.size == 0:
+            raise ValueError("cannot fit a target transform on an empty training split")
+        if kind.startswith("log10p1") and y.min() <= -1:
+            raise ValueError(f"{kind} needs targets > -1; the training split has min {y.min():g}")
+        f = np.log10(1.0 + y) if kind.startswith("log10p1") else y
+        if kind == "minmax":
+            lo, hi = float(f.min()), float(f.max())
+            shift, scale = (hi + lo) / 2, (hi - lo) / 2
+        elif kind.endswith("standardize"):
+            shift, scale = float(f.mean()), float(f.std())
+        else:
+            shift, scale = 0.0, 1.0
+        # a constant training target (tiny FT sets) would divide by zero: keep its offset, unit scale
+        return cls(kind, shift, scale if scale > 0 and math.isfinite(scale) else 1.0)
+
+    def transform(self, y):
+        f = np.log10(1.0 + y) if self.kind.startswith("log10p1") else y
+        return (f - self.shift) / self.scale
+
+    def inverse(self, s):
+        """Scaled → raw units (numpy arrays or torch tensors)."""
+        f = s * self.scale + self.shift
+        return 10.0**f - 1.0 if self.kind.startswith("log10p1") else f
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TargetScaler:
+        return cls(str(d["kind"]), float(d["shift"]), float(d["scale"]))
+
+
+# Below this |y| a relative error is meaningless (band gaps of 0 eV); MAPE skips such rows.
+MAPE_FLOOR = 1e-8
+# Predicted kappa below this (W/(m K)) is clipped before log10, so a non-physical prediction is a large
+# but finite log error.
+KAPPA_FLOOR = 1e-3
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, kappa: bool = False) -> dict[str, float | None]:
+    """MAE, RMSE, R², MAPE (%) in raw units; for kappa also MAE of log10(kappa). None where undefined."""
+    t = np.asarray(y_true, dtype=np.float64)
+    p = np.asarray(y_pred, dtype=np.float64)
+    if t.shape != p.shape:
+        raise ValueError(f"shapes differ: y_true {t.shape}, y_pred {p.shape}")
+    if t.size == 0:
+        out: dict[str, float | None] = {"mae": None, "rmse": None, "r2": None, "mape": None}
+        if kappa:
+            out["mae_log10"] = None
+        return out
+    err = p - t
+    ss_tot = float(((t - t.mean()) ** 2).sum())
+    nz = np.abs(t) > MAPE_FLOOR
+    out = {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "r2": float(1.0 - (err**2).sum() / ss_tot) if ss_tot > 0 else None,
+        "mape": float(100.0 * np.mean(np.abs(err[nz] / t[nz]))) if nz.any() else None,
+    }
+    if kappa:
+        pos = t > 0
+        out["mae_log10"] = (
+            float(np.abs(np.log10(np.maximum(p[pos], KAPPA_FLOOR)) - np.log10(t[pos])).mean()) if pos.any() else None
+        )
+    return out

@@ -1,0 +1,525 @@
+"""Training: ``fit`` a model on one or more tasks, ``evaluate`` it in raw units, ``run_stage`` end to end.
+
+A *task* is one dataset's shards, its split and its target scaler; several tasks train one head each
+on a shared backbone (multi-property pre-training). Batches come from one task at a time, interleaved
+in a seeded random order; the loss of a batch is taken on its task's head only, which is the masked
+loss of Devi et al.'s MPT when each structure carries one property.
+
+``run_stage`` is one PT or FT run: it opens (or builds) the shards, splits, scales, builds or loads the
+model, freezes per strategy, fits, evaluates and writes ``metrics.json``, ``checkpoint.pt`` and
+``predictions.parquet``. ``ltc train`` and each Ray Tune trial call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltc import datasets
+from ltc.checkpoints import load_checkpoint, save_checkpoint
+from ltc.graphs import GraphConfig
+from ltc.models import MODELS, CrystalGNN, build_model
+from ltc.shards import ShardSet
+from ltc.splits import Split, SplitConfig, holdout_formulas, make_split
+from ltc.targets import TRANSFORMS, TargetScaler, regression_metrics
+from ltc.transfer import check_strategy, freeze, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Graph settings each architecture is usually trained with (a checkpoint's own settings win).
+DEFAULT_GRAPHS = {
+    "cgcnn": GraphConfig(cutoff=8.0, max_neighbors=12),
+    "alignn": GraphConfig(cutoff=8.0, max_neighbors=12),  # Devi et al.
+    "megnet": GraphConfig(cutoff=4.0, max_neighbors=24),  # ParAIsite: 4 Å, all neighbours in practice
+}
+
+
+MIN_IMPROVEMENT = 1e-6  # relative decrease of the validation loss that counts as better
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    loss: str = "mse"  # mse | l1
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    patience: int | None = None  # stop after this many epochs without a better validation loss
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 …
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.loss not in ("mse", "l1"):
+            raise ValueError(f"loss={self.loss!r} must be 'mse' or 'l1'")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'onecycle', 'cosine' or 'constant'")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience={self.patience!r} must be an integer >= 1 or None")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available")
+    return dev
+
+
+@dataclass
+class Task:
+    """One target: a dataset's shards, its split, and the scaler fit on its training split."""
+
+    name: str
+    shards: ShardSet
+    split: Split
+    scaler: TargetScaler
+    kappa: bool = False
+    y_scaled: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.y_scaled = self.scaler.transform(self.shards.y).astype(np.float32)
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float | None
+    history: list[dict[str, float]]
+    train_seconds: float
+    data_seconds: float  # of which spent building batches and moving them to the device
+    skipped_batches: int
+    stopped_early: bool
+
+
+def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return nn.functional.mse_loss if name == "mse" else nn.functional.l1_loss
+
+
+def _epoch_plan(tasks: list[Task], batch_size: int, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """(task, indices) batches of one epoch, shuffled within tasks and interleaved across them."""
+    plan: list[tuple[int, np.ndarray]] = []
+    for k, task in enumerate(tasks):
+        idx = np.random.default_rng([seed, epoch, k]).permutation(task.split.train)
+        chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            # a one-graph batch can have a single atom, which BatchNorm cannot normalise
+            chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+        plan.extend((k, c) for c in chunks)
+    order = np.random.default_rng([seed, epoch, len(tasks)]).permutation(len(plan))
+    return [plan[i] for i in order]
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    # only parameters that train: the optimizer never holds (or decays) a frozen one
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total_steps, 1))
+    elif config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    else:
+        sched = None
+    return opt, sched
+
+
+@torch.no_grad()
+def predict(model: CrystalGNN, task: Task, indices: np.ndarray, *, head: int, batch_size: int = 256) -> np.ndarray:
+    """Predictions in raw units for ``indices`` of ``task`` (model put in eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(indices), batch_size):
+        batch = task.shards.batch(indices[i : i + batch_size]).to(device)
+        out.append(model(batch)[:, head].double().cpu().numpy())
+    scaled = np.concatenate(out) if out else np.zeros(0)
+    return task.scaler.inverse(scaled)
+
+
+@torch.no_grad()
+def _val_loss(model: CrystalGNN, tasks: list[Task], loss: Callable, batch_size: int) -> float | None:
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for k, task in enumerate(tasks):
+        for i in range(0, len(task.split.val), batch_size):
+            idx = task.split.val[i : i + batch_size]
+            batch = task.shards.batch(idx).to(device)
+            target = torch.from_numpy(task.y_scaled[idx]).to(device)
+            total += loss(model(batch)[:, k], target, reduction="sum").item()
+            count += len(idx)
+    return total / count if count else None
+
+
+def fit(
+    model: CrystalGNN,
+    tasks: list[Task],
+    config: TrainConfig,
+    *,
+    on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool | None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``tasks`` (task k → head k); the best validation epoch's weights are kept.
+
+    ``on_epoch(record, state)`` is called after every epoch with ``record`` (epoch, train_loss,
+    val_loss, lr, seconds) and ``state()``, which returns a dict from which ``fit(resume=…)`` continues
+    exactly where this run is; returning True stops training. Batch order depends only on (seed,
+    epoch), so a resumed run follows the same path as an uninterrupted one.
+    """
+    if len(tasks) != len(model.heads):
+        raise ValueError(f"{len(tasks)} task(s) but the model has {len(model.heads)} head(s)")
+    device = next(model.parameters()).device
+    loss = _loss_fn(config.loss)
+    steps = len(_epoch_plan(tasks, config.batch_size, config.seed, 0))
+    opt, sched = _make_optimizer(model, config, config.epochs * steps)
+
+    start_epoch, best_val, best_epoch, bad, history = 0, math.inf, -1, 0, []
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        start_epoch = resume["epoch"] + 1
+        best_val = resume["best_val"] if resume["best_val"] is not None else math.inf
+        best_epoch, bad, history = resume["best_epoch"], resume["bad_epochs"], list(resume["history"])
+        best_state = resume.get("best_state")
+
+    t_start, data_s, skipped, stopped = time.perf_counter(), 0.0, 0, False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs):
+        t_epoch = time.perf_counter()
+        model.train()
+        running, seen = 0.0, 0
+        for k, idx in _epoch_plan(tasks, config.batch_size, config.seed, epoch):
+            t0 = time.perf_counter()
+            batch = tasks[k].shards.batch(idx).to(device)
+            target = torch.from_numpy(tasks[k].y_scaled[idx]).to(device)
+            data_s += time.perf_counter() - t0
+            if batch.num_nodes < 2:
+                skipped += 1  # BatchNorm cannot train on one atom (batch size 1, one-atom cell)
+                continue
+            out = model(batch)[:, k]
+            batch_loss = loss(out, target)
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            running += batch_loss.item() * len(idx)
+            seen += len(idx)
+        val = _val_loss(model, tasks, loss, max(config.batch_size, 64))
+        record = {
+            "epoch": epoch,
+            "train_loss": running / seen if seen else float("nan"),
+            "val_loss": val if val is not None else float("nan"),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        history.append(record)
+        # "better" means by a relative 1e-6: rounding noise must not reset the patience count
+        if val is not None and (not math.isfinite(best_val) or val < best_val * (1 - MIN_IMPROVEMENT)):
+            best_val, best_epoch, bad = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+
+        def state(epoch: int = epoch, best: tuple = (best_val, best_epoch, best_state, bad)) -> dict[str, Any]:
+            # copies: the live tensors change in place when training goes on (or the best weights return)
+            return copy.deepcopy(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "best_val": best[0] if math.isfinite(best[0]) else None,
+                    "best_epoch": best[1],
+                    "best_state": best[2],
+                    "bad_epochs": best[3],
+                    "history": list(history),
+                }
+            )
+
+        if on_epoch is not None and on_epoch(record, state):
+            stopped = True
+            break
+        if config.patience is not None and val is not None and bad >= config.patience:
+            stopped = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:  # no validation set: the last epoch stands
+        best_epoch = epoch
+    return FitResult(
+        epochs_run=epoch + 1,
+        best_epoch=best_epoch,
+        best_val_loss=best_val if math.isfinite(best_val) else None,
+        history=history,
+        train_seconds=time.perf_counter() - t_start,
+        data_seconds=data_s,
+        skipped_batches=skipped,
+        stopped_early=stopped,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One stage, end to end.
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One PT or FT run. ``init`` (a checkpoint path) makes it a fine-tuning run."""
+
+    datasets: tuple[str, ...]
+    model: str | None = None  # from the checkpoint when fine-tuning
+    model_config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config fields
+    graph: GraphConfig | None = None  # default: the checkpoint's, else DEFAULT_GRAPHS[model]
+    size: int | None = None  # exactly this many train+val structures per dataset (None: all)
+    max_size: int | None = None  # at most this many (PT size caps)
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    holdout: tuple[str, ...] = ()  # keep formulas of these datasets' test sets out of training
+    transform: str | None = None  # target transform; default: the dataset's
+    init: str | None = None
+    strategy: str = "all"
+    n_unfrozen: int | None = None
+    head: str = "auto"  # auto | keep | new (see transfer.model_from_checkpoint)
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str):
+            object.__setattr__(self, "datasets", (self.datasets,))
+        if not self.datasets:
+            raise ValueError("a stage needs at least one dataset")
+        for name in self.datasets:
+            datasets.spec(name)
+        if len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"datasets={list(self.datasets)} names a dataset twice")
+        if self.init is None and self.model is None:
+            raise ValueError("name a model (cgcnn, megnet, alignn) or a checkpoint to start from")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} must be one of {list(MODELS)}")
+        if self.init is None and (self.strategy != "all" or self.n_unfrozen is not None):
+            raise ValueError(f"strategy={self.strategy!r} / n_unfrozen need a checkpoint to start from (init)")
+        if self.size is not None and self.max_size is not None:
+            raise ValueError("give size or max_size, not both")
+        if self.transform is not None and self.transform not in TRANSFORMS:
+            raise ValueError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
+
+
+def _graph_for(stage: StageConfig, ckpt: dict[str, Any] | None, model_name: str) -> GraphConfig:
+    if ckpt is not None:
+        trained = GraphConfig(**ckpt["graph"])
+        if stage.graph is not None and stage.graph != trained:
+            raise ValueError(f"the checkpoint was trained on graphs {trained}; this stage asks for {stage.graph}")
+        return trained
+    return stage.graph or DEFAULT_GRAPHS[model_name]
+
+
+def _fresh_model(stage: StageConfig, graph: GraphConfig) -> CrystalGNN:
+    cls = MODELS[stage.model]  # type: ignore[index]
+    defaults: dict[str, Any] = {"n_targets": len(stage.datasets)}
+    # the bond-length expansion spans the graph's cutoff (MEGNet: cutoff + 1, as matgl)
+    if "rbf_stop" in {f for f in cls.config_class.__dataclass_fields__}:
+        defaults["rbf_stop"] = graph.cutoff + (1.0 if stage.model == "megnet" else 0.0)
+    torch.manual_seed(stage.train.seed)
+    return build_model(stage.model, {**defaults, **stage.model_config})  # type: ignore[arg-type]
+
+
+def run_stage(
+    stage: StageConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool | None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one stage and write ``out_dir/{metrics.json, checkpoint.pt, predictions.parquet}``; return metrics."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
+    model_name = ckpt["model"]["name"] if ckpt else stage.model
+    assert model_name is not None
+    graph = _graph_for(stage, ckpt, model_name)
+
+    shard_sets = [ShardSet.open(name, graph=graph, home=home, cache=cache) for name in stage.datasets]
+    exclude = (
+        holdout_formulas(stage.holdout, stage.split, graph=graph, home=home, cache=cache)
+        if stage.holdout
+        else frozenset()
+    )
+    tasks = []
+    for shards in shard_sets:
+        spec = datasets.spec(shards.name)
+        size = stage.size
+        if stage.max_size is not None:
+            size = None  # capped below, after the pool is known
+        split = make_split(shards, size=size, seed=stage.seed, config=stage.split, exclude_formulas=exclude)
+        if stage.max_size is not None and len(split.train) + len(split.val) > stage.max_size:
+            split = make_split(
+                shards, size=stage.max_size, seed=stage.seed, config=stage.split, exclude_formulas=exclude
+            )
+        if len(split.train) == 0:
+            raise ValueError(f"{shards.name}: no training structures (size={stage.size}, seed={stage.seed})")
+        scaler = TargetScaler.fit(stage.transform or spec.transform, shards.y[split.train])
+        tasks.append(Task(shards.name, shards, split, scaler, kappa=spec.kappa))
+
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, n_targets=len(tasks), strategy=stage.strategy, head=stage.head)
+        if stage.model_config:
+            raise ValueError("model_config overrides apply to new models; a checkpoint brings its own config")
+    else:
+        model = _fresh_model(stage, graph)
+    check_strategy(model, stage.strategy, stage.n_unfrozen)
+    device = resolve_device(stage.train.device)
+    model.to(device)
+    freeze(model, strategy=stage.strategy, n_unfrozen=stage.n_unfrozen)
+    torch.manual_seed(stage.train.seed)
+    log.info("%s on %s: %s", model_name, "+".join(stage.datasets), model)
+
+    result = fit(model, tasks, stage.train, on_epoch=on_epoch, resume=resume)
+
+    metrics: dict[str, Any] = {}
+    rows = []
+    for k, task in enumerate(tasks):
+        prefix = "" if len(tasks) == 1 else f"{task.name}/"
+        for part in ("val", "test"):
+            idx = getattr(task.split, part)
+            pred = predict(model, task, idx, head=k)
+            true = task.shards.y[idx]
+            for key, value in regression_metrics(true, pred, kappa=task.kappa).items():
+                metrics[f"{prefix}{part}_{key}"] = value
+            ids = task.shards.ids
+            rows.extend(
+                {"dataset": task.name, "split": part, "id": ids[i], "y_true": float(t), "y_pred": float(p)}
+                for i, t, p in zip(idx, true, pred, strict=True)
+            )
+        metrics.update({f"{prefix}{k2}": v for k2, v in task.split.sizes().items()})
+    metrics.update(
+        {
+            "datasets": list(stage.datasets),
+            "model": model_name,
+            "strategy": stage.strategy,
+            "n_unfrozen": stage.n_unfrozen,
+            "lr": stage.train.lr,
+            "seed": stage.seed,
+            "size": stage.size if stage.size is not None else stage.max_size,
+            "init": str(stage.init) if stage.init else None,
+            "graph": graph.to_dict(),
+            "val_loss": result.best_val_loss,
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "skipped_batches": result.skipped_batches,
+            "train_seconds": round(result.train_seconds, 3),
+            "data_seconds": round(result.data_seconds, 3),
+            "params_total": model.num_parameters(),
+            "params_trainable": model.num_parameters(trainable=True),
+            "device": str(device),
+        }
+    )
+
+    history = list(ckpt["history"]) if ckpt else []
+    history.append(
+        {
+            "stage": len(history),
+            "datasets": list(stage.datasets),
+            "size": metrics["size"],
+            "seed": stage.seed,
+            "strategy": stage.strategy,
+            "n_unfrozen": stage.n_unfrozen,
+            "train": asdict(stage.train),
+            "init": str(stage.init) if stage.init else None,
+            "epochs_run": result.epochs_run,
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("test_", "val_")) or "/" in k},
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.cpu()
+    save_checkpoint(
+        out / "checkpoint.pt",
+        {
+            "model": {"name": model_name, "config": model.config.to_dict()},
+            "state_dict": model.state_dict(),
+            "graph": graph.to_dict(),
+            "targets": [
+                {
+                    "dataset": t.name,
+                    "target": datasets.spec(t.name).target,
+                    "units": datasets.spec(t.name).units,
+                    "kappa": t.kappa,
+                    "scaler": t.scaler.to_dict(),
+                }
+                for t in tasks
+            ],
+            "history": history,
+            "metrics": _json_safe(metrics),
+        },
+    )
+    _write_predictions(out / "predictions.parquet", rows)
+    metrics["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(out / "metrics.json", {**_json_safe(metrics), "history": result.history})
+    return metrics
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinities → None, recursively (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("split", pa.string()),
+            ("id", pa.string()),
+            ("y_true", pa.float64()),
+            ("y_pred", pa.float64()),
+        ]
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""Fine-tuning: start a model from a checkpoint, choose what trains, freeze the rest.
+
+What trains (``freeze(model, strategy=…, n_unfrozen=…)``):
+
+================  =====================================================================================
+``all``           everything (Devi's best strategy)
+``blocks``        the last ``n_unfrozen`` blocks + readout + heads; ``n_unfrozen = n_blocks`` also
+                  trains the embedding, i.e. equals ``all``. This integer is what Optuna searches.
+``last_layer``    the last ``Linear`` of each head only (Devi: ALIGNN's ``fc``)
+``new_head``      a fresh head ``readout_dim → 64 → 1`` (two Linears, no activation, as Devi's code),
+                  everything else frozen
+``two_body``      pair-interaction updates + the last layer. alignn: each ALIGNN layer's
+                  ``node_update`` and every GCN layer (Devi's "2b"); cgcnn and megnet: every block
+                  (all their message passing is two-body)
+``three_body``    bond-angle updates + the last layer. alignn: each ALIGNN layer's line-graph
+                  ``edge_update`` (Devi's "3b"); cgcnn and megnet have none: an error
+================  =====================================================================================
+
+Freezing uses ``param.requires_grad_(False)`` (setting ``module.requires_grad`` freezes nothing), and
+``CrystalGNN.train`` keeps the BatchNorm of frozen parts in eval mode, so their statistics stay too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from ltc.checkpoints import CheckpointError
+from ltc.models import CrystalGNN, Head, build_model
+
+STRATEGIES = ("all", "blocks", "last_layer", "new_head", "two_body", "three_body")
+NEW_HEAD_HIDDEN = (64,)  # Devi et al.: Linear(256, 64) → Linear(64, 1)
+
+
+def check_strategy(model: CrystalGNN, strategy: str, n_unfrozen: int | None) -> None:
+    """Raise ValueError if ``strategy`` / ``n_unfrozen`` do not fit ``model``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    if strategy == "blocks":
+        if isinstance(n_unfrozen, bool) or not isinstance(n_unfrozen, int):
+            raise ValueError(f"strategy 'blocks' needs n_unfrozen (0..{model.n_blocks}), got {n_unfrozen!r}")
+        if not 0 <= n_unfrozen <= model.n_blocks:
+            raise ValueError(
+                f"n_unfrozen={n_unfrozen} must be between 0 and {model.n_blocks} "
+                f"({model.name} has {model.n_blocks} blocks)"
+            )
+    elif n_unfrozen is not None:
+        raise ValueError(f"n_unfrozen={n_unfrozen} only goes with strategy 'blocks', not {strategy!r}")
+    if strategy == "three_body" and not model.three_body_modules():
+        raise ValueError(
+            f"{model.name} has no three-body (bond-angle) updates, so strategy 'three_body' does not apply; "
+            "use alignn, or two_body / last_layer / new_head / blocks / all"
+        )
+
+
+def trainable_modules(model: CrystalGNN, strategy: str = "all", n_unfrozen: int | None = None) -> list[nn.Module]:
+    """The modules ``strategy`` trains (see the module docstring)."""
+    check_strategy(model, strategy, n_unfrozen)
+    last_layers: list[nn.Module] = [head.out for head in model.heads]
+    if strategy == "all":
+        return [model]
+    if strategy == "blocks":
+        assert n_unfrozen is not None
+        parts: list[nn.Module] = [*list(model.blocks)[model.n_blocks - n_unfrozen :], model.readout, model.heads]
+        return parts + ([model.embedding] if n_unfrozen == model.n_blocks else [])
+    if strategy == "last_layer":
+        return last_layers
+    if strategy == "new_head":
+        return [model.heads]
+    if strategy == "two_body":
+        return model.two_body_modules() + last_layers
+    return model.three_body_modules() + last_layers  # three_body
+
+
+def freeze(model: CrystalGNN, *, strategy: str = "all", n_unfrozen: int | None = None) -> CrystalGNN:
+    """Make only what ``strategy`` trains require gradients (in place); returns ``model``."""
+    modules = trainable_modules(model, strategy, n_unfrozen)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.train(model.training)  # re-apply the frozen-BatchNorm rule
+    return model
+
+
+def replace_heads(model: CrystalGNN, n_targets: int, *, hidden: tuple[int, ...], activation: str) -> CrystalGNN:
+    """Give ``model`` ``n_targets`` fresh heads of the given shape, and record them in its config."""
+    device = next(model.parameters()).device
+    model.heads = nn.ModuleList(
+        Head(model.readout_dim, hidden=hidden, activation=activation) for _ in range(n_targets)
+    ).to(device)
+    model.config = dataclasses.replace(
+        model.config, n_targets=n_targets, head_hidden=hidden, head_activation=activation
+    )
+    return model
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    n_targets: int,
+    strategy: str = "all",
+    head: str = "auto",
+) -> CrystalGNN:
+    """Rebuild the checkpoint's model with its weights, and fit its heads to the fine-tuning task.
+
+    ``head``: ``keep`` the trained head(s) (needs the same number of targets), ``new`` (fresh heads of
+    the same shape), or ``auto``: keep when the number of targets matches, else new (a multi-property
+    model fine-tuned on one property gets a fresh head). Strategy ``new_head`` always puts Devi's new
+    head on.
+    """
+    if head not in ("auto", "keep", "new"):
+        raise ValueError(f"head={head!r} must be 'auto', 'keep' or 'new'")
+    spec = ckpt["model"]
+    model = build_model(spec["name"], spec["config"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not fit a {spec['name']} with its own config: {err}") from err
+    same = model.config.n_targets == n_targets
+    if head == "keep" and not same:
+        raise ValueError(f"head='keep' needs {model.config.n_targets} target(s) as in the checkpoint, got {n_targets}")
+    if strategy == "new_head":
+        replace_heads(model, n_targets, hidden=NEW_HEAD_HIDDEN, activation="none")
+    elif head == "new" or not same:
+        replace_heads(model, n_targets, hidden=model.config.head_hidden, activation=model.config.head_activation)
+    return model
