@@ -27,10 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
+# The quickstart sweep on a local Ray; --resume makes a second run reuse finished stages and trials.
 demo: install
 	@echo "data home: $(LTC_DATA_HOME)"
-	$(BIN)/ltc datasets
-	$(BIN)/ltc prepare agl l96
+	$(BIN)/ltc sweep sweeps/quickstart.yaml --results results --resume
 
 test: install lint
 	$(BIN)/python -m pytest
@@ -46,6 +46,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/bench_graphs.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

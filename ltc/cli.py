@@ -191,6 +191,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# ltc sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ltc.sweep import describe, load_sweep, run_sweep, smoke, summary
+
+    spec = load_sweep(args.file)
+    if args.smoke:
+        spec = smoke(spec)
+    if args.dry_run:
+        print(describe(spec))
+        return 0
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    results = Path(args.results)
+    trials = run_sweep(
+        spec,
+        results=results,
+        storage=args.storage,
+        resume=args.resume,
+        address=args.address,
+        spec_text=Path(args.file).read_text(),
+        data_home=args.data_home,
+        cache=args.cache,
+    )
+    print()
+    print(summary(trials))
+    root = results.resolve() / spec.name
+    print(f"\nresults: {root / 'trials.parquet'}\nbest checkpoints: {root / 'best'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--split",
-        choices=["seeded", "paper"],
+        choices=["seeded", "paper", "paper_or_seeded"],
         default="seeded",
         help="test set: seeded (a fixed 10%% per dataset) or paper (Devi et al.'s files; their trial subsets for "
-        "sizes 10..800 and seeds 1..5)",
+        "sizes 10..800 and seeds 1..5); paper_or_seeded: paper where the file exists",
     )
     g.add_argument("--test-fraction", type=float, default=0.1, help="seeded test fraction (default 0.1)")
     g.add_argument("--split-seed", type=int, default=0, help="fixes the seeded test set (default 0)")
@@ -322,6 +355,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss (default off)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
+
+    sp = add(
+        "sweep",
+        cmd_sweep,
+        "run a PT/FT sweep (YAML) on Ray Tune with Optuna inside each setting",
+        "Run the stages of a sweep file in order, each as a Ray Tune Tuner: settings (datasets, sizes, "
+        "strategies, seeds, starting checkpoints, scratch baselines) with Optuna proposing lr and n_unfrozen "
+        "inside each, ASHA stopping weak trials. Writes RESULTS/<sweep name>/trials.parquet (one row per "
+        "trial) and the best checkpoint of every setting. Runs on a local Ray unless --address (or "
+        "RAY_ADDRESS) names a cluster.",
+    )
+    sp.add_argument("file", type=Path, help="sweep file, e.g. sweeps/quickstart.yaml")
+    sp.add_argument(
+        "--dry-run", action="store_true", help="print the expanded plan (stages, settings, trials) and stop"
+    )
+    sp.add_argument("--resume", action="store_true", help="complete an interrupted sweep (finished trials are kept)")
+    sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--storage", help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's)")
+    sp.add_argument("--results", default="results", help="results folder (default: results/)")
+    sp.add_argument(
+        "--smoke",
+        action="store_true",
+        help="scaled-down run to check a sweep file end to end: first setting of each stage, 1 trial, 2 epochs, "
+        "64 structures, a small model",
+    )
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
     return p
 

@@ -28,14 +28,14 @@ DEVI_SIZES = (10, 100, 200, 500, 800)
 
 @dataclass(frozen=True)
 class SplitConfig:
-    test: str = "seeded"  # seeded | paper
+    test: str = "seeded"  # seeded | paper | paper_or_seeded (paper where Devi's file exists)
     test_fraction: float = 0.1
     split_seed: int = 0  # fixes the seeded test set; trials vary ``seed``, not this
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.test not in ("seeded", "paper"):
-            raise ValueError(f"test={self.test!r} must be 'seeded' or 'paper'")
+        if self.test not in ("seeded", "paper", "paper_or_seeded"):
+            raise ValueError(f"test={self.test!r} must be 'seeded', 'paper' or 'paper_or_seeded'")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
@@ -66,10 +66,19 @@ def _hash_rank(ids: list[str], *keys: int | str) -> np.ndarray:
     return np.argsort(h, kind="stable")
 
 
+def _devi_names() -> set[str]:
+    return {n for n, spec in datasets.REGISTRY.items() if spec.devi_prop}
+
+
 def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig()) -> list[str]:
     """Ids of the fixed test set of ``shards``' dataset, some possibly without a graph (rejected rows)."""
-    if config.test == "paper":
-        return datasets.devi_test_ids(shards.name)
+    if config.test in ("paper", "paper_or_seeded"):
+        try:
+            return datasets.devi_test_ids(shards.name)
+        except datasets.DatasetError:
+            if config.test == "paper":
+                raise
+            log.info("%s: no Devi et al. test file; using the seeded test set", shards.name)
     # Drawn over every input row, graphs and rejected rows alike: the same test set for any graph settings.
     universe = shards.ids + shards.rejected_ids
     n_test = max(1, math.ceil(config.test_fraction * len(universe)))
@@ -113,7 +122,12 @@ def make_split(
         pool = pool[keep]
 
     ids = shards.ids
-    if config.test == "paper" and size in DEVI_SIZES and 1 <= seed <= 5:
+    if (
+        config.test in ("paper", "paper_or_seeded")
+        and shards.name in _devi_names()
+        and size in DEVI_SIZES
+        and 1 <= seed <= 5
+    ):
         chosen = shards.indices_of(datasets.devi_trial_ids(shards.name, trial=seed, size=size), missing="skip")
         chosen = chosen[np.isin(chosen, pool)]
         chosen = chosen[_hash_rank([ids[i] for i in chosen], seed, shards.name, "val")]

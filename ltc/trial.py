@@ -1,0 +1,151 @@
+"""One Ray Tune trial: a PT or FT stage run (``ltc.train.run_stage``) that reports to Tune.
+
+The trial's config holds names, numbers and paths only (Tune snapshots it): the shards are opened by
+path, the starting checkpoint is a path or URI. Every epoch reports ``val_loss`` (for ASHA and
+Optuna); every ``checkpoint_every`` epochs a resumable training state goes with it, so a trial whose
+worker died continues from there. The last report carries the test metrics, ``done=True`` and the
+final checkpoint (``checkpoint.pt``, ``metrics.json``, ``predictions.parquet``), marked
+``ltc_completed``; a trial restored after it finished re-reports that instead of training again.
+Intermediate checkpoints are taken every ``checkpoint_every`` epochs but at most every
+``checkpoint_seconds``: short trials simply restart, long ones lose little. Epoch reports are sent at
+most every ``report_seconds`` (each one waits for the driver).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Tune reserves "done" (it is True for trials ASHA stopped too): ltc marks a finished training with this.
+COMPLETED = "ltc_completed"
+_LOCAL_COPIES: dict[str, str] = {}  # URI → local file, per worker process (actors are reused)
+
+
+def materialize(uri: str) -> str:
+    """A local path for a checkpoint given as a local path or a pyarrow filesystem URI (s3://, gs://)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if uri not in _LOCAL_COPIES:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(uri)
+        fd, local = tempfile.mkstemp(suffix=".pt", prefix="ltc-init-")
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+            shutil.copyfileobj(src, out)
+        _LOCAL_COPIES[uri] = local
+    return _LOCAL_COPIES[uri]
+
+
+def stage_config(config: dict[str, Any]):
+    """The ``StageConfig`` a trial config describes."""
+    from ltc.graphs import GraphConfig
+    from ltc.splits import SplitConfig
+    from ltc.train import StageConfig, TrainConfig
+
+    return StageConfig(
+        datasets=tuple(config["datasets"]),
+        model=config.get("model"),
+        model_config=dict(config.get("model_config") or {}),
+        graph=GraphConfig(**config["graph"]),
+        size=config.get("size"),
+        max_size=config.get("max_size"),
+        seed=config["seed"],
+        split=SplitConfig(**config["split"]),
+        holdout=tuple(config.get("holdout") or ()),
+        init=materialize(config["init"]) if config.get("init") else None,
+        strategy="all" if config["kind"] != "finetune" else config["strategy"],
+        n_unfrozen=config.get("n_unfrozen"),
+        train=TrainConfig(**config["train"], lr=config["lr"], seed=config["seed"], device="auto"),
+    )
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars only (Tune's result rows); lists become '+'-joined strings."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (list, tuple)):
+            out[k] = "+".join(str(x) for x in v)
+        elif isinstance(v, dict):
+            continue
+        else:
+            out[k] = v
+    return out
+
+
+def ltc_trial(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable of every ltc sweep."""
+    import ray
+    import torch
+    from ray import tune
+
+    from ltc.train import run_stage
+
+    torch.set_num_threads(int(config.get("threads", 1)))
+    home = os.environ.get("LTC_DATA_HOME") or config["data_home"]
+    cache = os.environ.get("LTC_CACHE") or config["cache"]
+    where = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    started = time.time()
+
+    resume = None
+    previous = tune.get_checkpoint()
+    if previous is not None:
+        with previous.as_directory() as folder:
+            folder = Path(folder)
+            if (folder / "metrics.json").is_file():  # finished before the driver went down: report again
+                metrics = json.loads((folder / "metrics.json").read_text())
+                metrics.pop("history", None)
+                final = {**_flat(metrics), **where, COMPLETED: True, "epoch_count": metrics["epochs_run"]}
+                tune.report(final, checkpoint=previous)
+                return
+            if (folder / "train_state.pt").is_file():
+                resume = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+
+    every = int(config.get("checkpoint_every", 5))
+    min_seconds = float(config.get("checkpoint_seconds", 300.0))
+    report_seconds = float(config.get("report_seconds", 2.0))
+    epochs = int(config["train"]["epochs"])
+    last = {"checkpoint": time.monotonic(), "report": time.monotonic()}
+
+    def on_epoch(record: dict[str, float], state) -> None:
+        count = int(record["epoch"]) + 1
+        if count == epochs:
+            return  # the final report follows at once, with the test metrics
+        now = time.monotonic()
+        report = {**record, "epoch_count": count}
+        if count % every == 0 and now - last["checkpoint"] >= min_seconds:
+            last["checkpoint"] = last["report"] = now
+            with tempfile.TemporaryDirectory(prefix="ltc-state-") as tmp:
+                torch.save(state(), Path(tmp) / "train_state.pt")
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+        elif now - last["report"] >= report_seconds:
+            # each report waits for the driver: short epochs report every few seconds, not every epoch
+            # (ASHA judges a trial at its first report past a rung)
+            last["report"] = now
+            tune.report(report)
+
+    out = Path(tempfile.mkdtemp(prefix="ltc-trial-"))
+    try:
+        metrics = run_stage(stage_config(config), out, home=home, cache=cache, on_epoch=on_epoch, resume=resume)
+        final = {
+            **_flat(metrics),
+            **where,
+            COMPLETED: True,
+            "epoch_count": metrics["epochs_run"],
+            "started": started,
+            "finished": time.time(),
+            "resumed_from_epoch": int(resume["epoch"]) + 1 if resume else 0,
+        }
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(out))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,240 @@
+"""Sweep files, plans and the Optuna searcher (no Ray cluster needed here; see test_sweep_ray.py)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from ltc.cli import main
+from ltc.config import ConfigError, from_dict
+from ltc.sweep import Range, SearchSpec, SettingSearch, SweepSpec, load_sweep, plan, smoke
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+MINIMAL = {"name": "t", "stages": [{"name": "pt", "datasets": ["l96"]}]}
+
+
+def _spec(**over) -> dict:
+    d = copy.deepcopy(MINIMAL)
+    d.update(over)
+    return d
+
+
+def test_every_shipped_sweep_loads_and_passes_dry_run(capsys):
+    names = {p.stem for p in SWEEPS}
+    assert {"quickstart", "devi_pairwise", "devi_ft_size", "devi_pt_size", "devi_strategies", "devi_mpt",
+            "paraisite_ltc"} <= names  # fmt: skip
+    for path in SWEEPS:
+        assert main(["sweep", str(path), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        spec = load_sweep(path)
+        settings = plan(spec)
+        expected = sum(len(settings[st.name]) * (st.search or spec.search).trials for st in spec.stages)
+        assert f"total: {sum(len(v) for v in settings.values())} settings, {expected} trials" in out
+        assert re.search(r"\d+ CPU \+ [\d.]+ GPU per trial", out)
+
+
+def test_paper_sweeps_have_the_papers_shape():
+    pairwise = plan(load_sweep(REPO / "sweeps/devi_pairwise.yaml"))
+    ft = pairwise["finetune"]
+    assert sum(s.kind == "finetune" for s in ft) == 7 * 6 * 5  # 7x6 pairs, 5 seeds
+    assert sum(s.kind == "scratch" for s in ft) == 7 * 5
+    assert all(set(s.datasets).isdisjoint(s.start.datasets) for s in ft if s.start)
+    assert {s.size for s in ft} == {800}
+    assert {s.max_size for s in pairwise["pretrain"]} == {941}
+
+    strategies = plan(load_sweep(REPO / "sweeps/devi_strategies.yaml"))["finetune"]
+    assert {s.strategy for s in strategies if s.kind == "finetune"} == {
+        "last_layer", "new_head", "two_body", "three_body", "all", "blocks",
+    }  # fmt: skip
+
+    mpt = plan(load_sweep(REPO / "sweeps/devi_mpt.yaml"))
+    for s in mpt["finetune"]:
+        if s.kind == "finetune":  # each property from the MPT model that left it out
+            assert s.datasets[0] not in s.start.datasets and len(s.start.datasets) == 6
+    assert all(len(s.start.datasets) == 7 for s in mpt["jarvis2d"] if s.start)
+
+    para = load_sweep(REPO / "sweeps/paraisite_ltc.yaml")
+    assert para.model == "megnet" and para.model_config["head_hidden"] == [450, 350, 350]
+    steps = plan(para)
+    assert next(s.start.lineage for s in steps["step3"] if s.start) == "fe:all>agl:all"  # step III chain
+    assert {s.datasets[0] for s in steps["step2"]} == {"l96", "hh143", "mix"}
+    assert sum(s.kind == "scratch" for s in steps["step3"]) == 3 * 9  # step I
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_spec(epochs=3), "unknown key 'epochs'"),
+        (_spec(stages=[{"name": "pt", "datasets": ["l96"], "epoch": 3}]), r"stages\[0\]: unknown key 'epoch'"),
+        (
+            _spec(stages=[{"name": "pt", "datasets": ["l96"], "epochs": "many"}]),
+            r"stages\[0\].epochs: expected int, got 'many'",
+        ),
+        (_spec(search={"trials": "3x"}), r"search.trials: expected int, got '3x'"),
+        (_spec(model="schnet"), "model: expected one of 'cgcnn', 'megnet', 'alignn', got 'schnet'"),
+        (_spec(stages=[{"name": "pt", "datasets": ["kappa"]}]), "unknown dataset 'kappa'"),
+        (
+            _spec(stages=[{"name": "a", "datasets": ["l96"]}, {"name": "a", "datasets": ["l96"]}]),
+            "stage names must be unique",
+        ),
+        (_spec(stages=[{"name": "ft", "datasets": ["l96"], "start_from": {"stage": "pt"}}]), "not an earlier stage"),
+        (
+            _spec(
+                stages=[
+                    {"name": "pt", "datasets": ["l96"]},
+                    {"name": "ft", "datasets": ["l96"], "start_from": {"stage": "pt"}, "strategies": ["three_body"]},
+                ]
+            ),
+            "three_body needs model alignn",
+        ),
+        (_spec(stages=[{"name": "pt", "datasets": ["l96"], "strategies": ["blocks"]}]), "strategies need start_from"),
+        (_spec(search={"lr": {"low": 1e-2, "high": 1e-4}}), "need 0 < low < high"),
+        (_spec(resources={"cpu": 1, "gpu": 1.5}), "above 1 it must be a whole number"),
+        (_spec(model_config={"hiden": 3}), r"unknown CGCNNConfig field\(s\) \['hiden'\]"),
+        (_spec(graph={"cutoff": -2}), "cutoff=-2"),
+        ({"stages": []}, "missing key 'name'"),
+    ],
+)
+def test_strict_loader_names_the_bad_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(SweepSpec, data)
+
+
+def test_yaml_numbers_and_files(tmp_path):
+    # YAML reads "1e-3" (no dot) as a string: the loader still takes it as a float
+    spec = from_dict(SweepSpec, _spec(search={"lr": "1e-3"}))
+    assert spec.search.lr == 1e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_sweep(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sweep(tmp_path / "none.yaml")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(_spec(storag="/x")))
+    assert main(["sweep", str(tmp_path / "typo.yaml"), "--dry-run"]) == 2
+
+
+def test_plan_sources_and_baselines():
+    spec = from_dict(SweepSpec, {
+        "name": "p",
+        "stages": [
+            {"name": "pt", "datasets": ["pz", "dc"], "max_sizes": [100, 200], "seeds": [0, 1]},
+            {"name": "ft", "datasets": ["pz", "l96"], "sizes": [40], "seeds": [3], "strategies": ["all", "blocks"],
+             "start_from": {"stage": "pt", "select": "every", "skip_seen": True}, "scratch": True},
+            {"name": "ft2", "datasets": ["hh143"], "start_from": {"stage": "ft"}, "sizes": [20]},
+        ],
+    })  # fmt: skip
+    p = plan(spec)
+    assert len(p["pt"]) == 2 * 2 * 2
+    ft = p["ft"]
+    starts = {s.start.group for s in ft if s.start}
+    assert len(starts) == 8  # every: one per PT setting (dataset x size x seed)
+    # pz is never fine-tuned from a pz model (skip_seen); l96 from all 8
+    assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("pz",)) == 4 * 2
+    assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("l96",)) == 8 * 2
+    assert sum(1 for s in ft if s.kind == "scratch") == 2  # one per (dataset, size, seed)
+    # ft2 starts from the FT settings (per dataset and size), never from baselines
+    assert {s.start.group for s in p["ft2"]} == {"pz:40", "l96:40"}
+    assert all(">" in s.start.lineage for s in p["ft2"])
+    # holdout: a stage's training excludes the test formulas of later stages' datasets
+    from ltc.sweep import resolve_holdout
+
+    assert resolve_holdout(spec, spec.stages[0]) == ["l96", "hh143"]
+
+
+def test_smoke_keeps_one_setting_per_stage():
+    for path in SWEEPS:
+        spec = smoke(load_sweep(path))
+        p = plan(spec)
+        for stage in spec.stages:
+            kinds = [s.kind for s in p[stage.name]]
+            assert kinds.count("finetune") + kinds.count("pretrain") == 1, (path.name, stage.name)
+            assert stage.epochs == 2 and (stage.search or spec.search).trials == 1
+        assert spec.name.endswith("-smoke") and spec.resources.gpu == 0
+
+
+def test_smoke_sizes():
+    spec = from_dict(SweepSpec, {"name": "x", "stages": [
+        {"name": "pt", "datasets": ["l96"], "max_sizes": [5000]},
+        {"name": "ft", "datasets": ["hh143"], "start_from": {"stage": "pt"}, "sizes": [None, 40]},
+        {"name": "ft2", "datasets": ["mix"], "start_from": {"stage": "ft"}, "sizes": [20]},
+    ]})  # fmt: skip
+    assert [(st.sizes, st.max_sizes) for st in smoke(spec).stages] == [(None, [64]), ([64], None), ([20], None)]
+
+
+def _searcher(trials=3):
+    configs = {
+        "a": {"setting": "a", "strategy": "blocks"},
+        "b": {"setting": "b", "strategy": "all"},
+    }
+    search = {k: SearchSpec(trials=trials, lr=Range(1e-4, 1e-2)) for k in configs}
+    return SettingSearch(configs, search, max_blocks=3)
+
+
+def test_setting_search_round_robin_with_optuna():
+    s = _searcher()
+    suggestions = [s.suggest(f"t{i}") for i in range(6)]
+    assert s.suggest("t6") is None or s.suggest("t6") == s.FINISHED
+    assert [c["setting"] for c in suggestions] == ["a", "b", "a", "b", "a", "b"]
+    assert [c["trial_index"] for c in suggestions] == [0, 0, 1, 1, 2, 2]
+    for c in suggestions:
+        assert 1e-4 <= c["lr"] <= 1e-2
+        assert (c["n_unfrozen"] is None) == (c["setting"] == "b")
+        if c["n_unfrozen"] is not None:
+            assert 0 <= c["n_unfrozen"] <= 3
+    assert len({c["lr"] for c in suggestions}) == 6
+    # results flow into the right study: completed, pruned (ASHA) and failed trials
+    s.on_trial_result("t0", {"val_loss": 0.5, "epoch": 0})
+    s.on_trial_complete("t0", {"val_loss": 0.4, "ltc_completed": True})
+    s.on_trial_complete("t2", {"val_loss": 0.9})
+    s.on_trial_complete("t4", error=True)
+    states = [t.state.name for t in s.studies["a"].trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    assert s.studies["a"].best_value == 0.4
+    assert s.studies["a"].trials[0].intermediate_values == {0: 0.5}
+
+
+def test_setting_search_state_survives_a_restart(tmp_path):
+    s = _searcher(trials=4)
+    first = [s.suggest(f"t{i}") for i in range(3)]
+    s.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = _searcher(trials=4)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    rest = []
+    while (c := restored.suggest(f"u{len(rest)}")) not in (None, restored.FINISHED):
+        rest.append(c)
+    assert len(first) + len(rest) == 8  # every planned trial exactly once
+    keys = [(c["setting"], c["trial_index"]) for c in first + rest]
+    assert len(set(keys)) == 8
+    restored.on_trial_complete("t1", {"val_loss": 0.2, "ltc_completed": True})  # one issued before the save
+    assert restored.studies["b"].best_value == 0.2
+    pickle.dumps(restored)
+
+
+def test_cluster_yaml_is_a_valid_launcher_config():
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    text = (REPO / "cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    validate_config(fillout_defaults(copy.deepcopy(cfg)))  # Ray's own schema
+    nodes = cfg["available_node_types"]
+    head = nodes[cfg["head_node_type"]]
+    workers = [n for k, n in nodes.items() if k != cfg["head_node_type"]]
+    assert "GPU" not in str(head["node_config"]["InstanceType"]) and "--num-cpus=0" in " ".join(
+        cfg["head_start_ray_commands"]
+    )
+    assert workers and all(w["min_workers"] == 0 and w["max_workers"] >= 1 for w in workers)
+    assert any(w["node_config"]["InstanceType"].startswith(("g", "p")) for w in workers)  # GPU instances
+    assert any("pip install" in c and "ltc" in c for c in cfg["setup_commands"])
+    assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+    assert any("/mnt/ltc" in c for c in cfg["setup_commands"])  # shared storage for shards and results
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "password", "token", "ssh_private_key"):
+        assert secret not in text.lower(), secret
+    assert Path(REPO / cfg["file_mounts"]["~/ltc"]).resolve() == REPO

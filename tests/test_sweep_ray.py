@@ -1,0 +1,100 @@
+"""Sweeps end to end on a real local Ray (2 CPUs) with real Optuna: the quickstart and every paper sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO
+
+from ltc.sweep import AshaSpec, load_sweep, run_sweep, smoke, summary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def tiny_quickstart():
+    spec = load_sweep(REPO / "sweeps/quickstart.yaml")
+    pt, ft = spec.stages
+    return dataclasses.replace(
+        spec,
+        asha=AshaSpec(grace_epochs=2, reduction_factor=3),
+        stages=[
+            dataclasses.replace(pt, max_sizes=[150], epochs=3),
+            dataclasses.replace(ft, epochs=4),
+        ],
+    )
+
+
+def test_quickstart_end_to_end(local_ray, tmp_path):
+    spec = tiny_quickstart()
+    trials = run_sweep(spec, results=tmp_path)
+    saved = pd.read_parquet(tmp_path / "quickstart" / "trials.parquet")
+    assert len(saved) == len(trials) == 2 + 4 * 3
+    assert set(saved.kind) == {"pretrain", "finetune", "scratch"}
+    assert saved.groupby(["setting", "trial_index"]).size().max() == 1
+    assert set(saved.status) <= {"completed", "pruned"} and (saved.status == "completed").sum() >= 5
+
+    # Optuna proposed the learning rate (and n_unfrozen for strategy blocks) within each setting
+    for _, g in saved.groupby("setting"):
+        assert g.lr.nunique() == len(g)
+        assert ((g.lr >= 3e-4) & (g.lr <= 1e-2)).all() or g.kind.iloc[0] == "pretrain"
+    ft = saved[saved.kind == "finetune"]
+    assert ft.n_unfrozen.between(0, 3).all() and ft.n_unfrozen.nunique() >= 2
+    assert saved[saved.kind != "finetune"].n_unfrozen.isna().all()
+
+    # FT rows name the PT checkpoint they started from: the best completed PT trial
+    pt = saved[(saved.kind == "pretrain") & (saved.status == "completed")]
+    best_pt = pt.loc[pt.val_loss.idxmin()]
+    assert set(ft.init) == {best_pt.checkpoint} and set(ft.pt_dataset) == {"agl"}
+    assert set(saved[saved.kind == "scratch"].init.dropna()) == set()
+    ckpt = torch.load(best_pt.checkpoint, weights_only=True)
+    assert ckpt["targets"][0]["dataset"] == "agl"
+
+    done = saved[saved.status == "completed"]
+    assert done.test_mae.notna().all() and done.test_mae_log10.notna().all() and done.checkpoint.notna().all()
+    assert saved[saved.status == "pruned"].test_mae.isna().all()
+    fine = done[done.kind == "finetune"].iloc[0]
+    assert torch.load(fine.checkpoint, weights_only=True)["history"][0]["datasets"] == ["agl"]
+    assert fine.n_train + fine.n_val == 60 and fine.epochs_run == 4
+
+    best = pd.read_parquet(tmp_path / "quickstart" / "best" / "finetune" / "best.parquet")
+    assert len(best) == 4 and all((tmp_path / "quickstart" / "best" / "finetune").glob("*/checkpoint.pt"))
+    text = summary(saved)
+    assert "scratch" in text and "l96" in text and "±" in text
+
+    # the same results folder again: refuses without --resume, does nothing with it
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_sweep(spec, results=tmp_path)
+    again = run_sweep(spec, results=tmp_path, resume=True)
+    assert len(again) == len(saved)
+
+
+@pytest.mark.parametrize(
+    "name", ["devi_pairwise", "devi_ft_size", "devi_pt_size", "devi_strategies", "devi_mpt", "paraisite_ltc"]
+)
+def test_paper_sweep_scaled_down(local_ray, tmp_path, name):
+    spec = smoke(load_sweep(REPO / "sweeps" / f"{name}.yaml"))
+    trials = run_sweep(spec, results=tmp_path)
+    assert (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    assert list(dict.fromkeys(trials.stage)) == [s.name for s in spec.stages]
+    for stage in spec.stages:
+        rows = trials[trials.stage == stage.name]
+        if stage.start_from is not None:
+            source = trials[trials.stage == stage.start_from.stage]
+            assert set(rows[rows.kind == "finetune"].init) <= set(source.checkpoint)
+        single = rows[~rows.dataset.str.contains(r"\+")]
+        assert single.test_mae.notna().all() and single.test_r2.notna().all()
+    multi = trials[trials.dataset.str.contains(r"\+")]
+    for _, row in multi.iterrows():  # multi-property PT: metrics per property
+        assert set(pd.read_json(pd.io.common.StringIO(row.task_metrics)).columns) == set(row.dataset.split("+"))
