@@ -27,10 +27,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
-# The quickstart sweep on a local Ray; --resume makes a second run reuse finished stages and trials.
+# The quickstart sweep on a local Ray, then its report; --resume makes a second run reuse what is done.
 demo: install
 	@echo "data home: $(LTC_DATA_HOME)"
 	$(BIN)/ltc sweep sweeps/quickstart.yaml --results results --resume
+	$(BIN)/ltc report results/quickstart
 
 test: install lint
 	$(BIN)/python -m pytest

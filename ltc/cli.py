@@ -220,6 +220,56 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(summary(trials))
     root = results.resolve() / spec.name
     print(f"\nresults: {root / 'trials.parquet'}\nbest checkpoints: {root / 'best'}")
+    print(f"report:  ltc report {root}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# ltc report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ltc.results import write_report
+
+    report = write_report(args.results_dir)
+    print(f"report: {report.path}")
+    for title, path in report.figures.items():
+        print(f"  {path.name:28s} {title}")
+    for title, why in report.skipped.items():
+        print(f"  {'(not drawn)':28s} {title}: {why}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# ltc predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ltc.predict import predict
+
+    checkpoints = list(args.checkpoint)
+    source = args.input
+    if source is None:  # `--checkpoint A B INPUT`: argparse gave INPUT to --checkpoint
+        if len(checkpoints) < 2:
+            raise ValueError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
+        source = checkpoints.pop()
+    table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
+                    cache=args.cache)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    ok = table[table.error.isna()]
+    failed = table[table.error.notna()].drop_duplicates("id")
+    print(f"{ok.id.nunique():,} structures predicted by {len(checkpoints)} model(s); {len(failed)} failed")
+    for _, row in failed.iterrows():
+        print(f"  {row.source}: {row.error}")
+    for target, g in ok.groupby("target", sort=False):
+        head = g.sort_values("rank") if g["rank"].notna().any() else g
+        what = "lowest predicted first" if g["rank"].notna().any() else "first rows"
+        print(f"\n{target} ({g.units.iloc[0]}), {what}:")
+        cols = ["id", "formula", "pred_mean", "pred_std", *(["y_true"] if "y_true" in g else []), "rank"]
+        print(head[cols].head(args.show).to_string(index=False))
+    print(f"\npredictions: {out}")
     return 0
 
 
@@ -382,6 +432,35 @@ def build_parser() -> argparse.ArgumentParser:
         "64 structures, a small model",
     )
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
+
+    sp = sub.add_parser(
+        "report",
+        help="write report.md and figures for a sweep's results",
+        description="Read RESULTS_DIR/trials.parquet and write RESULTS_DIR/report.md with PNG figures beside it: "
+        "per FT dataset, scratch against each PT source (mean ± std over seeds of R² and MAE, gain), the best "
+        "strategy / lr / n_unfrozen by validation loss; a PT × FT heatmap of the R² gain, metrics against FT and "
+        "PT size, strategies, parity plots of the best models and the Optuna trials. Partial sweeps work.",
+    )
+    sp.set_defaults(func=cmd_report)
+    sp.add_argument("results_dir", type=Path, metavar="RESULTS_DIR", help="a sweep's results, e.g. results/quickstart")
+
+    sp = add(
+        "predict",
+        cmd_predict,
+        "predict with trained checkpoints: screen CIF/POSCAR files or a dataset",
+        "Predict the target of each structure in INPUT (a CIF or POSCAR file, a folder of them, or a dataset "
+        "name) with one or more checkpoints; several (e.g. the seeds of one setting) give mean ± std. Kappa "
+        "predictions are ranked lowest first. Unreadable files are reported and kept as rows with their error. "
+        "Writes --out (Parquet): id, source, formula, target, units, n_models, pred_mean, pred_std, pred_<i>, "
+        "y_true (dataset inputs), rank, error.",
+    )
+    sp.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="checkpoint.pt file(s)")
+    sp.add_argument("input", nargs="?", metavar="INPUT", help="CIF/POSCAR file, folder, or dataset name")
+    sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda …")
+    sp.add_argument("--show", type=int, default=10, help="rows to print per target (default 10)")
+    sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (dataset inputs)")
     return p
 
 

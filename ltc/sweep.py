@@ -78,6 +78,25 @@ class SearchSpec:
             raise ValueError(f"lr={self.lr} must be > 0")
 
 
+def _override(base, changes):
+    """``base`` with the fields of ``changes`` that are not None (shallow: nested values kept as they are)."""
+    given = {f.name: getattr(changes, f.name) for f in dataclasses.fields(changes)}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SearchOverride:
+    """A stage's changes to the sweep's ``search``: only the keys given (the rest is inherited)."""
+
+    trials: int | None = None
+    lr: float | Range | None = None
+    n_unfrozen: int | Literal["search"] | None = None
+    sampler_seed: int | None = None
+
+    def over(self, base: SearchSpec) -> SearchSpec:
+        return _override(base, self)
+
+
 @dataclass(frozen=True)
 class AshaSpec:
     grace_epochs: int = 5  # no trial is stopped before this many epochs
@@ -98,6 +117,17 @@ class Resources:
             raise ValueError(f"resources cpu={self.cpu}, gpu={self.gpu}: need cpu > 0 and gpu >= 0")
         if self.gpu > 1 and self.gpu != int(self.gpu):
             raise ValueError(f"gpu={self.gpu}: above 1 it must be a whole number")
+
+
+@dataclass(frozen=True)
+class ResourcesOverride:
+    """A stage's changes to the sweep's ``resources`` (keys not given are inherited)."""
+
+    cpu: float | None = None
+    gpu: float | None = None
+
+    def over(self, base: Resources) -> Resources:
+        return _override(base, self)
 
 
 @dataclass(frozen=True)
@@ -127,8 +157,8 @@ class StageSpec:
     weight_decay: float = 1e-5
     patience: int | None = None
     holdout: Literal["auto", "none"] | list[str] = "auto"  # auto: test sets of later stages' datasets
-    search: SearchSpec | None = None  # default: the sweep's
-    resources: Resources | None = None  # default: the sweep's
+    search: SearchOverride | None = None  # keys given here override the sweep's search
+    resources: ResourcesOverride | None = None  # keys given here override the sweep's resources
     checkpoint_every: int = 5  # epochs between trial checkpoints (resume after a worker dies) …
     checkpoint_seconds: float = 300.0  # … and at least this long between them
     report_seconds: float = 2.0  # at least this long between epoch reports to Tune (ASHA, Optuna)
@@ -201,6 +231,13 @@ class SweepSpec:
         from ltc.models import build_model
 
         build_model(self.model, self.model_config)  # a bad model_config fails here, not in a trial
+
+    def search_for(self, stage: StageSpec) -> SearchSpec:
+        """The stage's search: the sweep's, with the stage's overrides."""
+        return stage.search.over(self.search) if stage.search else self.search
+
+    def resources_for(self, stage: StageSpec) -> Resources:
+        return stage.resources.over(self.resources) if stage.resources else self.resources
 
     @property
     def graph_config(self) -> GraphConfig:
@@ -331,8 +368,8 @@ def describe(spec: SweepSpec) -> str:
     )
     total = 0
     for stage in spec.stages:
-        search = stage.search or spec.search
-        res = stage.resources or spec.resources
+        search = spec.search_for(stage)
+        res = spec.resources_for(stage)
         ss = settings[stage.name]
         n_trials = len(ss) * search.trials
         total += n_trials
@@ -420,7 +457,7 @@ def smoke(spec: SweepSpec) -> SweepSpec:
                 checkpoint_every=1,
                 checkpoint_seconds=0.0,
                 report_seconds=0.0,
-                search=dataclasses.replace(st.search or spec.search, trials=1),
+                search=dataclasses.replace(st.search or SearchOverride(), trials=1),
                 resources=None,
             )
         )
@@ -760,7 +797,7 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
 
 
 def _trial_base_config(spec: SweepSpec, stage: StageSpec, s: Setting, home: str, cache: str) -> dict[str, Any]:
-    res = stage.resources or spec.resources
+    res = spec.resources_for(stage)
     size = s.size or s.max_size
     batch = stage.batch_size_by_size.get(size, stage.batch_size) if size is not None else stage.batch_size
     return {
@@ -804,8 +841,8 @@ def _run_stage(spec, stage, settings, paths: SweepPaths, *, resume: bool, home: 
 
     from ltc.trial import ltc_trial
 
-    res = stage.resources or spec.resources
-    search = stage.search or spec.search
+    res = spec.resources_for(stage)
+    search = spec.search_for(stage)
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
     exp_name = stage.name
     if resume and _storage_exists(paths.storage, f"{exp_name}/tuner.pkl"):

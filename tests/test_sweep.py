@@ -34,7 +34,7 @@ def test_every_shipped_sweep_loads_and_passes_dry_run(capsys):
         out = capsys.readouterr().out
         spec = load_sweep(path)
         settings = plan(spec)
-        expected = sum(len(settings[st.name]) * (st.search or spec.search).trials for st in spec.stages)
+        expected = sum(len(settings[st.name]) * spec.search_for(st).trials for st in spec.stages)
         assert f"total: {sum(len(v) for v in settings.values())} settings, {expected} trials" in out
         assert re.search(r"\d+ CPU \+ [\d.]+ GPU per trial", out)
 
@@ -155,8 +155,18 @@ def test_smoke_keeps_one_setting_per_stage():
         for stage in spec.stages:
             kinds = [s.kind for s in p[stage.name]]
             assert kinds.count("finetune") + kinds.count("pretrain") == 1, (path.name, stage.name)
-            assert stage.epochs == 2 and (stage.search or spec.search).trials == 1
+            assert stage.epochs == 2 and spec.search_for(stage).trials == 1
         assert spec.name.endswith("-smoke") and spec.resources.gpu == 0
+
+
+def test_stage_search_and_resources_override_only_the_keys_given():
+    spec = from_dict(SweepSpec, {
+        "name": "x", "search": {"trials": 5, "lr": {"low": 1e-3, "high": 1e-2}}, "resources": {"cpu": 2, "gpu": 0.5},
+        "stages": [{"name": "pt", "datasets": ["l96"], "search": {"trials": 2}, "resources": {"gpu": 1}}],
+    })  # fmt: skip
+    search, res = spec.search_for(spec.stages[0]), spec.resources_for(spec.stages[0])
+    assert search.trials == 2 and search.lr == Range(1e-3, 1e-2)
+    assert (res.cpu, res.gpu) == (2.0, 1.0)
 
 
 def test_smoke_sizes():

@@ -1,0 +1,212 @@
+"""Screening with trained models: checkpoints × structures → predictions in raw units (``ltc predict``).
+
+Inputs are a CIF or POSCAR file, a folder of them, or a dataset name (its shards, with the true values
+beside the predictions). Several checkpoints (e.g. the seeds of one setting) give a mean and a standard
+deviation. A file that cannot be read, or a structure that cannot become a graph, is a row with its
+error, never the end of the run. Kappa predictions are ranked lowest first (rank 1 = lowest kappa).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ltc import datasets
+from ltc.checkpoints import CheckpointError, load_checkpoint
+from ltc.graphs import GraphConfig, GraphError, structure_to_graph
+from ltc.models import CrystalGNN, build_model
+from ltc.shards import ShardSet, collate_graphs
+from ltc.targets import TargetScaler
+
+log = logging.getLogger(__name__)
+
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
+
+
+@dataclass
+class LoadedModel:
+    path: str
+    model: CrystalGNN
+    graph: GraphConfig
+    targets: list[dict[str, Any]]  # per head: dataset, units, kappa, scaler
+    scalers: list[TargetScaler]
+
+
+def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) -> list[LoadedModel]:
+    """Checkpoints ready to predict; they must predict the same target(s)."""
+    if not paths:
+        raise ValueError("give at least one --checkpoint")
+    out = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt["model"]["name"], ckpt["model"]["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        model.to(device).eval()
+        targets = ckpt["targets"]
+        out.append(
+            LoadedModel(
+                str(path),
+                model,
+                GraphConfig(**ckpt["graph"]),
+                targets,
+                [TargetScaler.from_dict(t["scaler"]) for t in targets],
+            )
+        )
+    first = [t["dataset"] for t in out[0].targets]
+    for m in out[1:]:
+        if [t["dataset"] for t in m.targets] != first:
+            raise CheckpointError(
+                f"{m.path} predicts {[t['dataset'] for t in m.targets]}, but {out[0].path} predicts {first}: "
+                "an ensemble needs checkpoints of the same target"
+            )
+    return out
+
+
+def structure_files(folder: Path) -> list[Path]:
+    """CIF and POSCAR files of ``folder`` (by suffix, or named POSCAR* / CONTCAR*), sorted."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.suffix.lower() in STRUCTURE_SUFFIXES or p.name.upper().startswith(("POSCAR", "CONTCAR")))
+    )
+
+
+def read_structures(paths: list[Path]) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, str]]]:
+    """(id, source, Structure) for files that parse; (id, source, error) for those that do not."""
+    from pymatgen.core import Structure
+
+    good, bad = [], []
+    for path in paths:
+        rid = path.stem if path.suffix else path.name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pymatgen's CIF warnings on rounded coordinates
+                structure = Structure.from_file(path)
+            if len(structure) == 0:
+                raise ValueError("no sites")
+        except Exception as err:  # any parser failure is this file's error, not the run's
+            bad.append((rid, str(path), f"unreadable: {type(err).__name__}: {err}"[:300]))
+        else:
+            good.append((rid, str(path), structure))
+    return good, bad
+
+
+@torch.no_grad()
+def _forward(models: list[LoadedModel], batches: dict[GraphConfig, list], device) -> np.ndarray:
+    """Raw-unit predictions [n_models, n_structures, n_heads]; ``batches`` maps a graph config to batches."""
+    per_model = []
+    for m in models:
+        outs = [m.model(b.to(device)).double().cpu().numpy() for b in batches[m.graph]]
+        scaled = np.concatenate(outs) if outs else np.zeros((0, len(m.scalers)))
+        per_model.append(np.stack([s.inverse(scaled[:, k]) for k, s in enumerate(m.scalers)], axis=1))
+    return np.stack(per_model)
+
+
+def _rows(models, ids, sources, formulas, preds, y_true=None) -> pd.DataFrame:
+    rows = []
+    for k, target in enumerate(models[0].targets):
+        p = preds[:, :, k]  # [models, structures]
+        for i, rid in enumerate(ids):
+            row = {
+                "id": rid,
+                "source": sources[i],
+                "formula": formulas[i],
+                "target": target["dataset"],
+                "units": target.get("units", ""),
+                "n_models": p.shape[0],
+                "pred_mean": float(p[:, i].mean()),
+                "pred_std": float(p[:, i].std()) if p.shape[0] > 1 else float("nan"),
+            }
+            row.update({f"pred_{j}": float(p[j, i]) for j in range(p.shape[0])})
+            if y_true is not None:
+                row["y_true"] = float(y_true[i])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def predict(
+    checkpoints: list[str | os.PathLike[str]],
+    input: str,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Predictions for ``input`` (file, folder or dataset name) from ``checkpoints``; see the module doc."""
+    from ltc.train import resolve_device
+
+    dev = resolve_device(device)
+    models = load_models(list(checkpoints), device=dev)
+    configs = list(dict.fromkeys(m.graph for m in models))
+    path = Path(input)
+    if path.exists():
+        files = structure_files(path) if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"{path} holds no CIF or POSCAR files (*.cif, *.vasp, *.poscar, POSCAR*, CONTCAR*)")
+        good, bad = read_structures(files)
+        graphs: dict[GraphConfig, list] = {c: [] for c in configs}
+        keep = []
+        for rid, source, structure in good:
+            try:
+                built = {c: structure_to_graph(structure, config=c) for c in configs}
+            except GraphError as err:
+                bad.append((rid, source, str(err)))
+                continue
+            for c in configs:
+                graphs[c].append(built[c])
+            keep.append((rid, source, structure.composition.reduced_formula))
+        batches = {
+            c: [collate_graphs(g[i : i + batch_size]) for i in range(0, len(g), batch_size)] for c, g in graphs.items()
+        }
+        preds = _forward(models, batches, dev)
+        table = _rows(models, [k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep], preds)
+        errors = pd.DataFrame(
+            [
+                {"id": rid, "source": src, "target": t["dataset"], "error": why}
+                for rid, src, why in bad
+                for t in models[0].targets
+            ]
+        )
+        table = pd.concat([table, errors], ignore_index=True) if not errors.empty else table
+    elif input in datasets.REGISTRY:  # the dataset's shards, with its true values
+        shard_sets = {c: ShardSet.open(input, graph=c, home=home, cache=cache) for c in configs}
+        ids = list(shard_sets[configs[0]].ids)
+        for s in shard_sets.values():  # graphs rejected under one setting but not another: use the common ones
+            ids = [i for i in ids if i in s._positions]
+        batches = {}
+        for c, s in shard_sets.items():
+            idx = s.indices_of(ids)
+            batches[c] = [s.batch(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]
+        first = shard_sets[configs[0]]
+        idx = first.indices_of(ids)
+        formulas = first.formulas
+        preds = _forward(models, batches, dev)
+        table = _rows(models, ids, [input] * len(ids), [formulas[i] for i in idx], preds, y_true=first.y[idx])
+    else:
+        raise FileNotFoundError(f"INPUT {input!r} is neither a file, a folder, nor a dataset name (see `ltc datasets`)")
+    if "error" not in table.columns:
+        table["error"] = None
+    return rank(table, models)
+
+
+def rank(table: pd.DataFrame, models: list[LoadedModel]) -> pd.DataFrame:
+    """Kappa targets: rows ordered by predicted kappa, lowest first, with ``rank`` 1…n (errors last)."""
+    kappa = {t["dataset"] for t in models[0].targets if t.get("kappa")}
+    table = table.assign(rank=pd.Series(pd.NA, index=table.index, dtype="Int64"))
+    parts = []
+    for target, g in table.groupby("target", sort=False):
+        if target in kappa:
+            ok = g[g.error.isna()].sort_values("pred_mean", kind="stable")
+            ok = ok.assign(rank=pd.array(range(1, len(ok) + 1), dtype="Int64"))
+            g = pd.concat([ok, g[g.error.notna()]])
+        parts.append(g)
+    return pd.concat(parts, ignore_index=True) if parts else table

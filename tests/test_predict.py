@@ -1,0 +1,113 @@
+"""ltc predict: screening files and datasets with trained checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_models import SMALL
+
+from ltc import datasets
+from ltc.checkpoints import CheckpointError
+from ltc.cli import main
+from ltc.predict import predict
+from ltc.train import StageConfig, TrainConfig, run_stage
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for seed in (0, 1):
+        stage = StageConfig(datasets=("l96",), model="cgcnn", model_config=SMALL["cgcnn"], seed=seed,
+                            train=TrainConfig(epochs=4, batch_size=8, seed=seed))  # fmt: skip
+        run_stage(stage, root / f"l96-{seed}")
+        out[seed] = root / f"l96-{seed}"
+    stage = StageConfig(datasets=("dc",), model="cgcnn", model_config=SMALL["cgcnn"], max_size=60,
+                        train=TrainConfig(epochs=1))  # fmt: skip
+    run_stage(stage, root / "dc")
+    out["dc"] = root / "dc"
+    return out
+
+
+def _test_predictions(run) -> pd.DataFrame:
+    p = pd.read_parquet(run / "predictions.parquet")
+    return p[p.split == "test"].set_index("id")
+
+
+def test_dataset_input_reproduces_the_runs_test_metrics(runs):
+    run = runs[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    table = predict([run / "checkpoint.pt"], "l96").set_index("id")
+    test = _test_predictions(run)
+    got = table.loc[test.index]
+    # float32 sums differ in the last bits when graphs are batched with other graphs: 1e-6, not exact
+    np.testing.assert_allclose(got.pred_mean, test.y_pred, rtol=1e-6)
+    np.testing.assert_allclose(got.y_true, test.y_true)
+    assert np.mean(np.abs(got.pred_mean - got.y_true)) == pytest.approx(metrics["test_mae"], rel=1e-6)
+    assert len(table) == 95 and table.pred_std.isna().all()  # one model: no spread
+
+
+def test_cif_folder_reproduces_the_runs_test_metrics_and_ranks(runs, tmp_path, capsys):
+    run = runs[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = _test_predictions(run)
+    records = {r.id: r for r in datasets.read("l96").records}
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    for rid in test.index:
+        datasets.parse_structure(records[rid].fmt, records[rid].payload).to(filename=str(folder / f"{rid}.cif"))
+    (folder / "broken.cif").write_text("data_broken\n_cell_length_a 4\nloop_\n_atom_site_label\nX\n")
+    (folder / "notes.txt").write_text("not a structure, not picked up")
+    out = tmp_path / "preds.parquet"
+    assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 failed" in printed and "broken.cif: unreadable" in printed
+    table = pd.read_parquet(out)
+    bad = table[table.error.notna()]
+    assert list(bad.id) == ["broken"] and bad.pred_mean.isna().all()
+    ok = table[table.error.isna()].set_index("id")
+    assert set(ok.index) == set(test.index)
+    # CIF round trip (8-decimal coordinates): the same numbers as in training, to float precision
+    np.testing.assert_allclose(ok.loc[test.index].pred_mean, test.y_pred, rtol=1e-4)
+    mae = np.mean(np.abs(ok.loc[test.index].pred_mean - test.y_true))
+    assert mae == pytest.approx(metrics["test_mae"], rel=1e-4)
+    # kappa: ranked lowest first
+    ranked = table[table.error.isna()]
+    assert list(ranked["rank"]) == list(range(1, len(ranked) + 1))
+    assert ranked.pred_mean.is_monotonic_increasing
+
+
+def test_ensemble_mean_and_std(runs, tmp_path):
+    out = tmp_path / "p.parquet"
+    ckpts = [str(runs[s] / "checkpoint.pt") for s in (0, 1)]
+    # INPUT after the checkpoints, as in the usage line
+    assert main(["predict", "--checkpoint", *ckpts, "hh143", "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert len(table) == 143 and (table.n_models == 2).all()
+    np.testing.assert_allclose(table.pred_mean, (table.pred_0 + table.pred_1) / 2)
+    np.testing.assert_allclose(table.pred_std, np.abs(table.pred_0 - table.pred_1) / 2)
+    assert (table.pred_std > 0).any() and table.y_true.notna().all()
+
+
+def test_bad_inputs(runs, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="an ensemble needs checkpoints of the same target"):
+        predict([runs[0] / "checkpoint.pt", runs["dc"] / "checkpoint.pt"], "l96")
+    with pytest.raises(FileNotFoundError, match="neither a file, a folder, nor a dataset name"):
+        predict([runs[0] / "checkpoint.pt"], "nosuch")
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "x.parquet")]) == 2  # fmt: skip
+    assert "holds no CIF or POSCAR files" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "give INPUT" in capsys.readouterr().err
+
+
+def test_poscar_files_are_read(runs, tmp_path):
+    record = datasets.read("l96").records[3]
+    structure = datasets.parse_structure(record.fmt, record.payload)
+    structure.to(filename=str(tmp_path / "POSCAR"), fmt="poscar")
+    table = predict([runs[0] / "checkpoint.pt"], str(tmp_path / "POSCAR"))
+    assert len(table) == 1 and table.error.isna().all() and table.formula[0] == structure.composition.reduced_formula

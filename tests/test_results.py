@@ -1,0 +1,135 @@
+"""ltc report and the analysis notebook, on the output of a real small sweep (local Ray, 2 CPUs)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from ltc.cli import main
+from ltc.config import from_dict
+from ltc.results import FIGURES, load_trials, write_report
+from ltc.sweep import SweepSpec, run_sweep
+
+pytestmark = pytest.mark.slow
+
+MINI = {
+    "name": "mini",
+    "model_config": {"hidden": 16, "n_blocks": 2, "fc_dim": 16},
+    "asha": None,
+    "search": {"trials": 1, "lr": {"low": 1e-3, "high": 1e-2}},
+    "stages": [
+        {"name": "pretrain", "datasets": ["pz", "dc"], "max_sizes": [100, 200], "epochs": 3, "batch_size": 16},
+        {"name": "finetune", "datasets": ["l96"], "start_from": {"stage": "pretrain"}, "sizes": [30, 60],
+         "seeds": [0, 1], "strategies": ["all", "blocks"], "scratch": True, "epochs": 4, "batch_size": 8,
+         "search": {"trials": 2}},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mini_results(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("sweeps")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        run_sweep(from_dict(SweepSpec, MINI), results=root)
+    finally:
+        ray.shutdown()
+    return root / "mini"
+
+
+def _png_has_content(path) -> None:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 150 and img.shape[1] > 150, path
+    assert img[..., :3].std() > 0.05, f"{path} is blank"
+
+
+def test_report_writes_every_table_and_figure(mini_results, capsys):
+    assert main(["report", str(mini_results)]) == 0
+    printed = capsys.readouterr().out
+    text = (mini_results / "report.md").read_text()
+    assert "not drawn" not in printed
+    for title in [*FIGURES, "Parity plot of the best model per FT dataset (test set)",
+                  "Optuna trials in the lr × n_unfrozen plane"]:  # fmt: skip
+        assert f"### {title}" in text
+    pngs = sorted(mini_results.glob("*.png"))
+    assert {p.name for p in pngs} == {
+        "heatmap_r2_gain.png", "ft_size.png", "pt_size.png", "strategies.png", "parity.png", "optuna_lr_n_unfrozen.png",
+    }  # fmt: skip
+    for p in pngs:
+        _png_has_content(p)
+        assert f"]({p.name})" in text
+    # the tables: PT, and for each FT size scratch against every start, with gains and the best choice
+    assert "## Pre-training" in text and "| pretrain | pz | 100 |" in text
+    assert "### l96, FT size 30 (W/(m K))" in text and "### l96, FT size 60 (W/(m K))" in text
+    for start in ("pz:max100", "pz:max200", "dc:max100", "dc:max200"):
+        assert f"| {start} | all |" in text and f"| {start} | blocks |" in text
+    assert "| scratch | scratch | 2 |" in text
+    assert text.count("Best by validation loss: start `") == 2
+    assert "MAE log10" in text and "MAPE" in text  # kappa columns
+
+    # the numbers in the table are the seeds' best trials, recomputed here from trials.parquet
+    trials = load_trials(mini_results)
+    done = trials[trials.status == "completed"]
+    best = done.loc[done.groupby("setting").val_loss.idxmin()]
+    g = best[(best.start == "pz:max200") & (best.strategy == "all") & (best.ft_size == 60)]
+    expected = f"{g.test_r2.mean():.3g} ± {g.test_r2.std(ddof=0):.2g}"
+    assert f"| pz:max200 | all | 2 | {expected} |" in text
+
+
+def test_report_on_a_partial_sweep_shows_missing_not_zero(mini_results, tmp_path):
+    trials = pd.read_parquet(mini_results / "trials.parquet")
+    # as if the sweep had died: no scratch at size 60, one source never finished, one trial errored
+    keep = ~((trials.kind == "scratch") & (trials.ft_size == 60))
+    keep &= ~((trials.lineage == "dc:max200") & (trials.ft_size == 60))
+    partial = trials[keep].copy()
+    partial.loc[partial.index[-1], ["status", "test_mae", "test_r2"]] = ["error", np.nan, np.nan]
+    partial.to_parquet(tmp_path / "trials.parquet")
+    report = write_report(tmp_path)
+    text = report.path.read_text()
+    section = text.split("### l96, FT size 60")[1].split("###")[0]
+    assert "scratch" not in section  # nothing invented
+    rows = [line for line in section.splitlines() if line.startswith("| pz:") or line.startswith("| dc:")]
+    assert rows and all(line.split(" | ")[5] == "–" and line.split(" | ")[6] == "–" for line in rows)  # gains
+    assert "dc:max200" not in section
+    assert "+0.000" not in text and "+0.0%" not in text
+    for p in report.figures.values():
+        _png_has_content(p)
+
+    # only the PT stage finished: a report all the same, figures explain why they are missing
+    only_pt = trials[trials.stage == "pretrain"]
+    folder = tmp_path / "pt_only"
+    folder.mkdir()
+    only_pt.to_parquet(folder / "trials.parquet")
+    report = write_report(folder)
+    assert not report.figures and len(report.skipped) == 6
+    assert "Not drawn: no fine-tuning trials." in report.path.read_text()
+
+
+def test_report_errors_clearly_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "trials.parquet does not exist" in capsys.readouterr().err
+
+
+def test_notebook_runs_on_a_real_sweep(mini_results, monkeypatch):
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("LTC_RESULTS", str(mini_results))
+    nb = nbformat.read(REPO / "notebooks" / "sweep_analysis.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()  # fmt: skip
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    images = [c for c in code if any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert len(images) == 2
+    table = next(c for c in code if "mae_gain_%" in c.source)
+    html = table.outputs[0]["data"]["text/plain"]
+    assert "l96" in html and "scratch" in html and "pz:max200" in html
+    assert os.environ["LTC_RESULTS"] == str(mini_results)
