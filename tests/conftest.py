@@ -52,6 +52,18 @@ def shared_cache() -> Path:
     return Path(os.environ["LTC_CACHE"])
 
 
+def make_task(name: str = "ph", *, size: int, seed: int, transform: str = "minmax"):
+    """A training task on a real dataset's shards: a seeded split and a scaler fit on its training part."""
+    from ltc.shards import ShardSet
+    from ltc.splits import make_split
+    from ltc.targets import TargetScaler
+    from ltc.train import Task
+
+    shards = ShardSet.open(name)
+    split = make_split(shards, size=size, seed=seed)
+    return Task(name, shards, split, TargetScaler.fit(transform, shards.y[split.train]))
+
+
 def read_json_gz(path: Path) -> Any:
     with gzip.open(path, "rt") as fh:
         return json.load(fh)

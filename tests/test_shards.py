@@ -41,13 +41,14 @@ def test_prepare_writes_manifest_and_shards(ph, shared_cache):
     assert pq.read_table(ph.path / "rejected.parquet").num_rows == 0
 
 
-def test_prepare_again_does_nothing_and_new_settings_make_a_new_key(ph):
+def test_prepare_again_does_nothing_and_new_settings_make_a_new_key(ph, tmp_path):
     mtime = (ph.path / "manifest.json").stat().st_mtime_ns
     again = prepare("ph")
     assert not again.built and again.path == ph.path
     assert (ph.path / "manifest.json").stat().st_mtime_ns == mtime
-    other = prepare("l96", graph=GraphConfig(cutoff=5.0, max_neighbors=12))
-    first = prepare("l96")
+    # a private cache: other tests of the session build l96 shards in the shared one
+    other = prepare("l96", graph=GraphConfig(cutoff=5.0, max_neighbors=12), cache=tmp_path)
+    first = prepare("l96", cache=tmp_path)
     assert other.path != first.path and other.built and first.built
     assert other.manifest["graph"]["cutoff"] == 5.0
     assert (other.path / "manifest.json").is_file()  # the first build was not overwritten

@@ -27,13 +27,18 @@ def _write(tmp_path: Path, spec: dict) -> Path:
     return path
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    # its own process group, so that whatever Ray leaves behind can be cleaned up after the test
-    return subprocess.Popen(
-        [sys.executable, "-m", "ltc.cli", "sweep", *args],
-        cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    # its own process group, so that whatever Ray leaves behind can be cleaned up after the test; output to
+    # a file, whose tail goes into any failure message
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ltc.cli", "sweep", *args],
+            cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:] if log.is_file() else "(no output)"
 
 
 def _cleanup(proc: subprocess.Popen) -> None:
@@ -49,13 +54,15 @@ def _results(folder: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc={proc.returncode}) before {what}:\n{_tail(log)}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}:\n{_tail(log)}")
 
 
 def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
@@ -69,29 +76,31 @@ def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
              "search": {"trials": 2, "lr": {"low": 1e-3, "high": 1e-2}}},
             # every epoch reported, so that running trials show up in their result.json files
             {"name": "ft", "datasets": ["hh143"], "start_from": {"stage": "pt"}, "sizes": [40], "seeds": [0, 1],
-             "strategies": ["blocks"], "scratch": True, "epochs": 10, "batch_size": 4, "report_seconds": 0},
+             "strategies": ["blocks"], "scratch": True, "epochs": 30, "batch_size": 4, "report_seconds": 0},
         ],
     }  # fmt: skip
     path = _write(tmp_path, spec)
     results = tmp_path / "results"
     ft_dir = results / "crash" / "ray" / "ft"
-    first = _start([str(path), "--results", str(results)])
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    first = _start([str(path), "--results", str(results)], log1)
     try:
-        # kill the driver once the FT stage has finished some trials and has others running
+        # kill the driver once the FT stage has finished some trials (12 trials of ~30 epochs on 2 slots:
+        # others are running then)
         def midway() -> bool:
             runs = _results(ft_dir)
-            finished = sum(any(r.get("ltc_completed") for r in rows) for rows in runs.values())
-            return finished >= 2 and len(runs) > finished
+            return sum(any(r.get("ltc_completed") for r in rows) for rows in runs.values()) >= 2
 
-        _wait(midway, 300, "the FT stage to be half done")
+        _wait(midway, 600, "two finished FT trials", first, log1)
         first.send_signal(signal.SIGKILL)
         first.wait()
         before = {tid: rows for tid, rows in _results(ft_dir).items() if any(r.get("ltc_completed") for r in rows)}
         assert not (results / "crash" / "stages" / "ft.parquet").exists()
 
-        second = _start([str(path), "--results", str(results), "--resume"])
-        out, _ = second.communicate(timeout=600)
-        assert second.returncode == 0, out[-3000:]
+        second = _start([str(path), "--results", str(results), "--resume"], log2)
+        second.wait(timeout=900)
+        out = log2.read_text()
+        assert second.returncode == 0, _tail(log2)
         assert "stage pt: finished earlier" in out and "stage ft: resuming" in out
     finally:
         _cleanup(first)
@@ -125,19 +134,20 @@ def test_worker_killed_mid_trial_continues_from_its_checkpoint(tmp_path):
     path = _write(tmp_path, spec)
     results = tmp_path / "results"
     exp = results / "workerdeath" / "ray" / "pt"
-    proc = _start([str(path), "--results", str(results)])
+    log = tmp_path / "sweep.log"
+    proc = _start([str(path), "--results", str(results)], log)
     try:
 
         def some_epochs() -> bool:
             return any(max((r.get("epoch_count", 0) for r in rows), default=0) >= 7 for rows in _results(exp).values())
 
-        _wait(some_epochs, 300, "a few checkpointed epochs")
+        _wait(some_epochs, 600, "a few checkpointed epochs", proc, log)
         workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
         assert workers, "no trial worker process found"
         for pid in workers:
             os.kill(int(pid), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
+        proc.wait(timeout=900)
+        assert proc.returncode == 0, _tail(log)
     finally:
         _cleanup(proc)
     trials = pd.read_parquet(results / "workerdeath" / "trials.parquet")

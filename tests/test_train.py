@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_task
 from test_models import SMALL
 
 from ltc.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -112,9 +113,7 @@ def test_split_errors_and_holdout():
 
 @pytest.fixture(scope="module")
 def ph_task() -> Task:
-    shards = ShardSet.open("ph")
-    split = make_split(shards, size=80, seed=0)
-    return Task("ph", shards, split, TargetScaler.fit("minmax", shards.y[split.train]))
+    return make_task("ph", size=80, seed=0)
 
 
 def _state(model):

@@ -3,21 +3,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_task
 from test_models import SMALL
 
 from ltc.models import build_model
-from ltc.shards import ShardSet
-from ltc.splits import make_split
-from ltc.targets import TargetScaler
 from ltc.train import Task, TrainConfig, _make_optimizer, fit
 from ltc.transfer import NEW_HEAD_HIDDEN, freeze, model_from_checkpoint, replace_heads, trainable_modules
 
 
 @pytest.fixture(scope="module")
 def task() -> Task:
-    shards = ShardSet.open("ph")
-    split = make_split(shards, size=48, seed=1)
-    return Task("ph", shards, split, TargetScaler.fit("minmax", shards.y[split.train]))
+    return make_task("ph", size=48, seed=1)
 
 
 def _snapshot(model):
