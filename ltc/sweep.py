@@ -703,6 +703,9 @@ def _init_ray(address: str | None) -> None:
     # are independent (each has its own Optuna study), so queue as many as Tune does for random search:
     # enough to fill every slot and to show the autoscaler the demand.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "200")
+    # Tune's newer console output prints a configuration box and hints per Tuner even at verbose=0; the
+    # classic reporter is silent there, which leaves the stage's progress bar alone on screen.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
