@@ -142,7 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         strategy = "blocks"
     graph = None
     if args.cutoff is not None or args.max_neighbors is not None:
-        graph = GraphConfig(cutoff=args.cutoff or 8.0, max_neighbors=args.max_neighbors or 12)
+        # the flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
+        from ltc.checkpoints import load_checkpoint
+        from ltc.train import DEFAULT_GRAPHS
+
+        if args.init:
+            base = GraphConfig(**load_checkpoint(args.init)["graph"])
+        else:
+            base = DEFAULT_GRAPHS.get(args.model or "", GraphConfig())
+        graph = GraphConfig(
+            cutoff=base.cutoff if args.cutoff is None else args.cutoff,
+            max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
+        )
     stage = StageConfig(
         datasets=tuple(args.dataset),
         model=args.model,

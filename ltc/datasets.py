@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -615,14 +616,14 @@ def _check_rows(rows: Iterator[Row]) -> tuple[list[RawRecord], list[Rejected]]:
             rejected.append(row)
             continue
         rid, fmt, payload, raw_target = row
+        target, why = _finite_target(raw_target)
+        if why is not None:  # checked first: a bad first copy must not make a good second one a "duplicate"
+            rejected.append(Rejected(rid, why))
+            continue
         if rid in first_row:
             rejected.append(Rejected(rid, f"duplicate id: first at row {first_row[rid]}, again at row {i}"))
             continue
         first_row[rid] = i
-        target, why = _finite_target(raw_target)
-        if why is not None:
-            rejected.append(Rejected(rid, why))
-            continue
         records.append(RawRecord(rid, fmt, payload, target))
     return records, rejected
 
@@ -653,6 +654,13 @@ def devi_subsets(name: str, *, data_home: str | os.PathLike[str] | None = None) 
     path = _data_home(data_home) / s.folder / f"devi2024_{s.devi_prop}_subsets.json.gz"
     if not path.is_file():
         raise DatasetNotFoundError(f"no subsets file for {name!r}: put {path.name} in {path.parent}")
+    return {k: list(v) for k, v in _read_subsets(str(path), path.stat().st_mtime_ns).items()}  # copies: cached
+
+
+@lru_cache(maxsize=32)
+def _read_subsets(path_str: str, mtime_ns: int) -> dict[str, list[str]]:
+    """Parsed subsets file (splits read it for every trial); the mtime in the key drops a stale copy."""
+    path = Path(path_str)
     data = _load_json(path)
     files = data.get("files") if isinstance(data, dict) else None
     if not isinstance(files, dict):

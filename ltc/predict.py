@@ -161,6 +161,9 @@ def predict(
             except GraphError as err:
                 bad.append((rid, source, str(err)))
                 continue
+            except Exception as err:  # e.g. a degenerate lattice inside pymatgen's neighbour search
+                bad.append((rid, source, f"graph failed: {type(err).__name__}: {err}"[:300]))
+                continue
             for c in configs:
                 graphs[c].append(built[c])
             keep.append((rid, source, structure.composition.reduced_formula))

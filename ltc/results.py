@@ -255,11 +255,20 @@ def read_predictions(checkpoint: str) -> pd.DataFrame | None:
 
 
 def best_models(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per FT dataset, the completed trial (finetune or scratch) with the lowest validation loss."""
-    done = trials[(trials.status == "completed") & (trials.kind != "pretrain") & trials.val_loss.notna()]
-    if done.empty:
-        return done
-    return done.loc[done.groupby("ft_dataset").val_loss.idxmin()]
+    """Per FT dataset, at its largest FT size: the (start, strategy) with the lowest mean validation loss
+    over seeds, and its best trial. Validation losses are only compared at one size (same scaling,
+    comparable validation sets)."""
+    best = best_per_setting(trials)
+    best = best[best.kind != "pretrain"]
+    out = []
+    for _, rows in best.groupby("ft_dataset"):
+        size = _largest_size(rows)
+        at = rows[rows.ft_size == size] if not pd.isna(size) else rows
+        mean = at.groupby(["start", "strategy"]).val_loss.mean()
+        start, strategy = mean.idxmin()
+        group = at[(at.start == start) & (at.strategy == strategy)]
+        out.append(group.loc[group.val_loss.idxmin()])
+    return pd.DataFrame(out)
 
 
 def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:

@@ -24,6 +24,7 @@ from ltc.shards import ShardSet
 log = logging.getLogger(__name__)
 
 DEVI_SIZES = (10, 100, 200, 500, 800)
+_told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,26 @@ def _devi_names() -> set[str]:
     return {n for n, spec in datasets.REGISTRY.items() if spec.devi_prop}
 
 
+def uses_paper_test(shards: ShardSet, config: SplitConfig) -> bool:
+    """Whether ``shards``' test set is Devi et al.'s file (``paper``; ``paper_or_seeded`` where it exists)."""
+    if config.test == "seeded":
+        return False
+    try:
+        datasets.devi_test_ids(shards.name)
+    except datasets.DatasetError:
+        if config.test == "paper":
+            raise
+        if shards.name not in _told_seeded:
+            _told_seeded.add(shards.name)
+            log.info("%s: no Devi et al. test file; using the seeded test set", shards.name)
+        return False
+    return True
+
+
 def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig()) -> list[str]:
     """Ids of the fixed test set of ``shards``' dataset, some possibly without a graph (rejected rows)."""
-    if config.test in ("paper", "paper_or_seeded"):
-        try:
-            return datasets.devi_test_ids(shards.name)
-        except datasets.DatasetError:
-            if config.test == "paper":
-                raise
-            log.info("%s: no Devi et al. test file; using the seeded test set", shards.name)
+    if uses_paper_test(shards, config):
+        return datasets.devi_test_ids(shards.name)
     # Drawn over every input row, graphs and rejected rows alike: the same test set for any graph settings.
     universe = shards.ids + shards.rejected_ids
     n_test = max(1, math.ceil(config.test_fraction * len(universe)))
@@ -122,14 +134,15 @@ def make_split(
         pool = pool[keep]
 
     ids = shards.ids
-    if (
-        config.test in ("paper", "paper_or_seeded")
-        and shards.name in _devi_names()
-        and size in DEVI_SIZES
-        and 1 <= seed <= 5
-    ):
-        chosen = shards.indices_of(datasets.devi_trial_ids(shards.name, trial=seed, size=size), missing="skip")
+    paper_ids = _paper_subset(shards, size=size, seed=seed, config=config)
+    if paper_ids is not None:
+        chosen = shards.indices_of(paper_ids, missing="skip")
         chosen = chosen[np.isin(chosen, pool)]
+        if len(chosen) < len(paper_ids):
+            log.warning(
+                "%s: %d of Devi et al.'s %d-structure subset (trial %d) are out (no graph, or a held-out formula)",
+                shards.name, len(paper_ids) - len(chosen), len(paper_ids), seed,
+            )  # fmt: skip
         chosen = chosen[_hash_rank([ids[i] for i in chosen], seed, shards.name, "val")]
     else:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
@@ -143,6 +156,26 @@ def make_split(
         chosen = drawn if size is None else drawn[:size]
     n_val = max(1, round(config.val_fraction * len(chosen))) if len(chosen) >= 2 else 0
     return Split(train=np.sort(chosen[n_val:]), val=np.sort(chosen[:n_val]), test=test)
+
+
+def _paper_subset(shards: ShardSet, *, size: int | None, seed: int, config: SplitConfig) -> list[str] | None:
+    """Devi et al.'s trial subset for (seed, size), when the split is theirs; else None (a seeded draw).
+
+    Only with their test set: their subsets were drawn outside it, not outside a seeded one. A missing
+    trial file is an error with ``paper`` and a seeded draw with ``paper_or_seeded`` (jarvis2d, for one,
+    has no trial files).
+    """
+    if size not in DEVI_SIZES or not 1 <= seed <= 5 or shards.name not in _devi_names():
+        return None
+    if not uses_paper_test(shards, config):
+        return None
+    try:
+        return datasets.devi_trial_ids(shards.name, trial=seed, size=size)
+    except datasets.DatasetNotFoundError:
+        if config.test == "paper":
+            raise
+        log.info("%s: no Devi et al. subset for trial %d, size %d; a seeded draw instead", shards.name, seed, size)
+        return None
 
 
 def holdout_formulas(

@@ -257,13 +257,20 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
 
 @dataclass(frozen=True)
 class Start:
-    """A starting checkpoint for FT settings: one source group of an earlier stage."""
+    """A starting checkpoint for FT settings: one source group of an earlier stage.
 
-    group: str  # e.g. "agl:max800" or "fe:max941:seed1"
+    ``group`` is the source's whole chain: ``agl:max800`` for a PT source, ``fe:all>agl:all[all]`` for
+    one fine-tuned from fe with strategy all, with ``:seed1`` appended when every seed is a source.
+    """
+
+    group: str
     datasets: tuple[str, ...]
     size: int | None
-    lineage: str  # the whole chain, e.g. "fe:max941>agl:all"
     checkpoint: str | None = None  # known once the source stage has run
+
+    @property
+    def lineage(self) -> str:
+        return self.group
 
 
 @dataclass(frozen=True)
@@ -289,14 +296,25 @@ def _group_label(datasets_: tuple[str, ...], size: int | None, max_size: int | N
     return f"{'+'.join(datasets_)}:{_size_label(size, max_size)}"
 
 
+def source_key(s: Setting) -> str:
+    """What later stages select starting checkpoints by: dataset(s) and size, behind the setting's own
+    start and strategy when it was fine-tuned (so two starts or strategies are never one source)."""
+    base = _group_label(s.datasets, s.size, s.max_size)
+    return base if s.start is None else f"{s.start.lineage}>{base}[{s.strategy}]"
+
+
 def later_datasets(spec: SweepSpec, stage: StageSpec) -> list[str]:
-    """Datasets of the stages after ``stage`` (whose test sets ``holdout: auto`` keeps out of it)."""
+    """Datasets of the stages after ``stage``, whose test-set formulas ``holdout: auto`` keeps out of it.
+
+    A stage's own datasets count too: pre-training on bg must not see fe's test compounds when fe is
+    fine-tuned later, and bg's own test set is out of its training anyway (holding its formulas out as
+    well only drops same-formula polymorphs).
+    """
     i = spec.stages.index(stage)
-    own = {d for g in stage.groups for d in g}
     out: list[str] = []
     for st in spec.stages[i + 1 :]:
         for g in st.groups:
-            out.extend(d for d in g if d not in own and d not in out)
+            out.extend(d for d in g if d not in out)
     return out
 
 
@@ -307,11 +325,8 @@ def plan_starts(spec: SweepSpec, stage: StageSpec, source_settings: list[Setting
     for s in source_settings:
         if s.kind == "scratch":
             continue  # baselines are not sources
-        group = _group_label(s.datasets, s.size, s.max_size)
-        if stage.start_from.select == "every":
-            group += f":seed{s.seed}"
-        parent = s.start.lineage + ">" if s.start else ""
-        starts.setdefault(group, Start(group, s.datasets, s.size or s.max_size, parent + group))
+        group = source_key(s) + (f":seed{s.seed}" if stage.start_from.select == "every" else "")
+        starts.setdefault(group, Start(group, s.datasets, s.size or s.max_size))
     return list(starts.values())
 
 
@@ -805,7 +820,7 @@ def _trial_base_config(spec: SweepSpec, stage: StageSpec, s: Setting, home: str,
     batch = stage.batch_size_by_size.get(size, stage.batch_size) if size is not None else stage.batch_size
     return {
         "setting": s.key,
-        "group": _group_label(s.datasets, s.size, s.max_size),
+        "group": source_key(s),
         "stage": s.stage,
         "kind": s.kind,
         "datasets": list(s.datasets),
@@ -1040,7 +1055,7 @@ def summary(trials) -> str:
     if done.empty:
         return "no completed trials"
     best = done.loc[done.groupby("setting").val_loss.idxmin()]
-    best = best.assign(start=best.pt_dataset.where(best.kind == "finetune", best.kind))
+    best = best.assign(start=best.lineage.where(best.lineage.notna(), best.kind))  # source and its PT size
     keys = ["stage", "dataset", "size", "start", "strategy"]
     rows = []
     for key, g in best.groupby(keys, dropna=False, sort=False):

@@ -361,8 +361,12 @@ def run_stage(
     cache: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool | None] | None = None,
     resume: dict[str, Any] | None = None,
+    prepare_workers: int | None = None,
 ) -> dict[str, Any]:
-    """Run one stage and write ``out_dir/{metrics.json, checkpoint.pt, predictions.parquet}``; return metrics."""
+    """Run one stage and write ``out_dir/{metrics.json, checkpoint.pt, predictions.parquet}``; return metrics.
+
+    Shards missing from the cache are built first, by ``prepare_workers`` processes (default: all CPUs).
+    """
     t0 = time.perf_counter()
     out = Path(out_dir)
     ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
@@ -370,12 +374,9 @@ def run_stage(
     assert model_name is not None
     graph = _graph_for(stage, ckpt, model_name)
 
-    shard_sets = [ShardSet.open(name, graph=graph, home=home, cache=cache) for name in stage.datasets]
-    exclude = (
-        holdout_formulas(stage.holdout, stage.split, graph=graph, home=home, cache=cache)
-        if stage.holdout
-        else frozenset()
-    )
+    where = {"graph": graph, "home": home, "cache": cache, "workers": prepare_workers}
+    shard_sets = [ShardSet.open(name, **where) for name in stage.datasets]
+    exclude = holdout_formulas(stage.holdout, stage.split, **where) if stage.holdout else frozenset()
     tasks = []
     for shards in shard_sets:
         spec = datasets.spec(shards.name)
@@ -392,6 +393,7 @@ def run_stage(
         scaler = TargetScaler.fit(stage.transform or spec.transform, shards.y[split.train])
         tasks.append(Task(shards.name, shards, split, scaler, kappa=spec.kappa))
 
+    torch.manual_seed(stage.train.seed)  # fresh heads of a fine-tuned model are seeded too
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, n_targets=len(tasks), strategy=stage.strategy, head=stage.head)
         if stage.model_config:

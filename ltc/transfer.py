@@ -6,7 +6,8 @@ What trains (``freeze(model, strategy=…, n_unfrozen=…)``):
 ``all``           everything (Devi's best strategy)
 ``blocks``        the last ``n_unfrozen`` blocks + readout + heads; ``n_unfrozen = n_blocks`` also
                   trains the embedding, i.e. equals ``all``. This integer is what Optuna searches.
-``last_layer``    the last ``Linear`` of each head only (Devi: ALIGNN's ``fc``)
+``last_layer``    the last ``Linear`` of each head only (Devi: ALIGNN's ``fc``); a head that was just
+                  replaced (new property, ``head="new"``) trains whole, here and below
 ``new_head``      a fresh head ``readout_dim → 64 → 1`` (two Linears, no activation, as Devi's code),
                   everything else frozen
 ``two_body``      pair-interaction updates + the last layer. alignn: each ALIGNN layer's
@@ -58,7 +59,10 @@ def check_strategy(model: CrystalGNN, strategy: str, n_unfrozen: int | None) -> 
 def trainable_modules(model: CrystalGNN, strategy: str = "all", n_unfrozen: int | None = None) -> list[nn.Module]:
     """The modules ``strategy`` trains (see the module docstring)."""
     check_strategy(model, strategy, n_unfrozen)
-    last_layers: list[nn.Module] = [head.out for head in model.heads]
+    # A head that was just replaced (a new property) has random hidden layers: it trains whole, or
+    # last_layer & co would fit one Linear on frozen random features.
+    fresh = getattr(model, "fresh_heads", False)
+    last_layers: list[nn.Module] = [model.heads] if fresh else [head.out for head in model.heads]
     if strategy == "all":
         return [model]
     if strategy == "blocks":
@@ -95,6 +99,7 @@ def replace_heads(model: CrystalGNN, n_targets: int, *, hidden: tuple[int, ...],
     model.config = dataclasses.replace(
         model.config, n_targets=n_targets, head_hidden=hidden, head_activation=activation
     )
+    model.fresh_heads = True
     return model
 
 

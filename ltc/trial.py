@@ -87,8 +87,10 @@ def ltc_trial(config: dict[str, Any]) -> None:
     from ltc.train import run_stage
 
     torch.set_num_threads(int(config.get("threads", 1)))
-    home = os.environ.get("LTC_DATA_HOME") or config["data_home"]
-    cache = os.environ.get("LTC_CACHE") or config["cache"]
+    # The driver's folders (it built the shards there) win; a node where they do not exist uses its own
+    # LTC_DATA_HOME / LTC_CACHE (and builds the shards it misses, with this trial's CPUs only).
+    home = config["data_home"] if Path(config["data_home"]).is_dir() else os.environ.get("LTC_DATA_HOME")
+    cache = config["cache"] if Path(config["cache"]).is_dir() else os.environ.get("LTC_CACHE")
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
@@ -136,7 +138,10 @@ def ltc_trial(config: dict[str, Any]) -> None:
 
     out = Path(tempfile.mkdtemp(prefix="ltc-trial-"))
     try:
-        metrics = run_stage(stage_config(config), out, home=home, cache=cache, on_epoch=on_epoch, resume=resume)
+        metrics = run_stage(
+            stage_config(config), out, home=home, cache=cache, on_epoch=on_epoch, resume=resume,
+            prepare_workers=int(config.get("threads", 1)),
+        )  # fmt: skip
         final = {
             **_flat(metrics),
             **where,

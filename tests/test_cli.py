@@ -153,6 +153,15 @@ def test_cli_train_errors(pretrained, tmp_path, capsys, extra, message):
     assert message in err and "Traceback" not in err
 
 
+def test_cli_one_graph_flag_keeps_the_other(pretrained, tmp_path):
+    # the checkpoint was trained on 6 Å graphs with 12 neighbours: --max-neighbors 12 alone fits it
+    args = ["train", "--dataset", "dc", "--init", str(pretrained["cgcnn"]), "--epochs", "1", "--size", "20"]
+    assert main([*args, "--max-neighbors", "12", "--out", str(tmp_path / "a")]) == 0
+    args = ["train", "--dataset", "l96", "--model", "megnet", "--model-config", *SMALL_ARGS["megnet"], "--epochs", "1"]
+    assert main([*args, "--max-neighbors", "16", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["graph"] == {"cutoff": 4.0, "max_neighbors": 16}
+
+
 def test_cli_train_damaged_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -208,6 +208,11 @@ def test_bad_rows_are_rejected_with_reasons_and_the_rest_kept(tmp_path, data_hom
     assert reasons["no-structure"] == "missing structure: no field 'structure'"
     assert reasons[f"row {good + 6}"] == "missing id: no field 'mpd_id'"
     assert reasons[f"row {good + 7}"] == "bad record: a str, not an object"
+    # a duplicate whose first copy was rejected (bad target) is not lost as a "duplicate"
+    again = [dict(rows[6], TC=None), dict(rows[6])]
+    write_json_gz(tmp_path / "ltc_paraisite/paraisite_Dataset2.json.gz", again)
+    raw2 = read("hh143", data_home=tmp_path)
+    assert [r.id for r in raw2.records] == [rows[6]["mpd_id"]] and raw2.rejected[0].reason == "missing target: empty"
     # the kept duplicate is the first one, with its own target
     kept = next(r for r in raw.records if r.id == rows[4]["mpd_id"])
     assert math.isclose(kept.target, rows[4]["TC"])

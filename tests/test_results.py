@@ -84,6 +84,13 @@ def test_report_writes_every_table_and_figure(mini_results, capsys):
     assert f"| pz:max200 | all | 2 | {expected} |" in text
 
 
+def test_best_model_is_chosen_like_for_like(mini_results):
+    from ltc.results import best_models
+
+    best = best_models(load_trials(mini_results))
+    assert list(best.ft_dataset) == ["l96"] and list(best.ft_size) == [60]  # the largest FT size only
+
+
 def test_report_on_a_partial_sweep_shows_missing_not_zero(mini_results, tmp_path):
     trials = pd.read_parquet(mini_results / "trials.parquet")
     # as if the sweep had died: no scratch at size 60, one source never finished, one trial errored

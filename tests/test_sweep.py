@@ -62,7 +62,7 @@ def test_paper_sweeps_have_the_papers_shape():
     para = load_sweep(REPO / "sweeps/paraisite_ltc.yaml")
     assert para.model == "megnet" and para.model_config["head_hidden"] == [450, 350, 350]
     steps = plan(para)
-    assert next(s.start.lineage for s in steps["step3"] if s.start) == "fe:all>agl:all"  # step III chain
+    assert next(s.start.lineage for s in steps["step3"] if s.start) == "fe:all>agl:all[all]"  # step III chain
     assert {s.datasets[0] for s in steps["step2"]} == {"l96", "hh143", "mix"}
     assert sum(s.kind == "scratch" for s in steps["step3"]) == 3 * 9  # step I
 
@@ -139,13 +139,18 @@ def test_plan_sources_and_baselines():
     assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("pz",)) == 4 * 2
     assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("l96",)) == 8 * 2
     assert sum(1 for s in ft if s.kind == "scratch") == 2  # one per (dataset, size, seed)
-    # ft2 starts from the FT settings (per dataset and size), never from baselines
-    assert {s.start.group for s in p["ft2"]} == {"pz:40", "l96:40"}
-    assert all(">" in s.start.lineage for s in p["ft2"])
-    # holdout: a stage's training excludes the test formulas of later stages' datasets
+    # ft2 starts from each FT source: its own start and strategy count (never merged), baselines never
+    ft2 = {s.start.group for s in p["ft2"]}
+    assert len(ft2) == (8 + 4) * 2  # (l96 from 8 starts, pz from the 4 dc ones) x 2 strategies
+    assert "pz:max100:seed0>l96:40[blocks]" in ft2 and "dc:max200:seed1>pz:40[all]" in ft2
+    assert all("scratch" not in g for g in ft2)
+    # holdout: a stage's training excludes the test formulas of every later stage's datasets, its own too
     from ltc.sweep import resolve_holdout
 
-    assert resolve_holdout(spec, spec.stages[0]) == ["l96", "hh143"]
+    assert resolve_holdout(spec, spec.stages[0]) == ["pz", "l96", "hh143"]
+    assert resolve_holdout(spec, spec.stages[2]) == []
+    pairwise = load_sweep(REPO / "sweeps/devi_pairwise.yaml")
+    assert set(resolve_holdout(pairwise, pairwise.stages[0])) == {"pz", "dc", "ph", "ebg", "gv", "bg", "fe"}
 
 
 def test_smoke_keeps_one_setting_per_stage():
@@ -167,6 +172,22 @@ def test_stage_search_and_resources_override_only_the_keys_given():
     search, res = spec.search_for(spec.stages[0]), spec.resources_for(spec.stages[0])
     assert search.trials == 2 and search.lr == Range(1e-3, 1e-2)
     assert (res.cpu, res.gpu) == (2.0, 1.0)
+
+
+def test_summary_keeps_pt_sizes_apart():
+    import pandas as pd
+
+    from ltc.sweep import summary
+
+    rows = []
+    for lineage, r2 in (("fe:max941", 0.5), ("fe:max10000", 0.7)):
+        for seed in (1, 2):
+            rows.append({"stage": "ft", "kind": "finetune", "setting": f"{lineage}|{seed}", "status": "completed",
+                         "val_loss": 0.1, "lineage": lineage, "pt_dataset": "fe", "dataset": "pz", "size": 800,
+                         "strategy": "all", "test_r2": r2 + seed / 100, "test_mae": 1.0, "lr": 1e-3,
+                         "n_unfrozen": None})  # fmt: skip
+    text = summary(pd.DataFrame(rows))
+    assert "fe:max941" in text and "fe:max10000" in text and "0.515 ± 0.005" in text
 
 
 def test_smoke_sizes():

@@ -96,6 +96,22 @@ def test_paper_split_uses_devi_files():
     assert len(s.val) == 10
 
 
+def test_paper_or_seeded_falls_back_per_dataset():
+    from ltc.datasets import DatasetNotFoundError, devi_test_ids
+    from ltc.splits import SplitConfig
+
+    both = SplitConfig(test="paper_or_seeded")
+    j = ShardSet.open("jarvis2d")  # Devi's test file, but no trial subsets: a seeded draw of 800
+    s = make_split(j, size=800, seed=1, config=both)
+    assert len(s.train) + len(s.val) == 800 and {j.ids[i] for i in s.test} == set(devi_test_ids("jarvis2d"))
+    with pytest.raises(DatasetNotFoundError, match="jarvis2d_trial1_800"):
+        make_split(j, size=800, seed=1, config=SplitConfig(test="paper"))
+    bg = ShardSet.open("bg")  # no Devi test file: seeded test set, and then a seeded subset outside it
+    s = make_split(bg, size=800, seed=1, config=both)
+    assert len(s.train) + len(s.val) == 800 and len(s.test) == 940
+    assert not set(s.test) & (set(s.train) | set(s.val))
+
+
 def test_split_errors_and_holdout():
     shards = ShardSet.open("l96")
     with pytest.raises(ValueError, match="size=90 but l96 has only 85 structures outside its test set"):
@@ -288,6 +304,15 @@ def test_multi_property_pretraining_then_new_property(tmp_path):
     )
     assert ft["test_r2"] is not None
     assert load_checkpoint(tmp_path / "ft/checkpoint.pt")["model"]["config"]["n_targets"] == 1
+
+
+def test_fine_tuning_is_reproducible_whatever_ran_before(pt_run, tmp_path):
+    out, _ = pt_run
+    stage = StageConfig(datasets=("dc",), init=str(out / "checkpoint.pt"), size=40, head="new", train=TINY)
+    first = run_stage(stage, tmp_path / "a")
+    torch.rand(1000)  # another trial in the same worker would move the global RNG
+    second = run_stage(stage, tmp_path / "b")
+    assert first["test_mae"] == second["test_mae"]
 
 
 def test_stage_config_errors():

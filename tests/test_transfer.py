@@ -137,6 +137,17 @@ def test_checkpoint_heads_kept_replaced_or_new():
         model_from_checkpoint(_ckpt(mpt), n_targets=1, head="keep")
 
 
+def test_a_replaced_head_trains_whole_under_last_layer():
+    mpt = build_model("megnet", {**SMALL["megnet"], "n_targets": 3, "head_hidden": [8, 8]})
+    ft = model_from_checkpoint(_ckpt(mpt), n_targets=1, strategy="last_layer")  # fresh head: random hidden layers
+    freeze(ft, strategy="last_layer")
+    assert all(p.requires_grad for p in ft.heads.parameters())
+    assert not any(p.requires_grad for p in ft.blocks.parameters())
+    kept = model_from_checkpoint(_ckpt(build_model("megnet", {**SMALL["megnet"], "head_hidden": [8]})), n_targets=1)
+    freeze(kept, strategy="last_layer")  # a trained head keeps Devi's meaning: its last Linear only
+    assert [n for n, p in kept.heads.named_parameters() if p.requires_grad] == ["0.out.weight", "0.out.bias"]
+
+
 def test_frozen_batchnorm_stays_in_eval_mode():
     model = build_model("cgcnn", SMALL["cgcnn"])
     freeze(model, strategy="blocks", n_unfrozen=1)
