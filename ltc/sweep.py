@@ -772,7 +772,6 @@ def run_sweep(
         done_table = paths.stage_table(stage.name)
         if done_table.is_file():
             tables[stage.name] = pd.read_parquet(done_table)
-            log.info("stage %s: finished earlier (%d trials), skipped", stage.name, len(tables[stage.name]))
             print(f"stage {stage.name}: finished earlier ({len(tables[stage.name])} trials)")
             continue
         if not settings:
