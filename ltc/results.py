@@ -30,9 +30,12 @@ def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(results_dir) / "trials.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
-    trials = pd.read_parquet(path)
-    start = trials.lineage.where(trials.lineage.notna(), trials.kind)
-    return trials.assign(start=start)
+    return with_start(pd.read_parquet(path))
+
+
+def with_start(trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with ``start``: where each trial started from (source lineage, with its PT size), or its kind."""
+    return trials.assign(start=trials.lineage.where(trials.lineage.notna(), trials.kind))
 
 
 def best_per_setting(trials: pd.DataFrame) -> pd.DataFrame:

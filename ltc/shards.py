@@ -173,7 +173,7 @@ def prepare(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
-        _write_json_atomic(tmp / "manifest.json", manifest)
+        write_json_atomic(tmp / "manifest.json", manifest)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -204,8 +204,9 @@ def _remove_stale_builds(root: Path, stem: str) -> None:
             pass
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 

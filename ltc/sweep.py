@@ -1024,10 +1024,12 @@ def _copy_best(table, folder: Path) -> None:
     """The best completed trial of each setting: its checkpoint into ``folder`` and a ``best.parquet``."""
     import pyarrow.fs as pafs
 
-    done = table[(table.status == "completed") & table.checkpoint.notna()]
-    if done.empty:
+    from ltc.results import best_per_setting
+
+    best = best_per_setting(table)
+    best = best[best.checkpoint.notna()]
+    if best.empty:
         return
-    best = done.loc[done.groupby("setting").val_loss.idxmin()]
     folder.mkdir(parents=True, exist_ok=True)
     local = []
     for _, row in best.iterrows():
@@ -1050,11 +1052,11 @@ def summary(trials) -> str:
     """Per (stage, dataset, size, start, strategy): test metrics of each seed's best trial, mean ± std."""
     import pandas as pd
 
-    done = trials[trials.status == "completed"]
-    if done.empty:
+    from ltc.results import best_per_setting, with_start
+
+    best = with_start(best_per_setting(trials))
+    if best.empty:
         return "no completed trials"
-    best = done.loc[done.groupby("setting").val_loss.idxmin()]
-    best = best.assign(start=best.lineage.where(best.lineage.notna(), best.kind))  # source and its PT size
     keys = ["stage", "dataset", "size", "start", "strategy"]
     rows = []
     for key, g in best.groupby(keys, dropna=False, sort=False):

@@ -13,7 +13,6 @@ model, freezes per strategy, fits, evaluates and writes ``metrics.json``, ``chec
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from ltc import datasets
 from ltc.checkpoints import load_checkpoint, save_checkpoint
 from ltc.graphs import GraphConfig
 from ltc.models import MODELS, CrystalGNN, build_model
-from ltc.shards import ShardSet
+from ltc.shards import ShardSet, write_json_atomic
 from ltc.splits import Split, SplitConfig, holdout_formulas, make_split
 from ltc.targets import TRANSFORMS, TargetScaler, regression_metrics
 from ltc.transfer import check_strategy, freeze, model_from_checkpoint
@@ -488,7 +487,7 @@ def run_stage(
     )
     _write_predictions(out / "predictions.parquet", rows)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(out / "metrics.json", {**_json_safe(metrics), "history": result.history})
+    write_json_atomic(out / "metrics.json", _json_safe({**metrics, "history": result.history}))
     return metrics
 
 
@@ -501,12 +500,6 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
