@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from ltc import __version__
+from ltc.errors import DataError, MissingFileError
 
 FORMAT = "ltc-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint that is damaged, not ltc's, or does not fit the run."""
 
 
@@ -40,7 +41,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -
     """Read an ltc checkpoint (no pickled code: ``weights_only=True``); ``model`` checks the architecture."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:

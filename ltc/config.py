@@ -13,11 +13,12 @@ import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from ltc.errors import ConfigError, MissingFileError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A value that does not fit the config schema; the message starts with its key path."""
+__all__ = ["ConfigError", "from_dict", "load_yaml"]
 
 
 def _name(tp: Any) -> str:
@@ -132,7 +133,7 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} does not exist")
+        raise MissingFileError(f"sweep file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ltc.errors import ConfigError, DataError, LtcError, MissingFileError
 from ltc.paths import data_home as _data_home
 
 log = logging.getLogger(__name__)
@@ -31,22 +32,19 @@ log = logging.getLogger(__name__)
 READER_VERSION = 1  # bump when a reader changes what it yields for the same file (part of the fingerprint)
 
 
-class DatasetError(Exception):
+class DatasetError(LtcError):
     """Base class for dataset errors."""
 
 
-class UnknownDatasetError(DatasetError, KeyError, ValueError):
+class UnknownDatasetError(DatasetError, ConfigError, KeyError):
     """A dataset name that is not in the registry."""
 
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
 
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
+class DatasetNotFoundError(DatasetError, MissingFileError):
     """No local file for a dataset, and no download possible."""
 
 
-class DatasetFileError(DatasetError, ValueError):
+class DatasetFileError(DatasetError, DataError):
     """A dataset file that exists but cannot be read as a whole."""
 
 

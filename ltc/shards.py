@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc import __version__, datasets
+from ltc.errors import DataError
 from ltc.graphs import CrystalGraph, GraphConfig, GraphError, structure_to_graph
 from ltc.paths import cache_root, data_home
 
@@ -72,7 +73,7 @@ PARALLEL_MIN_COST = 4096
 _PARSE_COST = {"cif": 20, "poscar": 5}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
 
 
-class ShardError(Exception):
+class ShardError(DataError):
     """A shard folder that is missing, incomplete or of another schema version."""
 
 
