@@ -5,7 +5,7 @@
 Runs a sweep whose FT stage has ``--trials`` short trials (CGCNN, ~1 s of training each, on HH143
 from an L96 model), then the same trainings one after another in this process without Ray (the
 baseline). Prints trials/s for both and, for the sweep, the share of worker slot-time spent inside
-training (``fit``) and inside the whole stage run (``run_stage``: load, split, train, evaluate, save).
+training (``fit``) and inside the whole stage run (``train_run``: load, split, train, evaluate, save).
 Aim: >= 85 % inside training. With ``--gpu`` the trials take that GPU fraction each (several per GPU).
 """
 
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 from ltc.config import from_dict
+from ltc.inputs import resolve_inputs
+from ltc.splits import SplitConfig
 from ltc.sweep import SweepSpec, run_sweep
-from ltc.train import run_stage
-from ltc.trial import stage_config
+from ltc.train import train_run
+from ltc.trial import run_config
 
 
 def main() -> None:
@@ -61,7 +63,7 @@ def main() -> None:
         train_share = ft.train_seconds.sum() / (slots * window)
         stage_share = ft.wall_seconds.sum() / (slots * window)
         print(f"          worker slot-time inside training: {100 * train_share:.1f} %  (aim >= 85 %)")
-        print(f"          worker slot-time inside run_stage: {100 * stage_share:.1f} %")
+        print(f"          worker slot-time inside train_run: {100 * stage_share:.1f} %")
         if args.gpu:
             print(
                 f"          trials per GPU at a time: {1 / args.gpu:g}; GPUs: {ray.cluster_resources().get('GPU', 0):g}"
@@ -69,6 +71,8 @@ def main() -> None:
 
         # baseline: the same kind of trials, one after another in this process, no Ray
         rows = ft.head(args.baseline)
+        # resolved once, as the driver does per stage (shards verified, split ids written)
+        inputs = resolve_inputs(["hh143"], graph=spec.graph_config, split=SplitConfig())
         t0 = time.perf_counter()
         for i, (_, row) in enumerate(rows.iterrows()):
             config = {
@@ -77,7 +81,7 @@ def main() -> None:
                 "graph": spec.graph_config.to_dict(), "split": {"test": "seeded", "test_fraction": 0.1},
                 "holdout": [], "train": {"epochs": args.epochs, "batch_size": 16},
             }  # fmt: skip
-            run_stage(stage_config(config), Path(tmp) / f"base{i}")
+            train_run(run_config(config), Path(tmp) / f"base{i}", inputs=inputs)
         base = (time.perf_counter() - t0) / len(rows)
         print(f"baseline: {1 / base:6.2f} trials/s sequentially in one process ({base:.2f} s/trial)")
         print(f"sweep / baseline: {n / window * base:.2f}x")

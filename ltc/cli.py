@@ -8,10 +8,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ltc.errors import ConfigError, LtcError
+from ltc.graphs import GraphConfig
+from ltc.models import MODELS
+from ltc.splits import SPLIT_TESTS, SplitConfig
+from ltc.targets import TRANSFORMS
+from ltc.train import HEADS, LOSSES, SCHEDULES, RunConfig, TrainConfig
+from ltc.transfer import STRATEGIES
+
 log = logging.getLogger("ltc")
 
-# Errors that are the user's to fix: printed as one line, exit status 2, no traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
+# Defaults and choices come from the library (one source of truth); the help texts quote them.
+_GRAPH, _SPLIT, _TRAIN = GraphConfig(), SplitConfig(), TrainConfig()
+_HEAD_DEFAULT = RunConfig.__dataclass_fields__["head"].default
 
 
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -65,13 +74,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ltc import datasets
-    from ltc.graphs import GraphConfig
     from ltc.shards import prepare, reason_kind, summarize_rejected
 
     graph = GraphConfig(cutoff=args.cutoff, max_neighbors=args.max_neighbors)
     names = list(datasets.REGISTRY) if args.all else args.names
     if not names:
-        raise ValueError("name a dataset (see `ltc datasets`) or pass --all")
+        raise ConfigError("name a dataset (see `ltc datasets`) or pass --all")
     for name in names:
         datasets.spec(name)  # fail on a typo before any work
     for name in names:
@@ -84,8 +92,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             download=not args.no_download,
             shard_size=args.shard_size,
+            verify=True,
         )
         m = res.manifest
+        if res.repaired:
+            print(f"{name}: damaged shards rebuilt ({'; '.join(res.repaired)})")
         if not res.built:
             print(f"{name}: up to date, nothing to do ({m['n_graphs']:,} graphs, {m['n_rejected']:,} rejected)")
             print(f"  {res.path}")
@@ -121,7 +132,7 @@ def _model_overrides(items: Sequence[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--model-config {item!r} must look like KEY=VALUE")
+            raise ConfigError(f"--model-config {item!r} must look like KEY=VALUE")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -129,16 +140,14 @@ def _model_overrides(items: Sequence[str]) -> dict[str, object]:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ltc.graphs import GraphConfig
-    from ltc.splits import SplitConfig
-    from ltc.train import StageConfig, TrainConfig, run_stage
+    from ltc.train import RunConfig, run_inputs, train_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     strategy = args.strategy
     if args.n_unfrozen is not None:
         if strategy not in (None, "blocks"):
-            raise ValueError(f"--n-unfrozen goes with --strategy blocks, not {strategy!r}")
+            raise ConfigError(f"--n-unfrozen goes with --strategy blocks, not {strategy!r}")
         strategy = "blocks"
     graph = None
     if args.cutoff is not None or args.max_neighbors is not None:
@@ -149,12 +158,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.init:
             base = GraphConfig(**load_checkpoint(args.init)["graph"])
         else:
-            base = DEFAULT_GRAPHS.get(args.model or "", GraphConfig())
+            base = DEFAULT_GRAPHS.get(args.model or "", _GRAPH)
         graph = GraphConfig(
             cutoff=base.cutoff if args.cutoff is None else args.cutoff,
             max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
         )
-    stage = StageConfig(
+    stage = RunConfig(
         datasets=tuple(args.dataset),
         model=args.model,
         model_config=_model_overrides(args.model_config),
@@ -181,7 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
         ),
     )
-    m = run_stage(stage, args.out, home=args.data_home, cache=args.cache)
+    # resolved once before training, as a sweep's driver does: shards built or verified, split ids, holdout
+    inputs = run_inputs(stage, home=args.data_home, cache=args.cache, progress=True)
+    m = train_run(stage, args.out, inputs=inputs)
     print(
         f"{m['model']} on {'+'.join(m['datasets'])}: {m['epochs_run']} epochs in {m['train_seconds']:.1f} s, "
         f"{m['params_trainable']:,} of {m['params_total']:,} parameters trained (strategy {m['strategy']}"
@@ -206,14 +217,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ltc.sweep import describe, load_sweep, run_sweep, smoke, summary
+    from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
     if args.smoke:
         spec = smoke(spec)
     if args.dry_run:
+        # what a trial would reject fails here, naming the key; Ray is never imported
+        validate(spec, home=args.data_home, cache=args.cache)
         print(describe(spec))
         return 0
+    from ltc.results import summary
+    from ltc.sweep.driver import run_sweep
+
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     results = Path(args.results)
@@ -262,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     source = args.input
     if source is None:  # `--checkpoint A B INPUT`: argparse gave INPUT to --checkpoint
         if len(checkpoints) < 2:
-            raise ValueError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
+            raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
                     cache=args.cache)  # fmt: skip
@@ -325,9 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("names", nargs="*", metavar="NAME", help="dataset name(s), see `ltc datasets`")
     sp.add_argument("--all", action="store_true", help="prepare every dataset in the registry")
-    sp.add_argument("--cutoff", type=float, default=8.0, help="neighbour cutoff radius in Å (default 8.0)")
     sp.add_argument(
-        "--max-neighbors", type=int, default=12, help="keep at most this many nearest neighbours per atom (default 12)"
+        "--cutoff", type=float, default=_GRAPH.cutoff, help=f"neighbour cutoff radius in Å (default {_GRAPH.cutoff:g})"
+    )
+    sp.add_argument(
+        "--max-neighbors",
+        type=int,
+        default=_GRAPH.max_neighbors,
+        help=f"keep at most this many nearest neighbours per atom (default {_GRAPH.max_neighbors})",
     )
     sp.add_argument("--workers", type=int, default=None, help="parallel build processes (default: all CPUs)")
     sp.add_argument("--shard-size", type=int, default=None, help="graphs per shard file (default: automatic)")
@@ -341,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a crystal graph model on one dataset (several names: multi-property training, one head each) "
         "and write OUT/metrics.json (test and validation metrics in raw units, epochs, times, parameter counts), "
         "OUT/checkpoint.pt and OUT/predictions.parquet. With --init it fine-tunes a checkpoint: --strategy "
-        "chooses what trains (all, last_layer, new_head, two_body, three_body) or --n-unfrozen K trains the "
+        f"chooses what trains ({', '.join(s for s in STRATEGIES if s != 'blocks')}) or --n-unfrozen K trains the "
         "last K blocks plus readout and head.",
     )
     sp.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="dataset name(s), see `ltc datasets`")
     sp.add_argument("--out", type=Path, required=True, help="output folder")
-    sp.add_argument("--model", choices=["cgcnn", "megnet", "alignn"], help="architecture (needed without --init)")
+    sp.add_argument("--model", choices=list(MODELS), help="architecture (needed without --init)")
     sp.add_argument(
         "--model-config",
         nargs="*",
@@ -362,18 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=_TRAIN.seed,
         help="draws the subset, its 90/10 train/validation split and the init (default 0)",
     )
     g.add_argument(
         "--split",
-        choices=["seeded", "paper", "paper_or_seeded"],
-        default="seeded",
+        choices=list(SPLIT_TESTS),
+        default=_SPLIT.test,
         help="test set: seeded (a fixed 10%% per dataset) or paper (Devi et al.'s files; their trial subsets for "
         "sizes 10..800 and seeds 1..5); paper_or_seeded: paper where the file exists",
     )
-    g.add_argument("--test-fraction", type=float, default=0.1, help="seeded test fraction (default 0.1)")
-    g.add_argument("--split-seed", type=int, default=0, help="fixes the seeded test set (default 0)")
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=_SPLIT.test_fraction,
+        help=f"seeded test fraction (default {_SPLIT.test_fraction:g})",
+    )
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=_SPLIT.split_seed,
+        help=f"fixes the seeded test set (default {_SPLIT.split_seed})",
+    )
     g.add_argument(
         "--holdout",
         nargs="*",
@@ -383,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--transform",
-        choices=list(__import__("ltc.targets", fromlist=["TRANSFORMS"]).TRANSFORMS),
+        choices=list(TRANSFORMS),
         help="target transform (default: the dataset's: minmax, or log10p1+standardize for kappa)",
     )
     g.add_argument("--cutoff", type=float, help="graph cutoff in Å (default: the model's, or the checkpoint's)")
@@ -392,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", type=Path, help="checkpoint to start from (a PT or earlier FT stage)")
     g.add_argument(
         "--strategy",
-        choices=["all", "blocks", "last_layer", "new_head", "two_body", "three_body"],
+        choices=list(STRATEGIES),
         help="what trains (default all); see ltc/transfer.py for the mapping onto each model",
     )
     g.add_argument(
@@ -400,21 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--head",
-        choices=["auto", "keep", "new"],
-        default="auto",
+        choices=list(HEADS),
+        default=_HEAD_DEFAULT,
         help="keep the checkpoint's head, or a new one (auto: keep if the number of targets matches)",
     )
     g = sp.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100, help="default 100")
-    g.add_argument("--batch-size", type=int, default=64, help="default 64")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
-    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="default mse")
+    g.add_argument("--epochs", type=int, default=_TRAIN.epochs, help=f"default {_TRAIN.epochs}")
+    g.add_argument("--batch-size", type=int, default=_TRAIN.batch_size, help=f"default {_TRAIN.batch_size}")
+    g.add_argument("--lr", type=float, default=_TRAIN.lr, help=f"peak learning rate (default {_TRAIN.lr:g})")
     g.add_argument(
-        "--schedule", choices=["onecycle", "cosine", "constant"], default="onecycle", help="default onecycle"
+        "--weight-decay",
+        type=float,
+        default=_TRAIN.weight_decay,
+        help=f"AdamW weight decay (default {_TRAIN.weight_decay:g})",
     )
+    g.add_argument("--loss", choices=list(LOSSES), default=_TRAIN.loss, help=f"default {_TRAIN.loss}")
+    g.add_argument("--schedule", choices=list(SCHEDULES), default=_TRAIN.schedule, help=f"default {_TRAIN.schedule}")
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss (default off)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 …")
+    g.add_argument("--device", default=_TRAIN.device, help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
 
@@ -484,11 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except _USER_ERRORS as err:
+    except LtcError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         if args.verbose:
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ltc {args.command}: error: {msg}", file=sys.stderr)
+        print(f"ltc {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

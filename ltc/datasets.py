@@ -687,7 +687,7 @@ def devi_trial_ids(
     ``protocol`` is ``pairwise`` (``<p>_trial<k>_<n>.json``) or ``mpt`` (``mp_<p>_trial<k>_<n>.json``).
     """
     if protocol not in ("pairwise", "mpt"):
-        raise ValueError(f"{protocol=} must be 'pairwise' or 'mpt'")
+        raise ConfigError(f"{protocol=} must be 'pairwise' or 'mpt'")
     p = spec(name).devi_prop
     want = f"{'mp_' if protocol == 'mpt' else ''}{p}_trial{trial}_{size}.json"
     subsets = devi_subsets(name, data_home=data_home)

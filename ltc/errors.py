@@ -25,3 +25,7 @@ class MissingFileError(LtcError, FileNotFoundError):
 
 class DataError(LtcError, ValueError):
     """Data that exists but is damaged or unusable: a dataset file, a shard, a checkpoint."""
+
+
+class AlreadyExistsError(LtcError, FileExistsError):
+    """Something would be overwritten that holds the user's work (a sweep's results folder)."""

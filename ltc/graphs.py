@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ltc.errors import ConfigError
+
 MAX_Z = 100  # CGCNN's feature table covers H (1) … Fm (100)
 
 
@@ -32,9 +34,9 @@ class GraphConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or not self.cutoff > 0:
-            raise ValueError(f"cutoff={self.cutoff!r} must be a number > 0 (Å)")
+            raise ConfigError(f"cutoff={self.cutoff!r} must be a number > 0 (Å)")
         if isinstance(self.max_neighbors, bool) or not isinstance(self.max_neighbors, int) or self.max_neighbors < 1:
-            raise ValueError(f"max_neighbors={self.max_neighbors!r} must be an integer >= 1")
+            raise ConfigError(f"max_neighbors={self.max_neighbors!r} must be an integer >= 1")
         object.__setattr__(self, "cutoff", float(self.cutoff))
 
     def to_dict(self) -> dict[str, float | int]:

@@ -21,6 +21,7 @@ import torch
 
 from ltc import datasets
 from ltc.checkpoints import CheckpointError, load_checkpoint
+from ltc.errors import ConfigError, MissingFileError
 from ltc.graphs import GraphConfig, GraphError, structure_to_graph
 from ltc.models import CrystalGNN, build_model
 from ltc.shards import ShardSet, collate_graphs
@@ -43,7 +44,7 @@ class LoadedModel:
 def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) -> list[LoadedModel]:
     """Checkpoints ready to predict; they must predict the same target(s)."""
     if not paths:
-        raise ValueError("give at least one --checkpoint")
+        raise ConfigError("give at least one --checkpoint")
     out = []
     for path in paths:
         ckpt = load_checkpoint(path)
@@ -151,7 +152,7 @@ def predict(
     if path.exists():
         files = structure_files(path) if path.is_dir() else [path]
         if not files:
-            raise FileNotFoundError(f"{path} holds no CIF or POSCAR files (*.cif, *.vasp, *.poscar, POSCAR*, CONTCAR*)")
+            raise MissingFileError(f"{path} holds no CIF or POSCAR files (*.cif, *.vasp, *.poscar, POSCAR*, CONTCAR*)")
         good, bad = read_structures(files)
         graphs: dict[GraphConfig, list] = {c: [] for c in configs}
         keep = []
@@ -195,7 +196,7 @@ def predict(
         preds = _forward(models, batches, dev)
         table = _rows(models, ids, [input] * len(ids), [formulas[i] for i in idx], preds, y_true=first.y[idx])
     else:
-        raise FileNotFoundError(f"INPUT {input!r} is neither a file, a folder, nor a dataset name (see `ltc datasets`)")
+        raise MissingFileError(f"INPUT {input!r} is neither a file, a folder, nor a dataset name (see `ltc datasets`)")
     if "error" not in table.columns:
         table["error"] = None
     return rank(table, models)

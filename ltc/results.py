@@ -9,16 +9,20 @@ never as zero.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ltc import datasets
+from ltc.errors import MissingFileError
+from ltc.io import exists, open_input, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +30,17 @@ MISSING = "–"
 
 
 def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """``RESULTS_DIR/trials.parquet`` with a ``start`` column (the trial's source lineage, or its kind)."""
+    """``RESULTS_DIR/trials.parquet`` with a ``start`` column (the trial's source lineage, or its kind).
+
+    Tables of older ltc versions are brought to the current columns (``group`` → ``source_key``).
+    """
     path = Path(results_dir) / "trials.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
-    return with_start(pd.read_parquet(path))
+        raise MissingFileError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
+    trials = pd.read_parquet(path)
+    if "source_key" not in trials.columns and "group" in trials.columns:
+        trials = trials.rename(columns={"group": "source_key"})
+    return with_start(trials)
 
 
 def with_start(trials: pd.DataFrame) -> pd.DataFrame:
@@ -244,14 +254,14 @@ def read_predictions(checkpoint: str) -> pd.DataFrame | None:
     """The ``predictions.parquet`` saved beside a trial's ``checkpoint.pt`` (local path or URI)."""
     folder = checkpoint.rsplit("/", 1)[0]
     path = f"{folder}/predictions.parquet"
-    try:
-        if "://" in path:
-            import pyarrow.fs as pafs
-            import pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-            fs, p = pafs.FileSystem.from_uri(path)
-            return pq.read_table(p, filesystem=fs).to_pandas()
-        return pd.read_parquet(path) if Path(path).is_file() else None
+    try:
+        if not exists(path):
+            return None
+        with open_input(path) as fh:
+            return pq.read_table(pa.BufferReader(fh.read())).to_pandas()
     except OSError as err:
         log.warning("cannot read %s: %s", path, err)
         return None
@@ -302,6 +312,35 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     return _save(fig, out / "parity.png"), ""
 
 
+def _short_sci(x: float, _pos=None) -> str:
+    """A compact tick label: ``3e-4``, ``2.5e-3``, ``1e-2``."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def _lr_axis(ax, most: int = 5) -> None:
+    """Make ``ax``'s x axis a log axis of learning rates whose tick labels never crowd each other.
+
+    Labelled ticks only at 1×, else 1× and 3×, else 1×, 2× and 5×, else 1×, 2×, 3× and 5× powers of ten: the
+    coarsest of these to give three ticks inside the view, else two (at most ``most``, every n-th one kept beyond
+    that), else a few evenly spaced ones for a view narrower than that; short labels (``3e-4``); minor ticks
+    unlabelled. Call it once the data is drawn: it reads the view limits.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    options = [[m * 10.0**e for e in decades for m in subs if lo <= m * 10.0**e <= hi]
+               for subs in ((1,), (1, 3), (1, 2, 5), (1, 2, 3, 5))]  # fmt: skip
+    ticks = next((t for t in options if len(t) >= 3), None) or next((t for t in options if len(t) >= 2), None)
+    if ticks is None:
+        ticks = [t for t in MaxNLocator(nbins=3).tick_values(lo, hi) if lo <= t <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks[:: math.ceil(len(ticks) / most)] if ticks else []))
+    ax.xaxis.set_major_formatter(FuncFormatter(_short_sci))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def fig_optuna(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     rows = trials[trials.n_unfrozen.notna() & trials.val_loss.notna() & trials.lr.notna()]
     if rows.empty:
@@ -321,7 +360,7 @@ def fig_optuna(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
             if m.any():
                 sc = ax.scatter(g.lr[m], g.n_unfrozen[m] + jitter[m], c=positive[m], norm=norm, cmap="viridis_r",
                                 marker=marker, label=status)  # fmt: skip
-        ax.set_xscale("log")
+        _lr_axis(ax)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("n_unfrozen")
         ax.set_title(f"{dataset}: Optuna trials")
@@ -416,7 +455,139 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         else:
             report.figures[title] = path
             lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
-    tmp = report.path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report.path)
+    write_text_atomic(report.path, "\n".join(lines) + "\n")
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# The trials table: one flat row per trial (``results/README.md``), built from a stage's ResultGrid.
+
+RESULTS_SCHEMA_VERSION = 2  # 2: ``group`` became ``source_key``
+
+COLUMNS = [
+    "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "ft_dataset",
+    "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "val_loss", "val_mae", "val_r2",
+    "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10", "n_train", "n_val", "n_test",
+    "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds", "wall_seconds", "params_trainable",
+    "params_total",
+    "checkpoint", "init", "task_metrics",
+    "trial_id", "node_id", "gpu_ids", "started", "finished", "error",
+]  # fmt: skip
+
+
+_FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse",
+          "test_r2", "test_mape", "test_mae_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch",
+          "resumed_from_epoch", "wall_seconds",
+          "train_seconds", "params_trainable", "params_total", "started", "finished")  # fmt: skip
+# Fixed column types: a stage without kappa rows (all-null test_mae_log10) concatenates cleanly with one with.
+DTYPES = {c: ("float64" if c in _FLOAT else "int64" if c in ("trial_index", "seed") else "object") for c in COLUMNS}
+
+
+def _checkpoint_uri(checkpoint: Any) -> str | None:
+    if checkpoint is None:
+        return None
+    fs = checkpoint.filesystem
+    kind = getattr(fs, "type_name", "local")
+    base = checkpoint.path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{checkpoint.path}"
+    return f"{base.rstrip('/')}/checkpoint.pt"
+
+
+def results_table(grid: Any, stage: str) -> pd.DataFrame:
+    """One flat row per trial of a stage's ResultGrid."""
+    from ltc.trial import COMPLETED
+
+    rows = []
+    for result in grid:
+        cfg = result.config or {}
+        m = result.metrics or {}
+        done = bool(m.get(COMPLETED))
+        status = "completed" if done else ("error" if result.error else "pruned")
+        datasets_ = "+".join(cfg.get("datasets", []))
+        kind = cfg.get("kind")
+        size = cfg.get("size") if cfg.get("size") is not None else cfg.get("max_size")
+        row = {
+            "stage": stage,
+            "kind": kind,
+            "setting": cfg.get("setting"),
+            "source_key": cfg.get("source_key"),
+            "trial_index": cfg.get("trial_index"),
+            "status": status,
+            "pt_dataset": datasets_
+            if kind == "pretrain"
+            else ("+".join(cfg["pt_datasets"]) if cfg.get("pt_datasets") else None),
+            "pt_size": size if kind == "pretrain" else cfg.get("pt_size"),
+            "lineage": cfg.get("lineage"),
+            "ft_dataset": None if kind == "pretrain" else datasets_,
+            "ft_size": None if kind == "pretrain" else size,
+            "dataset": datasets_,
+            "size": size,
+            "strategy": "scratch" if kind == "scratch" else ("pretrain" if kind == "pretrain" else cfg.get("strategy")),
+            "n_unfrozen": cfg.get("n_unfrozen"),
+            "lr": cfg.get("lr"),
+            "seed": cfg.get("seed"),
+            "checkpoint": _checkpoint_uri(result.checkpoint) if done else None,
+            "init": cfg.get("init"),
+            "trial_id": m.get("trial_id") or Path(str(result.path)).name,
+            "error": str(result.error)[:2000] if result.error else None,
+        }
+        for key in COLUMNS:
+            if key not in row:
+                row[key] = m.get(key)
+        tasks: dict[str, dict[str, Any]] = {}
+        for key, value in m.items():  # multi-property trials: "<dataset>/test_mae" …
+            if isinstance(key, str) and "/" in key and key.split("/", 1)[0] in datasets.REGISTRY:
+                tasks.setdefault(key.split("/", 1)[0], {})[key.split("/", 1)[1]] = value
+        row["task_metrics"] = json.dumps(tasks) if tasks else None
+        if not done:
+            for key in COLUMNS:
+                if key.startswith("test_"):
+                    row[key] = None  # a stopped or failed trial has no test metrics
+            row["val_loss"] = m.get("val_loss")
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=COLUMNS).astype({c: t for c, t in DTYPES.items()})
+    return df.sort_values(["setting", "trial_index"], kind="stable").reset_index(drop=True)
+
+
+def copy_best(table: pd.DataFrame, folder: Path) -> None:
+    """The best completed trial of each setting: its checkpoint into ``folder`` and a ``best.parquet``."""
+    from ltc import io
+
+    best = best_per_setting(table)
+    best = best[best.checkpoint.notna()]
+    if best.empty:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    local = []
+    for _, row in best.iterrows():
+        slug = row.setting.replace("|", "__").replace("/", "_").replace(":", "-")
+        dest = folder / slug / "checkpoint.pt"
+        dest.parent.mkdir(exist_ok=True)
+        io.copy_file(row.checkpoint, dest)
+        local.append(str(dest))
+    best = best.assign(best_checkpoint=local)
+    io.write_parquet_atomic(folder / "best.parquet", best)
+
+
+def summary(trials: pd.DataFrame) -> str:
+    """Per (stage, dataset, size, start, strategy): test metrics of each seed's best trial, mean ± std."""
+    best = with_start(best_per_setting(trials))
+    if best.empty:
+        return "no completed trials"
+    keys = ["stage", "dataset", "size", "start", "strategy"]
+    rows = []
+    for key, g in best.groupby(keys, dropna=False, sort=False):
+        r2, mae = g.test_r2.astype(float), g.test_mae.astype(float)
+        row = dict(zip(keys, key, strict=True))
+        row["size"] = "all" if pd.isna(row["size"]) else int(row["size"])
+        row.update(
+            seeds=len(g),
+            test_mae=f"{mae.mean():.4g} ± {mae.std(ddof=0):.2g}" if mae.notna().any() else "-",
+            test_r2=f"{r2.mean():.3f} ± {r2.std(ddof=0):.3f}" if r2.notna().any() else "-",
+            lr=f"{g.lr.median():.2g}",
+            n_unfrozen="-" if g.n_unfrozen.isna().all() else ",".join(str(int(v)) for v in g.n_unfrozen.dropna()),
+        )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    counts = trials.status.value_counts().to_dict()
+    head = f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    return head + "\n" + table.to_string(index=False)

@@ -4,11 +4,17 @@ A shard set is a folder ``<cache>/shards/<dataset>-<key>/`` holding
 
 - ``shard-00000.arrow`` …: Arrow IPC files (uncompressed, one record batch each), one row per graph;
 - ``rejected.parquet``: every input row that did not become a graph (``id``, ``reason``);
-- ``manifest.json``: schema version, dataset, fingerprint, graph config, counts, shard list.
+- ``manifest.json``: schema version, dataset, fingerprint, graph config, counts, and the shard list
+  with each file's size (``bytes``) and SHA-256 (``sha256``); ``rejected_bytes`` / ``rejected_sha256``.
 
 ``key`` hashes (schema version, dataset, dataset fingerprint, graph config): changed inputs give a new
 folder and never overwrite an old one. A set is built in a temporary folder and renamed into place,
 so a killed build leaves nothing that a reader trusts.
+
+Trust after that (disk faults, a truncated copy, a stray write) is checked by ``verify``, which hashes
+every file against the manifest. Hashing a large set takes seconds, so it runs where a stage is resolved
+(``prepare(..., verify=True)`` in the driver and ``ltc prepare``), once, never in a trial; a damaged set is
+named in a warning and rebuilt. ``ShardSet`` makes only the cheap checks (existence, size, row counts).
 
 Reading (``ShardSet``) memory-maps the files: opening costs near nothing, the page cache is shared by
 every process on a node, and ``batch(indices)`` gathers graphs straight from the mapped buffers into a
@@ -17,6 +23,7 @@ PyG ``Batch``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,13 +50,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc import __version__, datasets
-from ltc.errors import DataError
+from ltc.errors import DataError, MissingFileError
 from ltc.graphs import CrystalGraph, GraphConfig, GraphError, structure_to_graph
+from ltc.io import write_json_atomic  # also imported from here by train.py (to be switched to ltc.io)
 from ltc.paths import cache_root, data_home
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: file sizes and SHA-256 checksums in the manifest
 
 # One row per graph. Ragged per-graph arrays are Arrow lists; ``vectors`` holds 3 floats per edge.
 SCHEMA = pa.schema(
@@ -71,6 +79,7 @@ _RAGGED = ("z", "edge_src", "edge_dst", "distances", "vectors")
 # Below this much work (in JSON-structure units), building in-process beats starting worker processes.
 PARALLEL_MIN_COST = 4096
 _PARSE_COST = {"cif": 20, "poscar": 5}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
+_HASH_CHUNK = 1 << 20
 
 
 class ShardError(DataError):
@@ -92,12 +101,17 @@ def shard_key(dataset: str, fingerprint: str, config: GraphConfig) -> str:
 
 @dataclass(frozen=True)
 class PrepareResult:
-    """Where a shard set is, what its manifest says, and whether this call built it."""
+    """Where a shard set is, what its manifest says, and whether this call built it.
+
+    ``repaired``: the problems found in a set that was there but damaged (and is now rebuilt); empty
+    when nothing was wrong or nothing was checked.
+    """
 
     path: Path
     manifest: dict[str, Any]
     built: bool
     seconds: float
+    repaired: list[str] = dataclasses.field(default_factory=list)
 
     def rejected(self) -> list[tuple[str, str]]:
         """(id, reason) of every rejected row."""
@@ -115,12 +129,17 @@ def prepare(
     progress: bool = False,
     download: bool | None = None,
     shard_size: int | None = None,
+    verify: bool = False,
 ) -> PrepareResult:
     """Build the shards of dataset ``name`` under ``graph`` settings, or find them already built.
 
     ``workers`` processes build shards in parallel (default: the CPUs this process may use);
     ``shard_size`` graphs per shard file (default: sized to keep every worker busy). Neither changes
     the content, so neither is part of the cache key.
+
+    ``verify``: hash an existing set's files against its manifest (see ``verify``); a damaged set is
+    named in a warning and rebuilt. A set whose manifest is missing or unreadable is rebuilt either way
+    (that check costs nothing).
     """
     t0 = time.perf_counter()
     home_path = data_home(home)
@@ -128,9 +147,18 @@ def prepare(
     key = shard_key(name, file.fingerprint, graph)
     root = cache_root(cache, home=home_path) / "shards"
     final = root / f"{name}-{key}"
-    if (final / "manifest.json").is_file():
-        manifest = read_manifest(final)
-        return PrepareResult(final, manifest, built=False, seconds=time.perf_counter() - t0)
+    repaired: list[str] = []
+    if final.exists():
+        manifest, problem = _read_manifest_or_problem(final)
+        if manifest is None:
+            problems = [problem]
+        else:
+            problems = _check_files(final, manifest) if verify else []
+            if not problems:
+                return PrepareResult(final, manifest, built=False, seconds=time.perf_counter() - t0)
+        log.warning("shards of %s: %s; rebuilding %s", name, "; ".join(problems), final)
+        _discard(final)
+        repaired = problems
 
     raw = datasets.read(file)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +182,7 @@ def prepare(
             ),
             tmp / "rejected.parquet",
         )
+        rejected_bytes, rejected_sha256 = _size_and_digest(tmp / "rejected.parquet")
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "ltc_version": __version__,
@@ -171,6 +200,8 @@ def prepare(
             "n_graphs": n_graphs,
             "n_rejected": len(rejected),
             "shards": shards,
+            "rejected_bytes": rejected_bytes,
+            "rejected_sha256": rejected_sha256,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -186,7 +217,23 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PrepareResult(final, manifest, built=True, seconds=time.perf_counter() - t0)
+    return PrepareResult(final, manifest, built=True, seconds=time.perf_counter() - t0, repaired=repaired)
+
+
+def _discard(folder: Path) -> None:
+    """Remove a damaged shard folder: first renamed aside, so its name is free at once for the rebuild.
+
+    Readers that still have its files memory-mapped keep reading them (Linux frees them on unmap).
+    """
+    aside = folder.with_name(f".damaged-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:  # another process moved it first
+        return
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:  # a stray file where the folder belongs
+        aside.unlink(missing_ok=True)
 
 
 def _remove_stale_builds(root: Path, stem: str) -> None:
@@ -203,13 +250,6 @@ def _remove_stale_builds(root: Path, stem: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except PermissionError:  # alive, owned by someone else
             pass
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _default_workers() -> int:
@@ -320,11 +360,14 @@ def build_shard(
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         # One record batch per file: each column is one contiguous buffer, gathered without joins.
         writer.write_table(table, max_chunksize=max(1, table.num_rows))
+    size, digest = _size_and_digest(path)  # here, in the worker: hashing is spread over the pool
     entry = {
         "file": path.name,
         "n_graphs": table.num_rows,
         "n_nodes": int(sum(cols["num_nodes"])),
         "n_edges": int(sum(cols["num_edges"])),
+        "bytes": size,
+        "sha256": digest,
     }
     return entry, rejected
 
@@ -346,14 +389,84 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ShardError(f"{folder} is not a shard folder (no manifest.json); run `ltc prepare` first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: damaged manifest ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        raise ShardError(f"{path}: damaged manifest (not a shard manifest)")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(
             f"{folder}: shard schema version {version}, this ltc reads {SCHEMA_VERSION}; run `ltc prepare` again"
         )
     return manifest
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (never whole into memory)."""
+    with open(path, "rb") as fh:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def _size_and_digest(path: Path) -> tuple[int, str]:
+    return path.stat().st_size, file_sha256(path)
+
+
+def verify(folder: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with a shard folder's files against its manifest, one line per file; [] if nothing.
+
+    Checks each shard file and ``rejected.parquet``: present, of the recorded size, of the recorded
+    SHA-256. Reads every byte, so it belongs where a stage is resolved, not in a trial.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"shard folder {folder} does not exist")
+    manifest, problem = _read_manifest_or_problem(folder)
+    return [problem] if manifest is None else _check_files(folder, manifest)
+
+
+def _read_manifest_or_problem(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") or (None, what is wrong with it)."""
+    if not (folder / "manifest.json").is_file():
+        return None, "manifest.json is missing"
+    try:
+        return read_manifest(folder), ""
+    except ShardError as err:
+        return None, str(err)
+
+
+def _check_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    t0 = time.perf_counter()
+    try:
+        expected = [(s["file"], s.get("bytes"), s.get("sha256")) for s in manifest["shards"]]
+    except (KeyError, TypeError, AttributeError):
+        return [f"{folder / 'manifest.json'}: damaged manifest (bad shard list)"]
+    expected.append(("rejected.parquet", manifest.get("rejected_bytes"), manifest.get("rejected_sha256")))
+    problems = [p for file, size, digest in expected if (p := _check_file(folder, file, size, digest))]
+    log.info("verified %d files in %s in %.1f s", len(expected), folder, time.perf_counter() - t0)
+    return problems
+
+
+def _check_file(folder: Path, file: str, size: int | None, digest: str | None) -> str | None:
+    """The problem with one file, or None; the size (a stat) before the hash (a full read)."""
+    path = folder / file
+    if size is None or digest is None:
+        return f"{file} has no size or checksum in the manifest (damaged manifest)"
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return f"{file} is missing"
+    if not path.is_file():
+        return f"{file} is not a file"
+    if actual != size:
+        return f"{file} is damaged ({actual} bytes, manifest says {size})"
+    if file_sha256(path) != digest:
+        return f"{file} is damaged (checksum differs from manifest)"
+    return None
 
 
 def reason_kind(reason: str) -> str:
@@ -382,6 +495,8 @@ class _Shard:
 def _open_shard(path: Path) -> _Shard:
     source = pa.memory_map(str(path), "r")
     table = pa.ipc.open_file(source).read_all()
+    if not table.schema.equals(SCHEMA):
+        raise ValueError(f"columns {table.schema.names} are not those of a shard")
     offsets, values = {}, {}
     for name in _RAGGED:
         col = table.column(name)
@@ -464,15 +579,25 @@ class ShardSet:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.path = Path(folder)
+        if not self.path.is_dir():
+            raise MissingFileError(f"shard folder {self.path} does not exist; run `ltc prepare <dataset>` to build it")
         self.manifest = read_manifest(self.path)
+        # Cheap checks only (stat, footer, row count): hashing is the driver's job, once per stage.
+        repair = f"run `ltc prepare {self.manifest.get('dataset', '<dataset>')}` to verify and rebuild the set"
         self._shards: list[_Shard] = []
         for entry in self.manifest["shards"]:
             file = self.path / entry["file"]
             if not file.is_file():
-                raise ShardError(f"{self.path}: shard file {entry['file']} is missing; run `ltc prepare` again")
-            shard = _open_shard(file)
+                raise ShardError(f"{self.path}: shard file {entry['file']} is missing; {repair}")
+            size = file.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                raise ShardError(f"{file}: {size} bytes, manifest says {entry['bytes']} (truncated?); {repair}")
+            try:
+                shard = _open_shard(file)
+            except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as err:
+                raise ShardError(f"{file}: unreadable shard file ({type(err).__name__}: {err}); {repair}") from err
             if shard.table.num_rows != entry["n_graphs"]:
-                raise ShardError(f"{file}: {shard.table.num_rows} rows, manifest says {entry['n_graphs']}")
+                raise ShardError(f"{file}: {shard.table.num_rows} rows, manifest says {entry['n_graphs']}; {repair}")
             self._shards.append(shard)
         counts = [s.table.num_rows for s in self._shards]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -14,33 +14,37 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ltc import datasets
+from ltc.errors import ConfigError
 from ltc.shards import ShardSet
 
 log = logging.getLogger(__name__)
 
 DEVI_SIZES = (10, 100, 200, 500, 800)
+SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded")  # how the test set is chosen (SplitConfig.test)
 _told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    test: str = "seeded"  # seeded | paper | paper_or_seeded (paper where Devi's file exists)
+    test: str = "seeded"  # one of SPLIT_TESTS; paper_or_seeded: paper where Devi's file exists
     test_fraction: float = 0.1
     split_seed: int = 0  # fixes the seeded test set; trials vary ``seed``, not this
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.test not in ("seeded", "paper", "paper_or_seeded"):
-            raise ValueError(f"test={self.test!r} must be 'seeded', 'paper' or 'paper_or_seeded'")
+        if self.test not in SPLIT_TESTS:
+            raise ConfigError(f"test={self.test!r} must be one of {SPLIT_TESTS}")
         if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
+            raise ConfigError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction!r} must be between 0 and 1")
+            raise ConfigError(f"val_fraction={self.val_fraction!r} must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -71,26 +75,75 @@ def _devi_names() -> set[str]:
     return {n for n, spec in datasets.REGISTRY.items() if spec.devi_prop}
 
 
-def uses_paper_test(shards: ShardSet, config: SplitConfig) -> bool:
-    """Whether ``shards``' test set is Devi et al.'s file (``paper``; ``paper_or_seeded`` where it exists)."""
-    if config.test == "seeded":
-        return False
+@dataclass(frozen=True)
+class SplitIds:
+    """What a split of one dataset needs from outside its shards, resolved once (``resolve_split_ids``).
+
+    ``paper_test``: Devi et al.'s test ids (None: the seeded test set, computed from the shards);
+    ``paper_subsets``: their trial subsets, ``"<trial>:<size>"`` → ids (only with their test set).
+    A trial reads this from a small JSON file; it never opens the raw data files itself.
+    """
+
+    dataset: str
+    paper_test: tuple[str, ...] | None = None
+    paper_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "paper_test": list(self.paper_test) if self.paper_test is not None else None,
+            "paper_subsets": {k: list(v) for k, v in sorted(self.paper_subsets.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SplitIds:
+        test = d.get("paper_test")
+        return cls(
+            d["dataset"],
+            tuple(test) if test is not None else None,
+            {k: tuple(v) for k, v in (d.get("paper_subsets") or {}).items()},
+        )
+
+
+def resolve_split_ids(
+    name: str, config: SplitConfig = SplitConfig(), *, home: str | os.PathLike[str] | None = None
+) -> SplitIds:
+    """Read what ``config`` needs of Devi et al.'s files for dataset ``name`` (nothing for seeded splits)."""
+    if config.test not in ("paper", "paper_or_seeded"):
+        return SplitIds(name)
     try:
-        datasets.devi_test_ids(shards.name)
+        test = datasets.devi_test_ids(name, data_home=home)
     except datasets.DatasetError:
         if config.test == "paper":
             raise
-        if shards.name not in _told_seeded:
-            _told_seeded.add(shards.name)
-            log.info("%s: no Devi et al. test file; using the seeded test set", shards.name)
-        return False
-    return True
+        if name not in _told_seeded:
+            _told_seeded.add(name)
+            log.info("%s: no Devi et al. test file; using the seeded test set", name)
+        return SplitIds(name)
+    subsets: dict[str, tuple[str, ...]] = {}
+    if name in _devi_names():
+        for trial in range(1, 6):
+            for size in DEVI_SIZES:
+                try:
+                    subsets[f"{trial}:{size}"] = tuple(
+                        datasets.devi_trial_ids(name, trial=trial, size=size, data_home=home)
+                    )
+                except datasets.DatasetNotFoundError:
+                    continue
+    return SplitIds(name, tuple(test), subsets)
 
 
-def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig()) -> list[str]:
+def uses_paper_test(shards: ShardSet, config: SplitConfig, ids: SplitIds | None = None) -> bool:
+    """Whether ``shards``' test set is Devi et al.'s file (``paper``; ``paper_or_seeded`` where it exists)."""
+    ids = ids if ids is not None else resolve_split_ids(shards.name, config)
+    return ids.paper_test is not None
+
+
+def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> list[str]:
     """Ids of the fixed test set of ``shards``' dataset, some possibly without a graph (rejected rows)."""
-    if uses_paper_test(shards, config):
-        return datasets.devi_test_ids(shards.name)
+    ids = ids if ids is not None else resolve_split_ids(shards.name, config)
+    if ids.paper_test is not None:
+        return list(ids.paper_test)
     # Drawn over every input row, graphs and rejected rows alike: the same test set for any graph settings.
     universe = shards.ids + shards.rejected_ids
     n_test = max(1, math.ceil(config.test_fraction * len(universe)))
@@ -98,15 +151,34 @@ def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig()) -> list[str]
     return [universe[i] for i in order[:n_test]]
 
 
-def test_indices(shards: ShardSet, config: SplitConfig = SplitConfig()) -> np.ndarray:
+def test_indices(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> np.ndarray:
     """Positions in ``shards`` of the fixed test set (ids without a graph are skipped)."""
-    wanted = test_ids(shards, config)
+    wanted = test_ids(shards, config, ids)
     idx = shards.indices_of(wanted, missing="skip")
     if len(idx) < len(wanted):
         log.info(
             "%s: %d of %d test ids have no graph (rejected rows)", shards.name, len(wanted) - len(idx), len(wanted)
         )
     return np.sort(idx)
+
+
+def training_pool(
+    shards: ShardSet,
+    config: SplitConfig = SplitConfig(),
+    *,
+    exclude_formulas: frozenset[str] | set[str] = frozenset(),
+    ids: SplitIds | None = None,
+) -> np.ndarray:
+    """Positions that training subsets are drawn from: outside the test set and the held-out formulas."""
+    test = test_indices(shards, config, ids)
+    in_test = np.zeros(len(shards), dtype=bool)
+    in_test[test] = True
+    pool = np.flatnonzero(~in_test)
+    if exclude_formulas:
+        formulas = shards.formulas
+        keep = np.asarray([formulas[i] not in exclude_formulas for i in pool], dtype=bool)
+        pool = pool[keep]
+    return pool
 
 
 def make_split(
@@ -116,25 +188,21 @@ def make_split(
     seed: int,
     config: SplitConfig = SplitConfig(),
     exclude_formulas: frozenset[str] | set[str] = frozenset(),
+    ids: SplitIds | None = None,
 ) -> Split:
-    """Draw ``size`` training+validation structures (all if None) for ``seed``, outside the test set."""
-    test = test_indices(shards, config)
-    in_test = np.zeros(len(shards), dtype=bool)
-    in_test[test] = True
-    pool = np.flatnonzero(~in_test)
+    """Draw ``size`` training+validation structures (all if None) for ``seed``, outside the test set.
+
+    ``ids``: the dataset's resolved split ids (trials pass them); None reads Devi et al.'s files here.
+    """
+    ids_ = ids if ids is not None else resolve_split_ids(shards.name, config)
+    test = test_indices(shards, config, ids_)
+    pool = training_pool(shards, config, exclude_formulas=exclude_formulas, ids=ids_)
     if exclude_formulas:
-        formulas = shards.formulas
-        keep = np.asarray([formulas[i] not in exclude_formulas for i in pool], dtype=bool)
-        if (~keep).any():
-            log.info(
-                "%s: %d structures left out of training (formula in a held-out test set)",
-                shards.name,
-                int((~keep).sum()),
-            )
-        pool = pool[keep]
+        log.info("%s: %d structures left out of training (formula in a held-out test set)",
+                 shards.name, len(shards) - len(test) - len(pool))  # fmt: skip
 
     ids = shards.ids
-    paper_ids = _paper_subset(shards, size=size, seed=seed, config=config)
+    paper_ids = _paper_subset(shards, size=size, seed=seed, config=config, ids=ids_)
     if paper_ids is not None:
         chosen = shards.indices_of(paper_ids, missing="skip")
         chosen = chosen[np.isin(chosen, pool)]
@@ -146,9 +214,9 @@ def make_split(
         chosen = chosen[_hash_rank([ids[i] for i in chosen], seed, shards.name, "val")]
     else:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
-            raise ValueError(f"size={size!r} must be an integer >= 2 (training + validation)")
+            raise ConfigError(f"size={size!r} must be an integer >= 2 (training + validation)")
         if size is not None and size > len(pool):
-            raise ValueError(
+            raise ConfigError(
                 f"size={size} but {shards.name} has only {len(pool)} structures outside its test set"
                 + (" and held-out formulas" if exclude_formulas else "")
             )
@@ -158,7 +226,9 @@ def make_split(
     return Split(train=np.sort(chosen[n_val:]), val=np.sort(chosen[:n_val]), test=test)
 
 
-def _paper_subset(shards: ShardSet, *, size: int | None, seed: int, config: SplitConfig) -> list[str] | None:
+def _paper_subset(
+    shards: ShardSet, *, size: int | None, seed: int, config: SplitConfig, ids: SplitIds
+) -> tuple[str, ...] | None:
     """Devi et al.'s trial subset for (seed, size), when the split is theirs; else None (a seeded draw).
 
     Only with their test set: their subsets were drawn outside it, not outside a seeded one. A missing
@@ -167,15 +237,21 @@ def _paper_subset(shards: ShardSet, *, size: int | None, seed: int, config: Spli
     """
     if size not in DEVI_SIZES or not 1 <= seed <= 5 or shards.name not in _devi_names():
         return None
-    if not uses_paper_test(shards, config):
+    if ids.paper_test is None:
         return None
-    try:
-        return datasets.devi_trial_ids(shards.name, trial=seed, size=size)
-    except datasets.DatasetNotFoundError:
+    found = ids.paper_subsets.get(f"{seed}:{size}")
+    if found is None:
         if config.test == "paper":
-            raise
+            prop = datasets.spec(shards.name).devi_prop
+            raise datasets.DatasetNotFoundError(f"no Devi subset '{prop}_trial{seed}_{size}.json' for {shards.name!r}")
         log.info("%s: no Devi et al. subset for trial %d, size %d; a seeded draw instead", shards.name, seed, size)
-        return None
+    return found
+
+
+def test_formulas(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> set[str]:
+    """Reduced formulas of ``shards``' test set (what ``holdout`` keeps out of other stages' training)."""
+    formulas = shards.formulas
+    return {formulas[i] for i in test_indices(shards, config, ids)}
 
 
 def holdout_formulas(
@@ -184,7 +260,5 @@ def holdout_formulas(
     """Reduced formulas in the test sets of datasets ``names`` (to keep them out of other stages' training)."""
     out: set[str] = set()
     for name in names:
-        shards = ShardSet.open(name, **open_kwargs)
-        formulas = shards.formulas
-        out.update(formulas[i] for i in test_indices(shards, config))
+        out.update(test_formulas(ShardSet.open(name, **open_kwargs), config))
     return frozenset(out)

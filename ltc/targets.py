@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ltc.errors import ConfigError
+
 TRANSFORMS = ("minmax", "standardize", "log10p1", "log10p1+standardize", "none")
 
 
@@ -28,12 +30,12 @@ class TargetScaler:
     @classmethod
     def fit(cls, kind: str, y: np.ndarray) -> TargetScaler:
         if kind not in TRANSFORMS:
-            raise ValueError(f"target transform {kind!r} is not one of {TRANSFORMS}")
+            raise ConfigError(f"target transform {kind!r} is not one of {TRANSFORMS}")
         y = np.asarray(y, dtype=np.float64)
         if y.size == 0:
-            raise ValueError("cannot fit a target transform on an empty training split")
+            raise ConfigError("cannot fit a target transform on an empty training split")
         if kind.startswith("log10p1") and y.min() <= -1:
-            raise ValueError(f"{kind} needs targets > -1; the training split has min {y.min():g}")
+            raise ConfigError(f"{kind} needs targets > -1; the training split has min {y.min():g}")
         f = np.log10(1.0 + y) if kind.startswith("log10p1") else y
         if kind == "minmax":
             lo, hi = float(f.min()), float(f.max())

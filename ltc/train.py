@@ -5,9 +5,10 @@ on a shared backbone (multi-property pre-training). Batches come from one task a
 in a seeded random order; the loss of a batch is taken on its task's head only, which is the masked
 loss of Devi et al.'s MPT when each structure carries one property.
 
-``run_stage`` is one PT or FT run: it opens (or builds) the shards, splits, scales, builds or loads the
-model, freezes per strategy, fits, evaluates and writes ``metrics.json``, ``checkpoint.pt`` and
-``predictions.parquet``. ``ltc train`` and each Ray Tune trial call it.
+``train_run`` is one PT or FT run: it opens the shards its ``RunInputs`` name, splits, scales, builds
+or loads the model, freezes per strategy, fits, evaluates and writes ``metrics.json``,
+``checkpoint.pt`` and ``predictions.parquet``. ``ltc train`` and each Ray Tune trial call it; both
+resolve the inputs first (``ltc.inputs.resolve_inputs``), so a run never reads raw data or hashes files.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from torch import nn
 
 from ltc import datasets
 from ltc.checkpoints import load_checkpoint, save_checkpoint
+from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
+from ltc.inputs import RunInputs, resolve_inputs
+from ltc.io import write_json_atomic, write_parquet_atomic
 from ltc.models import MODELS, CrystalGNN, build_model
-from ltc.shards import ShardSet, write_json_atomic
-from ltc.splits import Split, SplitConfig, holdout_formulas, make_split
+from ltc.shards import ShardSet
+from ltc.splits import Split, SplitConfig, make_split
 from ltc.targets import TRANSFORMS, TargetScaler, regression_metrics
 from ltc.transfer import check_strategy, freeze, model_from_checkpoint
 
@@ -45,6 +49,9 @@ DEFAULT_GRAPHS = {
 }
 
 
+LOSSES = ("mse", "l1")
+SCHEDULES = ("onecycle", "cosine", "constant")
+HEADS = ("auto", "keep", "new")
 MIN_IMPROVEMENT = 1e-6  # relative decrease of the validation loss that counts as better
 
 
@@ -54,8 +61,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    loss: str = "mse"  # mse | l1
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    loss: str = "mse"  # one of LOSSES
+    schedule: str = "onecycle"  # one of SCHEDULES
     patience: int | None = None  # stop after this many epochs without a better validation loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 …
@@ -65,17 +72,17 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+                raise ConfigError(f"{name}={v!r} must be an integer >= 1")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} must be > 0")
+            raise ConfigError(f"lr={self.lr!r} must be > 0")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.loss not in ("mse", "l1"):
-            raise ValueError(f"loss={self.loss!r} must be 'mse' or 'l1'")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'onecycle', 'cosine' or 'constant'")
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} must be one of {LOSSES}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"patience={self.patience!r} must be an integer >= 1 or None")
+            raise ConfigError(f"patience={self.patience!r} must be an integer >= 1 or None")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,7 +90,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is available")
+        raise ConfigError(f"device={device!r} but no CUDA device is available")
     return dev
 
 
@@ -136,7 +143,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     # only parameters that train: the optimizer never holds (or decays) a frozen one
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise ConfigError("nothing to train: every parameter is frozen")
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total_steps, 1))
@@ -289,12 +296,12 @@ def fit(
 
 
 # --------------------------------------------------------------------------------------------------
-# One stage, end to end.
+# One run, end to end.
 
 
 @dataclass(frozen=True)
-class StageConfig:
-    """One PT or FT run. ``init`` (a checkpoint path) makes it a fine-tuning run."""
+class RunConfig:
+    """One PT or FT training run. ``init`` (a checkpoint path) makes it a fine-tuning run."""
 
     datasets: tuple[str, ...]
     model: str | None = None  # from the checkpoint when fine-tuning
@@ -309,40 +316,43 @@ class StageConfig:
     init: str | None = None
     strategy: str = "all"
     n_unfrozen: int | None = None
-    head: str = "auto"  # auto | keep | new (see transfer.model_from_checkpoint)
+    head: str = "auto"  # one of HEADS (see transfer.model_from_checkpoint)
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
             object.__setattr__(self, "datasets", (self.datasets,))
         if not self.datasets:
-            raise ValueError("a stage needs at least one dataset")
+            raise ConfigError("a run needs at least one dataset")
         for name in self.datasets:
             datasets.spec(name)
         if len(set(self.datasets)) != len(self.datasets):
-            raise ValueError(f"datasets={list(self.datasets)} names a dataset twice")
+            raise ConfigError(f"datasets={list(self.datasets)} names a dataset twice")
         if self.init is None and self.model is None:
-            raise ValueError("name a model (cgcnn, megnet, alignn) or a checkpoint to start from")
+            raise ConfigError(f"name a model ({', '.join(MODELS)}) or a checkpoint to start from")
         if self.model is not None and self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} must be one of {list(MODELS)}")
+            raise ConfigError(f"model={self.model!r} must be one of {list(MODELS)}")
         if self.init is None and (self.strategy != "all" or self.n_unfrozen is not None):
-            raise ValueError(f"strategy={self.strategy!r} / n_unfrozen need a checkpoint to start from (init)")
+            raise ConfigError(f"strategy={self.strategy!r} / n_unfrozen need a checkpoint to start from (init)")
         if self.size is not None and self.max_size is not None:
-            raise ValueError("give size or max_size, not both")
+            raise ConfigError("give size or max_size, not both")
         if self.transform is not None and self.transform not in TRANSFORMS:
-            raise ValueError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
+            raise ConfigError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r} must be one of {HEADS}")
 
 
-def _graph_for(stage: StageConfig, ckpt: dict[str, Any] | None, model_name: str) -> GraphConfig:
+def graph_for(stage: RunConfig, ckpt: dict[str, Any] | None, model_name: str) -> GraphConfig:
+    """The graphs a run trains on: the checkpoint's (a different request is an error), else asked or default."""
     if ckpt is not None:
         trained = GraphConfig(**ckpt["graph"])
         if stage.graph is not None and stage.graph != trained:
-            raise ValueError(f"the checkpoint was trained on graphs {trained}; this stage asks for {stage.graph}")
+            raise ConfigError(f"the checkpoint was trained on graphs {trained}; this run asks for {stage.graph}")
         return trained
     return stage.graph or DEFAULT_GRAPHS[model_name]
 
 
-def _fresh_model(stage: StageConfig, graph: GraphConfig) -> CrystalGNN:
+def _fresh_model(stage: RunConfig, graph: GraphConfig) -> CrystalGNN:
     cls = MODELS[stage.model]  # type: ignore[index]
     defaults: dict[str, Any] = {"n_targets": len(stage.datasets)}
     # the bond-length expansion spans the graph's cutoff (MEGNet: cutoff + 1, as matgl)
@@ -352,43 +362,64 @@ def _fresh_model(stage: StageConfig, graph: GraphConfig) -> CrystalGNN:
     return build_model(stage.model, {**defaults, **stage.model_config})  # type: ignore[arg-type]
 
 
-def run_stage(
-    stage: StageConfig,
+def run_inputs(
+    stage: RunConfig,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> RunInputs:
+    """Resolve what ``stage`` reads (shards built or verified, split ids, held-out formulas), once."""
+    ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
+    graph = graph_for(stage, ckpt, ckpt["model"]["name"] if ckpt else stage.model)  # type: ignore[arg-type]
+    return resolve_inputs(
+        stage.datasets, holdout=stage.holdout, graph=graph, split=stage.split, home=home, cache=cache,
+        progress=progress,
+    )  # fmt: skip
+
+
+def train_run(
+    stage: RunConfig,
     out_dir: str | os.PathLike[str],
     *,
+    inputs: RunInputs | None = None,
     home: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool | None] | None = None,
     resume: dict[str, Any] | None = None,
-    prepare_workers: int | None = None,
 ) -> dict[str, Any]:
-    """Run one stage and write ``out_dir/{metrics.json, checkpoint.pt, predictions.parquet}``; return metrics.
+    """Train one run and write ``out_dir/{metrics.json, checkpoint.pt, predictions.parquet}``; return metrics.
 
-    Shards missing from the cache are built first, by ``prepare_workers`` processes (default: all CPUs).
+    ``inputs``: what the run reads, resolved by the caller (a sweep trial always passes them); None
+    resolves them here first from ``home`` and ``cache`` (``run_inputs``).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
     model_name = ckpt["model"]["name"] if ckpt else stage.model
     assert model_name is not None
-    graph = _graph_for(stage, ckpt, model_name)
+    graph = graph_for(stage, ckpt, model_name)
+    if inputs is None:
+        inputs = run_inputs(stage, home=home, cache=cache)
 
-    where = {"graph": graph, "home": home, "cache": cache, "workers": prepare_workers}
-    shard_sets = [ShardSet.open(name, **where) for name in stage.datasets]
-    exclude = holdout_formulas(stage.holdout, stage.split, **where) if stage.holdout else frozenset()
+    exclude = inputs.holdout_formulas()
     tasks = []
-    for shards in shard_sets:
+    for name in stage.datasets:
+        shards = inputs.open_shards(name)
+        if shards.graph != graph:
+            raise ConfigError(f"shards {shards.path} hold graphs {shards.graph}; this run needs {graph}")
+        ids = inputs.split_ids(name)
         spec = datasets.spec(shards.name)
         size = stage.size
         if stage.max_size is not None:
             size = None  # capped below, after the pool is known
-        split = make_split(shards, size=size, seed=stage.seed, config=stage.split, exclude_formulas=exclude)
+        split = make_split(shards, size=size, seed=stage.seed, config=stage.split, exclude_formulas=exclude, ids=ids)
         if stage.max_size is not None and len(split.train) + len(split.val) > stage.max_size:
             split = make_split(
-                shards, size=stage.max_size, seed=stage.seed, config=stage.split, exclude_formulas=exclude
+                shards, size=stage.max_size, seed=stage.seed, config=stage.split, exclude_formulas=exclude, ids=ids
             )
         if len(split.train) == 0:
-            raise ValueError(f"{shards.name}: no training structures (size={stage.size}, seed={stage.seed})")
+            raise ConfigError(f"{shards.name}: no training structures (size={stage.size}, seed={stage.seed})")
         scaler = TargetScaler.fit(stage.transform or spec.transform, shards.y[split.train])
         tasks.append(Task(shards.name, shards, split, scaler, kappa=spec.kappa))
 
@@ -396,7 +427,7 @@ def run_stage(
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, n_targets=len(tasks), strategy=stage.strategy, head=stage.head)
         if stage.model_config:
-            raise ValueError("model_config overrides apply to new models; a checkpoint brings its own config")
+            raise ConfigError("model_config overrides apply to new models; a checkpoint brings its own config")
     else:
         model = _fresh_model(stage, graph)
     check_strategy(model, stage.strategy, stage.n_unfrozen)
@@ -504,7 +535,6 @@ def _json_safe(obj: Any) -> Any:
 
 def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = pa.schema(
         [
@@ -515,6 +545,4 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
             ("y_pred", pa.float64()),
         ]
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
+    write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=schema))

@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from ltc.checkpoints import CheckpointError
+from ltc.errors import ConfigError
 from ltc.models import CrystalGNN, Head, build_model
 
 STRATEGIES = ("all", "blocks", "last_layer", "new_head", "two_body", "three_body")
@@ -38,20 +39,20 @@ NEW_HEAD_HIDDEN = (64,)  # Devi et al.: Linear(256, 64) → Linear(64, 1)
 def check_strategy(model: CrystalGNN, strategy: str, n_unfrozen: int | None) -> None:
     """Raise ValueError if ``strategy`` / ``n_unfrozen`` do not fit ``model``."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+        raise ConfigError(f"strategy={strategy!r} must be one of {STRATEGIES}")
     if strategy == "blocks":
         if isinstance(n_unfrozen, bool) or not isinstance(n_unfrozen, int):
-            raise ValueError(f"strategy 'blocks' needs n_unfrozen (0..{model.n_blocks}), got {n_unfrozen!r}")
+            raise ConfigError(f"strategy 'blocks' needs n_unfrozen (0..{model.n_blocks}), got {n_unfrozen!r}")
         if not 0 <= n_unfrozen <= model.n_blocks:
-            raise ValueError(
+            raise ConfigError(
                 f"n_unfrozen={n_unfrozen} must be between 0 and {model.n_blocks} "
                 f"({model.name} has {model.n_blocks} blocks)"
             )
     elif n_unfrozen is not None:
-        raise ValueError(f"n_unfrozen={n_unfrozen} only goes with strategy 'blocks', not {strategy!r}")
+        raise ConfigError(f"n_unfrozen={n_unfrozen} only goes with strategy 'blocks', not {strategy!r}")
     if strategy == "three_body" and not model.three_body_modules():
-        raise ValueError(
-            f"{model.name} has no three-body (bond-angle) updates, so strategy 'three_body' does not apply; "
+        raise ConfigError(
+            f"three_body needs model alignn: {model.name} has no three-body (bond-angle) updates; "
             "use alignn, or two_body / last_layer / new_head / blocks / all"
         )
 
@@ -118,7 +119,7 @@ def model_from_checkpoint(
     head on.
     """
     if head not in ("auto", "keep", "new"):
-        raise ValueError(f"head={head!r} must be 'auto', 'keep' or 'new'")
+        raise ConfigError(f"head={head!r} must be 'auto', 'keep' or 'new'")
     spec = ckpt["model"]
     model = build_model(spec["name"], spec["config"])
     try:
@@ -127,7 +128,7 @@ def model_from_checkpoint(
         raise CheckpointError(f"checkpoint weights do not fit a {spec['name']} with its own config: {err}") from err
     same = model.config.n_targets == n_targets
     if head == "keep" and not same:
-        raise ValueError(f"head='keep' needs {model.config.n_targets} target(s) as in the checkpoint, got {n_targets}")
+        raise ConfigError(f"head='keep' needs {model.config.n_targets} target(s) as in the checkpoint, got {n_targets}")
     if strategy == "new_head":
         replace_heads(model, n_targets, hidden=NEW_HEAD_HIDDEN, activation="none")
     elif head == "new" or not same:

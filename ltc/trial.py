@@ -1,14 +1,17 @@
-"""One Ray Tune trial: a PT or FT stage run (``ltc.train.run_stage``) that reports to Tune.
+"""One Ray Tune trial: a PT or FT training run (``ltc.train.train_run``) that reports to Tune.
 
-The trial's config holds names, numbers and paths only (Tune snapshots it): the shards are opened by
-path, the starting checkpoint is a path or URI. Every epoch reports ``val_loss`` (for ASHA and
-Optuna); every ``checkpoint_every`` epochs a resumable training state goes with it, so a trial whose
-worker died continues from there. The last report carries the test metrics, ``done=True`` and the
-final checkpoint (``checkpoint.pt``, ``metrics.json``, ``predictions.parquet``), marked
-``ltc_completed``; a trial restored after it finished re-reports that instead of training again.
-Intermediate checkpoints are taken every ``checkpoint_every`` epochs but at most every
-``checkpoint_seconds``: short trials simply restart, long ones lose little. Epoch reports are sent at
-most every ``report_seconds`` (each one waits for the driver).
+The trial's config holds names, numbers and paths only (Tune snapshots it), all resolved by the
+driver: ``inputs`` (shard folders, split ids, held-out formulas: ``ltc.inputs.RunInputs``) and the
+starting checkpoint (a path or URI). A trial opens those and nothing else: it never reads raw data,
+hashes files or builds shards, and a path missing on its node is an error that names it.
+
+Every epoch reports ``val_loss`` (for ASHA and Optuna); every ``checkpoint_every`` epochs a resumable
+training state goes with it, so a trial whose worker died continues from there. The last report
+carries the test metrics, ``done=True`` and the final checkpoint (``checkpoint.pt``, ``metrics.json``,
+``predictions.parquet``), marked ``ltc_completed``; a trial restored after it finished re-reports that
+instead of training again. Intermediate checkpoints are taken every ``checkpoint_every`` epochs but at
+most every ``checkpoint_seconds``: short trials simply restart, long ones lose little. Epoch reports
+are sent at most every ``report_seconds`` (each one waits for the driver).
 """
 
 from __future__ import annotations
@@ -24,31 +27,16 @@ from typing import Any
 
 # Tune reserves "done" (it is True for trials ASHA stopped too): ltc marks a finished training with this.
 COMPLETED = "ltc_completed"
-_LOCAL_COPIES: dict[str, str] = {}  # URI → local file, per worker process (actors are reused)
 
 
-def materialize(uri: str) -> str:
-    """A local path for a checkpoint given as a local path or a pyarrow filesystem URI (s3://, gs://)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    if uri not in _LOCAL_COPIES:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(uri)
-        fd, local = tempfile.mkstemp(suffix=".pt", prefix="ltc-init-")
-        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
-            shutil.copyfileobj(src, out)
-        _LOCAL_COPIES[uri] = local
-    return _LOCAL_COPIES[uri]
-
-
-def stage_config(config: dict[str, Any]):
-    """The ``StageConfig`` a trial config describes."""
+def run_config(config: dict[str, Any]):
+    """The ``RunConfig`` a trial config describes."""
     from ltc.graphs import GraphConfig
+    from ltc.io import copy_to_local
     from ltc.splits import SplitConfig
-    from ltc.train import StageConfig, TrainConfig
+    from ltc.train import RunConfig, TrainConfig
 
-    return StageConfig(
+    return RunConfig(
         datasets=tuple(config["datasets"]),
         model=config.get("model"),
         model_config=dict(config.get("model_config") or {}),
@@ -58,7 +46,7 @@ def stage_config(config: dict[str, Any]):
         seed=config["seed"],
         split=SplitConfig(**config["split"]),
         holdout=tuple(config.get("holdout") or ()),
-        init=materialize(config["init"]) if config.get("init") else None,
+        init=copy_to_local(config["init"]) if config.get("init") else None,
         strategy="all" if config["kind"] != "finetune" else config["strategy"],
         n_unfrozen=config.get("n_unfrozen"),
         train=TrainConfig(**config["train"], lr=config["lr"], seed=config["seed"], device="auto"),
@@ -84,13 +72,11 @@ def ltc_trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from ltc.train import run_stage
+    from ltc.inputs import RunInputs
+    from ltc.train import train_run
 
     torch.set_num_threads(int(config.get("threads", 1)))
-    # The driver's folders (it built the shards there) win; a node where they do not exist uses its own
-    # LTC_DATA_HOME / LTC_CACHE (and builds the shards it misses, with this trial's CPUs only).
-    home = config["data_home"] if Path(config["data_home"]).is_dir() else os.environ.get("LTC_DATA_HOME")
-    cache = config["cache"] if Path(config["cache"]).is_dir() else os.environ.get("LTC_CACHE")
+    inputs = RunInputs.from_dict(config["inputs"])
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
@@ -138,10 +124,7 @@ def ltc_trial(config: dict[str, Any]) -> None:
 
     out = Path(tempfile.mkdtemp(prefix="ltc-trial-"))
     try:
-        metrics = run_stage(
-            stage_config(config), out, home=home, cache=cache, on_epoch=on_epoch, resume=resume,
-            prepare_workers=int(config.get("threads", 1)),
-        )  # fmt: skip
+        metrics = train_run(run_config(config), out, inputs=inputs, on_epoch=on_epoch, resume=resume)
         final = {
             **_flat(metrics),
             **where,

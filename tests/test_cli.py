@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -167,3 +168,29 @@ def test_cli_train_damaged_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["train", "--dataset", "dc", "--init", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "damaged or not a checkpoint" in capsys.readouterr().err
+
+
+def test_prepare_names_a_damaged_shard_file_and_rebuilds_it(capsys, tmp_path):
+    assert main(["prepare", "hh143", "-q", "--cache", str(tmp_path)]) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    shard = sorted(Path(folder).glob("shard-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle: same size, other content
+    shard.write_bytes(bytes(data))
+    assert main(["prepare", "hh143", "-q", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"hh143: damaged shards rebuilt ({shard.name} is damaged" in out
+    assert main(["prepare", "hh143", "-q", "--cache", str(tmp_path)]) == 0
+    assert "up to date, nothing to do" in capsys.readouterr().out
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, tmp_path):
+    """Only LtcError is the user's: a ValueError from a bug inside ltc is not turned into a one-line message."""
+    import ltc.shards
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(ltc.shards, "prepare", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["prepare", "hh143", "-q", "--cache", str(tmp_path)])

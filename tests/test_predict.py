@@ -13,7 +13,7 @@ from ltc import datasets
 from ltc.checkpoints import CheckpointError
 from ltc.cli import main
 from ltc.predict import predict
-from ltc.train import StageConfig, TrainConfig, run_stage
+from ltc.train import RunConfig, TrainConfig, train_run
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for seed in (0, 1):
-        stage = StageConfig(datasets=("l96",), model="cgcnn", model_config=SMALL["cgcnn"], seed=seed,
+        stage = RunConfig(datasets=("l96",), model="cgcnn", model_config=SMALL["cgcnn"], seed=seed,
                             train=TrainConfig(epochs=4, batch_size=8, seed=seed))  # fmt: skip
-        run_stage(stage, root / f"l96-{seed}")
+        train_run(stage, root / f"l96-{seed}")
         out[seed] = root / f"l96-{seed}"
-    stage = StageConfig(datasets=("dc",), model="cgcnn", model_config=SMALL["cgcnn"], max_size=60,
+    stage = RunConfig(datasets=("dc",), model="cgcnn", model_config=SMALL["cgcnn"], max_size=60,
                         train=TrainConfig(epochs=1))  # fmt: skip
-    run_stage(stage, root / "dc")
+    train_run(stage, root / "dc")
     out["dc"] = root / "dc"
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -123,6 +124,39 @@ def test_report_on_a_partial_sweep_shows_missing_not_zero(mini_results, tmp_path
 def test_report_errors_clearly_without_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "trials.parquet does not exist" in capsys.readouterr().err
+
+
+def test_optuna_figure_lr_tick_labels_do_not_overlap(tmp_path, monkeypatch):
+    from ltc import results
+
+    drawn = []  # the figure fig_optuna draws, kept for measuring once it is saved (and laid out)
+    save = results._save
+    monkeypatch.setattr(results, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    # lr searched in [1e-4, 1e-2] and [3e-4, 1e-2] (sampled inside, as Optuna does: with plain log ticks, both
+    # panels labelled their minor ticks on top of each other), plus a narrow and a wide range
+    spans = {"l96": (1e-4, 1e-2), "hh143": (3e-4, 1e-2), "narrow": (2e-3, 6e-3), "wide": (1e-6, 1e-1)}
+    rows = []
+    for dataset, (lo, hi) in spans.items():
+        for i, lr in enumerate(np.geomspace(lo * 1.3, hi / 1.3, 12)):
+            status = ("completed", "pruned", "error")[i % 3]
+            rows.append({"ft_dataset": dataset, "lr": lr, "n_unfrozen": float(i % 4), "val_loss": 0.1 + i / 10,
+                         "status": status})  # fmt: skip
+    path, why = results.fig_optuna(pd.DataFrame(rows), tmp_path)
+    assert path is not None, why
+    _png_has_content(path)
+
+    (fig,) = drawn
+    fig.canvas.draw()
+    lr_axes = [ax for ax in fig.axes if ax.get_xlabel() == "learning rate"]
+    assert len(lr_axes) == len(spans)
+    for ax in lr_axes:
+        lo, hi = ax.get_xlim()
+        labels = [t for t in ax.get_xticklabels(which="both")
+                  if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]  # fmt: skip
+        assert len(labels) >= 2, [t.get_text() for t in labels]
+        boxes = [t.get_window_extent() for t in labels]
+        for i, j in itertools.combinations(range(len(labels)), 2):
+            assert not boxes[i].overlaps(boxes[j]), (ax.get_title(), labels[i].get_text(), labels[j].get_text())
 
 
 def test_notebook_runs_on_a_real_sweep(mini_results, monkeypatch):

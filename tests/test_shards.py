@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,10 +18,12 @@ import torch
 from conftest import REPO, read_json_gz, write_json_gz
 from pymatgen.core import Lattice, Structure
 
+import ltc.shards
 from ltc import datasets
 from ltc.datasets import DatasetFileError
+from ltc.errors import MissingFileError
 from ltc.graphs import GraphConfig, structure_to_graph
-from ltc.shards import SCHEMA_VERSION, ShardError, ShardSet, prepare, shard_key
+from ltc.shards import SCHEMA_VERSION, ShardError, ShardSet, prepare, shard_key, verify
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +245,116 @@ def test_prepare_real_dataset(name):
     assert b.num_graphs == min(64, len(shards))
     assert b.edge_index.max() < b.z.shape[0]
     assert Path(res.path).name.startswith(f"{name}-")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums: verified where a stage is resolved, damaged sets named and rebuilt.
+
+
+def _small(tmp_path: Path, **kwargs):
+    """A private l96 set of 3 shard files, free to damage."""
+    res = prepare("l96", cache=tmp_path, workers=1, shard_size=40, **kwargs)
+    assert len(res.manifest["shards"]) == 3
+    return res
+
+
+def test_manifest_records_size_and_checksum_of_every_file(ph):
+    m = ph.manifest
+    for s in m["shards"]:
+        data = (ph.path / s["file"]).read_bytes()
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+    rejected = (ph.path / "rejected.parquet").read_bytes()
+    assert m["rejected_bytes"] == len(rejected) and m["rejected_sha256"] == hashlib.sha256(rejected).hexdigest()
+    assert verify(ph.path) == []
+
+
+def test_flipped_bytes_are_found_named_and_rebuilt(tmp_path, caplog):
+    res = _small(tmp_path)
+    before = ShardSet(res.path)
+    ids, y = before.ids, before.y.copy()
+    victim = res.path / "shard-00001.arrow"
+    data = bytearray(victim.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])
+    victim.write_bytes(bytes(data))
+    assert verify(res.path) == ["shard-00001.arrow is damaged (checksum differs from manifest)"]
+    assert not prepare("l96", cache=tmp_path).built  # without verify: no hashing, no rebuild
+
+    with caplog.at_level(logging.WARNING, logger="ltc.shards"):
+        again = _small(tmp_path, verify=True)
+    assert again.built and again.path == res.path
+    assert again.repaired == ["shard-00001.arrow is damaged (checksum differs from manifest)"]
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "shards of l96: shard-00001.arrow is damaged" in warning.getMessage()
+    assert str(res.path) in warning.getMessage()
+    assert verify(res.path) == []
+    after = ShardSet(res.path)
+    assert after.ids == ids
+    np.testing.assert_array_equal(after.y, y)
+    assert not [p.name for p in res.path.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
+    # a reader that mapped the damaged set before the rebuild still reads it (the files outlive the rename)
+    assert before.batch(np.arange(len(before))).num_graphs == 95 and before.ids == ids
+    assert not _small(tmp_path, verify=True).built  # intact now: verified, kept
+
+
+def test_a_truncated_or_foreign_shard_file_fails_loudly_and_prepare_repairs_it(tmp_path, caplog):
+    res = _small(tmp_path)
+    victim = res.path / "shard-00002.arrow"
+    size = victim.stat().st_size
+    with open(victim, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(ShardError, match=r"shard-00002\.arrow: .* bytes, manifest says .*ltc prepare l96"):
+        ShardSet(res.path)
+    assert verify(res.path) == [f"shard-00002.arrow is damaged ({size // 2} bytes, manifest says {size})"]
+    # same size, not an Arrow file: only pyarrow can tell, and its error names the file
+    victim.write_bytes(b"\0" * size)
+    with pytest.raises(ShardError, match=r"shard-00002\.arrow: unreadable shard file .*ltc prepare l96"):
+        ShardSet(res.path)
+    with caplog.at_level(logging.WARNING, logger="ltc.shards"):
+        fixed = _small(tmp_path, verify=True)
+    assert fixed.built and fixed.repaired == ["shard-00002.arrow is damaged (checksum differs from manifest)"]
+    assert "shard-00002.arrow is damaged" in caplog.text
+    assert len(ShardSet(fixed.path)) == 95 and verify(fixed.path) == []
+
+
+def test_missing_files_and_damaged_manifests_are_rebuilt(tmp_path, caplog):
+    res = _small(tmp_path)
+    (res.path / "rejected.parquet").unlink()
+    assert verify(res.path) == ["rejected.parquet is missing"]
+    assert _small(tmp_path, verify=True).repaired == ["rejected.parquet is missing"]
+
+    (res.path / "manifest.json").write_text('{"schema_version": 2, "shar')
+    assert "manifest.json: damaged manifest" in verify(res.path)[0]
+    with pytest.raises(ShardError, match=r"manifest\.json: damaged manifest"):
+        ShardSet(res.path)
+    with caplog.at_level(logging.WARNING, logger="ltc.shards"):
+        fixed = _small(tmp_path, verify=True)
+    assert fixed.built and "manifest.json: damaged manifest" in fixed.repaired[0]
+    assert "manifest.json: damaged manifest" in caplog.text
+    assert verify(fixed.path) == [] and len(ShardSet(fixed.path)) == 95
+
+    (res.path / "manifest.json").unlink()  # no manifest is seen without hashing: rebuilt even unverified
+    assert _small(tmp_path).repaired == ["manifest.json is missing"]
+    assert verify(res.path) == []
+
+
+def test_opening_a_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "shards" / "ph-0123456789abcdef"
+    with pytest.raises(MissingFileError, match=f"shard folder {missing} does not exist"):
+        ShardSet(missing)
+    with pytest.raises(MissingFileError, match=str(missing)):
+        verify(missing)
+
+
+def test_prepare_and_opening_never_hash_unless_asked(tmp_path, monkeypatch):
+    res = _small(tmp_path)
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+
+    monkeypatch.setattr(ltc.shards, "file_sha256", no_hashing)
+    again = prepare("l96", cache=tmp_path)
+    assert not again.built and again.repaired == [] and again.path == res.path
+    assert len(ShardSet(again.path)) == 95
+    with pytest.raises(AssertionError, match="hashed"):  # the patch is where verification reads files
+        prepare("l96", cache=tmp_path, verify=True)

@@ -62,7 +62,7 @@ def test_paper_sweeps_have_the_papers_shape():
     para = load_sweep(REPO / "sweeps/paraisite_ltc.yaml")
     assert para.model == "megnet" and para.model_config["head_hidden"] == [450, 350, 350]
     steps = plan(para)
-    assert next(s.start.lineage for s in steps["step3"] if s.start) == "fe:all>agl:all[all]"  # step III chain
+    assert next(s.start.label for s in steps["step3"] if s.start) == "fe:all>agl:all[all]"  # step III chain
     assert {s.datasets[0] for s in steps["step2"]} == {"l96", "hh143", "mix"}
     assert sum(s.kind == "scratch" for s in steps["step3"]) == 3 * 9  # step I
 
@@ -133,14 +133,14 @@ def test_plan_sources_and_baselines():
     p = plan(spec)
     assert len(p["pt"]) == 2 * 2 * 2
     ft = p["ft"]
-    starts = {s.start.group for s in ft if s.start}
+    starts = {s.start.label for s in ft if s.start}
     assert len(starts) == 8  # every: one per PT setting (dataset x size x seed)
     # pz is never fine-tuned from a pz model (skip_seen); l96 from all 8
     assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("pz",)) == 4 * 2
     assert sum(1 for s in ft if s.kind == "finetune" and s.datasets == ("l96",)) == 8 * 2
     assert sum(1 for s in ft if s.kind == "scratch") == 2  # one per (dataset, size, seed)
     # ft2 starts from each FT source: its own start and strategy count (never merged), baselines never
-    ft2 = {s.start.group for s in p["ft2"]}
+    ft2 = {s.start.label for s in p["ft2"]}
     assert len(ft2) == (8 + 4) * 2  # (l96 from 8 starts, pz from the 4 dc ones) x 2 strategies
     assert "pz:max100:seed0>l96:40[blocks]" in ft2 and "dc:max200:seed1>pz:40[all]" in ft2
     assert all("scratch" not in g for g in ft2)

@@ -41,9 +41,51 @@ def _tail(log: Path) -> str:
     return log.read_text()[-3000:] if log.is_file() else "(no output)"
 
 
+def _own_processes(proc: subprocess.Popen) -> set[int]:
+    """Pids of the processes ``proc`` started, read from Linux's /proc; never ``proc`` itself, nor anyone else's.
+
+    Two ways in, since the sweep's driver (started by ``_start`` in a session of its own) starts a local Ray
+    whose gcs and raylet start the trial workers: the processes in that session, caught even once orphaned (the
+    kernel does not hand out a pid again while it names a session), and, while the driver has not been reaped
+    (its pid is still its own), its descendants, walked through parent links.
+    """
+    parent, session = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a process that ended in the meantime
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session
+            parent[int(stat.parent.name)], session[int(stat.parent.name)] = int(fields[1]), int(fields[3])
+    own = {pid for pid, sid in session.items() if sid == proc.pid}
+    if proc.poll() is None:
+        tree, frontier = set(), {proc.pid}
+        while frontier:
+            frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - tree
+            tree |= frontier
+        own |= tree
+    own.discard(proc.pid)
+    return own
+
+
+def _kill_own(proc: subprocess.Popen, name: str) -> list[int]:
+    """SIGKILL the processes ``proc`` started whose command line contains ``name``; returns their pids."""
+    killed = []
+    for pid in sorted(_own_processes(proc)):
+        with contextlib.suppress(OSError):  # ended in the meantime
+            if name in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
 def _cleanup(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever ``proc`` started that still runs: its process group, then anything of its that left it."""
+    leftovers = _own_processes(proc)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()  # a no-op once it has been reaped
+    proc.wait()
 
 
 def _results(folder: Path) -> dict[str, list[dict]]:
@@ -51,6 +93,15 @@ def _results(folder: Path) -> dict[str, list[dict]]:
     out = {}
     for f in folder.glob("*/result.json"):
         out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _finished(folder: Path) -> dict[str, dict]:
+    """Trial id → final metrics, for every trial under a Tune experiment folder that saved its final checkpoint."""
+    out = {}
+    for f in folder.glob("*/checkpoint_*/metrics.json"):
+        metrics = json.loads(f.read_text())
+        out[f.parts[-3]] = {"test_mae": metrics["test_mae"], "epochs_run": metrics["epochs_run"]}
     return out
 
 
@@ -76,7 +127,7 @@ def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
              "search": {"trials": 2, "lr": {"low": 1e-3, "high": 1e-2}}},
             # every epoch reported, so that running trials show up in their result.json files
             {"name": "ft", "datasets": ["hh143"], "start_from": {"stage": "pt"}, "sizes": [40], "seeds": [0, 1],
-             "strategies": ["blocks"], "scratch": True, "epochs": 30, "batch_size": 4, "report_seconds": 0},
+             "strategies": ["blocks"], "scratch": True, "epochs": 150, "batch_size": 4, "report_seconds": 0},
         ],
     }  # fmt: skip
     path = _write(tmp_path, spec)
@@ -85,16 +136,16 @@ def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
     first = _start([str(path), "--results", str(results)], log1)
     try:
-        # kill the driver once the FT stage has finished some trials (12 trials of ~30 epochs on 2 slots:
-        # others are running then)
+        # kill the driver once the FT stage has finished some trials (12 trials of 150 short epochs on 2
+        # slots: others are running then). A finished trial is seen by its final checkpoint (metrics.json):
+        # Tune buffers result.json, whose last lines a killed driver never writes.
         def midway() -> bool:
-            runs = _results(ft_dir)
-            return sum(any(r.get("ltc_completed") for r in rows) for rows in runs.values()) >= 2
+            return len(_finished(ft_dir)) >= 2
 
         _wait(midway, 600, "two finished FT trials", first, log1)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        before = {tid: rows for tid, rows in _results(ft_dir).items() if any(r.get("ltc_completed") for r in rows)}
+        before = _finished(ft_dir)
         assert not (results / "crash" / "stages" / "ft.parquet").exists()
 
         second = _start([str(path), "--results", str(results), "--resume"], log2)
@@ -112,13 +163,12 @@ def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
     assert trials.groupby(["setting", "trial_index"]).size().max() == 1  # … exactly once
     assert trials.trial_id.is_unique
     assert (trials.status == "completed").all() and trials.test_mae.notna().all() and trials.checkpoint.notna().all()
-    # trials finished before the kill were not trained again: same metrics, at most one more report
-    after = _results(ft_dir)
-    for tid, rows in before.items():
-        final = next(r for r in rows if r.get("ltc_completed"))
-        assert len(after[tid]) <= len(rows) + 1
+    # trials finished before the kill were not trained again: same final checkpoint, same metrics
+    assert before and _finished(ft_dir).items() >= before.items()
+    for tid, metrics in before.items():
         row = trials[trials.trial_id == tid].iloc[0]
-        assert row.test_mae == pytest.approx(final["test_mae"])
+        assert row.test_mae == pytest.approx(metrics["test_mae"])
+        assert row.resumed_from_epoch == 0 and row.epochs_run == metrics["epochs_run"]
 
 
 def test_worker_killed_mid_trial_continues_from_its_checkpoint(tmp_path):
@@ -142,10 +192,9 @@ def test_worker_killed_mid_trial_continues_from_its_checkpoint(tmp_path):
             return any(max((r.get("epoch_count", 0) for r in rows), default=0) >= 7 for rows in _results(exp).values())
 
         _wait(some_epochs, 600, "a few checkpointed epochs", proc, log)
-        workers = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+        # only this sweep's trial workers: those among the processes its driver started
+        workers = _kill_own(proc, "ray::ImplicitFunc")
         assert workers, "no trial worker process found"
-        for pid in workers:
-            os.kill(int(pid), signal.SIGKILL)
         proc.wait(timeout=900)
         assert proc.returncode == 0, _tail(log)
     finally:

@@ -14,7 +14,7 @@ from ltc.models import build_model
 from ltc.shards import ShardSet
 from ltc.splits import make_split
 from ltc.targets import TargetScaler, regression_metrics
-from ltc.train import StageConfig, Task, TrainConfig, fit, run_stage
+from ltc.train import RunConfig, Task, TrainConfig, fit, train_run
 
 TINY = TrainConfig(epochs=3, batch_size=16, lr=3e-3)
 
@@ -211,14 +211,14 @@ def test_one_atom_batches_are_counted_not_fatal():
     assert np.isfinite(r.history[-1]["train_loss"])  # the other batches trained
 
 
-# --- run_stage, checkpoints ------------------------------------------------------------------------
+# --- train_run, checkpoints ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def pt_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pt")
-    stage = StageConfig(datasets=("ph",), model="cgcnn", model_config=SMALL["cgcnn"], max_size=200, train=TINY)
-    return out, run_stage(stage, out)
+    stage = RunConfig(datasets=("ph",), model="cgcnn", model_config=SMALL["cgcnn"], max_size=200, train=TINY)
+    return out, train_run(stage, out)
 
 
 def test_run_stage_writes_metrics_checkpoint_predictions(pt_run):
@@ -258,9 +258,9 @@ def test_checkpoint_errors(pt_run, tmp_path):
     torch.save({"format": "ltc-checkpoint", "x": np.random.default_rng(0)}, evil)
     with pytest.raises(CheckpointError, match="damaged or not a checkpoint"):
         load_checkpoint(evil)
-    stage = StageConfig(datasets=("l96",), model="megnet", init=str(out / "checkpoint.pt"), train=TINY)
+    stage = RunConfig(datasets=("l96",), model="megnet", init=str(out / "checkpoint.pt"), train=TINY)
     with pytest.raises(CheckpointError, match="holds a cgcnn model, not megnet"):
-        run_stage(stage, tmp_path / "x")
+        train_run(stage, tmp_path / "x")
 
 
 def test_save_is_atomic(tmp_path):
@@ -270,15 +270,15 @@ def test_save_is_atomic(tmp_path):
 
 def test_three_stage_chain_keeps_history(pt_run, tmp_path):
     out, _ = pt_run
-    ft1 = run_stage(
-        StageConfig(
+    ft1 = train_run(
+        RunConfig(
             datasets=("dc",), init=str(out / "checkpoint.pt"), size=100, strategy="blocks", n_unfrozen=1, train=TINY
         ),
         tmp_path / "ft1",
     )
     assert ft1["params_trainable"] < ft1["params_total"]
-    ft2 = run_stage(
-        StageConfig(datasets=("l96",), init=str(tmp_path / "ft1/checkpoint.pt"), size=40, seed=3, train=TINY),
+    ft2 = train_run(
+        RunConfig(datasets=("l96",), init=str(tmp_path / "ft1/checkpoint.pt"), size=40, seed=3, train=TINY),
         tmp_path / "ft2",
     )
     ckpt = load_checkpoint(tmp_path / "ft2/checkpoint.pt")
@@ -290,16 +290,16 @@ def test_three_stage_chain_keeps_history(pt_run, tmp_path):
 
 
 def test_multi_property_pretraining_then_new_property(tmp_path):
-    mpt = run_stage(
-        StageConfig(datasets=("ph", "dc"), model="cgcnn", model_config=SMALL["cgcnn"], max_size=150, train=TINY),
+    mpt = train_run(
+        RunConfig(datasets=("ph", "dc"), model="cgcnn", model_config=SMALL["cgcnn"], max_size=150, train=TINY),
         tmp_path / "mpt",
     )
     for name in ("ph", "dc"):
         assert mpt[f"{name}/test_mae"] is not None and mpt[f"{name}/n_train"] > 0
     ckpt = load_checkpoint(tmp_path / "mpt/checkpoint.pt")
     assert ckpt["model"]["config"]["n_targets"] == 2 and [t["dataset"] for t in ckpt["targets"]] == ["ph", "dc"]
-    ft = run_stage(
-        StageConfig(datasets=("jarvis2d",), init=str(tmp_path / "mpt/checkpoint.pt"), size=100, train=TINY),
+    ft = train_run(
+        RunConfig(datasets=("jarvis2d",), init=str(tmp_path / "mpt/checkpoint.pt"), size=100, train=TINY),
         tmp_path / "ft",
     )
     assert ft["test_r2"] is not None
@@ -308,22 +308,22 @@ def test_multi_property_pretraining_then_new_property(tmp_path):
 
 def test_fine_tuning_is_reproducible_whatever_ran_before(pt_run, tmp_path):
     out, _ = pt_run
-    stage = StageConfig(datasets=("dc",), init=str(out / "checkpoint.pt"), size=40, head="new", train=TINY)
-    first = run_stage(stage, tmp_path / "a")
+    stage = RunConfig(datasets=("dc",), init=str(out / "checkpoint.pt"), size=40, head="new", train=TINY)
+    first = train_run(stage, tmp_path / "a")
     torch.rand(1000)  # another trial in the same worker would move the global RNG
-    second = run_stage(stage, tmp_path / "b")
+    second = train_run(stage, tmp_path / "b")
     assert first["test_mae"] == second["test_mae"]
 
 
 def test_stage_config_errors():
     with pytest.raises(ValueError, match="name a model"):
-        StageConfig(datasets=("ph",))
+        RunConfig(datasets=("ph",))
     with pytest.raises(ValueError, match="need a checkpoint to start from"):
-        StageConfig(datasets=("ph",), model="cgcnn", strategy="last_layer")
+        RunConfig(datasets=("ph",), model="cgcnn", strategy="last_layer")
     with pytest.raises(ValueError, match="unknown dataset 'kappa'"):
-        StageConfig(datasets=("kappa",), model="cgcnn")
+        RunConfig(datasets=("kappa",), model="cgcnn")
     with pytest.raises(ValueError, match="names a dataset twice"):
-        StageConfig(datasets=("ph", "ph"), model="cgcnn")
+        RunConfig(datasets=("ph", "ph"), model="cgcnn")
     with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="loss='huber'"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ltc.errors import ConfigError
 from ltc.models.alignn import ALIGNN, ALIGNNConfig
 from ltc.models.base import CrystalGNN, Head, ModelConfig
 from ltc.models.cgcnn import CGCNN, CGCNNConfig
@@ -31,7 +32,7 @@ def build_model(name: str, config: dict[str, Any] | ModelConfig | None = None) -
     try:
         cls = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
     if config is None:
         config = cls.config_class()
     elif isinstance(config, dict):

@@ -20,6 +20,7 @@ from torch import nn
 from torch_geometric.nn import global_mean_pool
 from torch_geometric.utils import scatter
 
+from ltc.errors import ConfigError
 from ltc.graphs import cgcnn_atom_features
 from ltc.models.base import RBF, CrystalGNN, ModelConfig, _positive
 
@@ -40,9 +41,9 @@ class ALIGNNConfig(ModelConfig):
         for name in ("alignn_layers", "gcn_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r} must be an integer >= 0")
+                raise ConfigError(f"{name}={v!r} must be an integer >= 0")
         if self.alignn_layers + self.gcn_layers < 1:
-            raise ValueError("ALIGNN needs at least one layer (alignn_layers + gcn_layers >= 1)")
+            raise ConfigError("ALIGNN needs at least one layer (alignn_layers + gcn_layers >= 1)")
 
 
 def _dense(a: int, b: int) -> nn.Sequential:

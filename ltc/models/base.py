@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ltc.errors import ConfigError
+
 ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
@@ -42,11 +44,11 @@ class ModelConfig:
             if isinstance(value, list):  # configs read back from JSON or checkpoints hold lists
                 object.__setattr__(self, f.name, tuple(value))
         if not isinstance(self.n_targets, int) or self.n_targets < 1:
-            raise ValueError(f"n_targets={self.n_targets!r} must be an integer >= 1")
+            raise ConfigError(f"n_targets={self.n_targets!r} must be an integer >= 1")
         if any(not isinstance(h, int) or h < 1 for h in self.head_hidden):
-            raise ValueError(f"head_hidden={self.head_hidden!r} must be positive integers")
+            raise ConfigError(f"head_hidden={self.head_hidden!r} must be positive integers")
         if self.head_activation not in ACTIVATIONS:
-            raise ValueError(f"head_activation={self.head_activation!r} must be one of {list(ACTIVATIONS)}")
+            raise ConfigError(f"head_activation={self.head_activation!r} must be one of {list(ACTIVATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -56,7 +58,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -64,7 +66,7 @@ def _positive(config: ModelConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+            raise ConfigError(f"{name}={value!r} must be an integer >= 1")
 
 
 class Head(nn.Module):

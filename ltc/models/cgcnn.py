@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch_geometric.nn import CGConv, global_mean_pool
 
+from ltc.errors import ConfigError
 from ltc.graphs import cgcnn_atom_features
 from ltc.models.base import RBF, CrystalGNN, ModelConfig, _positive
 
@@ -30,7 +31,7 @@ class CGCNNConfig(ModelConfig):
         super().__post_init__()
         _positive(self, "hidden", "n_blocks", "fc_dim")
         if not self.rbf_stop > 0 or not 0 < self.rbf_step < self.rbf_stop:
-            raise ValueError(f"rbf_stop={self.rbf_stop!r}, rbf_step={self.rbf_step!r}: need 0 < step < stop")
+            raise ConfigError(f"rbf_stop={self.rbf_stop!r}, rbf_step={self.rbf_step!r}: need 0 < step < stop")
 
 
 class CGCNNBlock(nn.Module):

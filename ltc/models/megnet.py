@@ -20,6 +20,7 @@ from torch_geometric.nn import MetaLayer
 from torch_geometric.nn.aggr import Set2Set
 from torch_geometric.utils import scatter
 
+from ltc.errors import ConfigError
 from ltc.graphs import MAX_Z
 from ltc.models.base import RBF, CrystalGNN, ModelConfig, ShiftedSoftplus, _positive, mlp
 
@@ -43,9 +44,9 @@ class MEGNetConfig(ModelConfig):
         for name in ("dense", "conv", "output"):
             widths = getattr(self, name)
             if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-                raise ValueError(f"{name}={widths!r} must be a non-empty tuple of positive integers")
+                raise ConfigError(f"{name}={widths!r} must be a non-empty tuple of positive integers")
         if self.conv[-1] != self.dense[-1]:
-            raise ValueError(f"conv[-1]={self.conv[-1]} must equal dense[-1]={self.dense[-1]} (residual blocks)")
+            raise ConfigError(f"conv[-1]={self.conv[-1]} must equal dense[-1]={self.dense[-1]} (residual blocks)")
 
 
 class _EdgeUpdate(nn.Module):

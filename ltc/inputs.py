@@ -1,0 +1,126 @@
+"""What one training run reads, resolved once: shard folders, split ids and held-out formulas, by path.
+
+``resolve_inputs`` is the only place where a run's datasets meet the data home: it locates and
+fingerprints the raw files, builds or verifies the shards (checksums, once), reads Devi et al.'s split
+files and computes the formulas a stage must keep out of training. It writes the small pieces into the
+shard cache, content-addressed (``<cache>/splits/``, ``<cache>/holdout/``), and returns ``RunInputs``:
+paths only, small enough for a Ray Tune trial config. A trial opens ``RunInputs`` and nothing else; a
+path that does not exist is an error that names it. The sweep driver resolves once per stage, and
+``ltc train`` once before it trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ltc.errors import ConfigError, MissingFileError
+from ltc.graphs import GraphConfig
+from ltc.io import write_json_atomic
+from ltc.paths import cache_root, data_home
+from ltc.shards import ShardSet, prepare
+from ltc.splits import SplitConfig, SplitIds, resolve_split_ids, test_formulas
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Paths a run opens: per dataset its shard folder and split-ids file; the held-out formula list."""
+
+    shards: dict[str, str]
+    splits: dict[str, str]
+    holdout: str | None = None  # JSON list of reduced formulas; None: nothing held out
+    holdout_datasets: tuple[str, ...] = field(default=())  # whose test formulas those are (for messages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards": dict(self.shards),
+            "splits": dict(self.splits),
+            "holdout": self.holdout,
+            "holdout_datasets": list(self.holdout_datasets),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunInputs:
+        return cls(dict(d["shards"]), dict(d["splits"]), d.get("holdout"), tuple(d.get("holdout_datasets") or ()))
+
+    def subset(self, names: tuple[str, ...] | list[str]) -> RunInputs:
+        """The inputs of datasets ``names`` only (the holdout list is kept)."""
+        missing = [n for n in names if n not in self.shards]
+        if missing:
+            raise ConfigError(f"no resolved inputs for dataset(s) {missing}")
+        return RunInputs(
+            {n: self.shards[n] for n in names}, {n: self.splits[n] for n in names}, self.holdout, self.holdout_datasets
+        )
+
+    def open_shards(self, name: str) -> ShardSet:
+        path = self.shards.get(name)
+        if path is None:
+            raise ConfigError(f"no shard folder resolved for dataset {name!r}")
+        if not Path(path).is_dir():
+            raise MissingFileError(f"shard folder {path} (dataset {name}) does not exist on this node")
+        return ShardSet(path)
+
+    def split_ids(self, name: str) -> SplitIds:
+        return SplitIds.from_dict(_read_json(self.splits[name], f"split ids of {name}"))
+
+    def holdout_formulas(self) -> frozenset[str]:
+        if self.holdout is None:
+            return frozenset()
+        return frozenset(_read_json(self.holdout, "held-out formulas"))
+
+
+def _read_json(path: str, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"{what}: {path} does not exist on this node")
+    return json.loads(p.read_text())
+
+
+def _store(root: Path, kind: str, stem: str, obj: Any) -> str:
+    """``obj`` as JSON at ``root/kind/<stem>-<content hash>.json`` (written once; same content, same file)."""
+    blob = json.dumps(obj, sort_keys=True)
+    path = root / kind / f"{stem}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if not path.is_file():
+        write_json_atomic(path, obj)
+    return str(path)
+
+
+def resolve_inputs(
+    names: list[str] | tuple[str, ...],
+    *,
+    holdout: list[str] | tuple[str, ...] = (),
+    graph: GraphConfig,
+    split: SplitConfig,
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    progress: bool = False,
+    workers: int | None = None,
+) -> RunInputs:
+    """Build or verify the shards of ``names`` and ``holdout`` and write what a run needs (module docstring).
+
+    ``holdout``: datasets whose test-set formulas are kept out of training.
+    """
+    home_path = data_home(home).resolve()
+    root = cache_root(cache, home=home_path).resolve()
+    shards: dict[str, str] = {}
+    splits: dict[str, str] = {}
+    opened: dict[str, ShardSet] = {}
+    ids: dict[str, SplitIds] = {}
+    for name in dict.fromkeys([*names, *holdout]):
+        res = prepare(name, graph=graph, home=home_path, cache=root, progress=progress, workers=workers, verify=verify)
+        opened[name] = ShardSet(res.path)
+        ids[name] = resolve_split_ids(name, split, home=home_path)
+        shards[name] = str(res.path)
+        splits[name] = _store(root, "splits", name, ids[name].to_dict())
+    held = None
+    if holdout:
+        formulas: set[str] = set()
+        for name in holdout:
+            formulas |= test_formulas(opened[name], split, ids[name])
+        held = _store(root, "holdout", "-".join(sorted(holdout))[:60], sorted(formulas))
+    return RunInputs(shards, splits, held, tuple(holdout)).subset(list(dict.fromkeys([*names])))

@@ -1,0 +1,221 @@
+"""The sweep driver: stages in order, each resolved once and run as one Ray Tune ``Tuner``; resume.
+
+For each stage the driver picks the starting checkpoints from the stages before it, resolves the
+stage's inputs once (shards built or verified, split ids, held-out formulas: ``ltc.inputs``), checks
+every setting's size against them, and runs the stage's trials. A finished stage leaves its best
+checkpoints in ``best/<stage>/`` and then, last, ``stages/<stage>.parquet``, which marks it done.
+``--resume`` skips finished stages and restores the running one with ``Tuner.restore`` (finished
+trials are kept, unfinished ones continue from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ltc import io
+from ltc.errors import AlreadyExistsError, ConfigError
+from ltc.inputs import resolve_inputs
+from ltc.sweep.plan import (
+    Setting,
+    check_sizes,
+    plan_stage,
+    plan_starts,
+    resolve_holdout,
+    select_starts,
+    trial_config,
+    validate,
+)
+from ltc.sweep.spec import StageSpec, SweepSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepPaths:
+    root: Path  # <results>/<sweep name>
+    storage: str  # Ray storage path (local folder or URI)
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials.parquet"
+
+    def stage_table(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.parquet"
+
+    def best(self, stage: str) -> Path:
+        return self.root / "best" / stage
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    results: str | os.PathLike[str] = "results",
+    storage: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    spec_text: str | None = None,
+    data_home: str | None = None,
+    cache: str | None = None,
+) -> Any:
+    """Run every stage of ``spec``; returns the trials table (pandas). See the module docstring."""
+    import pandas as pd
+
+    from ltc.paths import cache_root
+    from ltc.paths import data_home as _data_home
+    from ltc.results import copy_best
+
+    home = str(_data_home(data_home).resolve())
+    cache_dir = str(cache_root(cache, home=Path(home)).resolve())
+    validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
+    root = Path(results).resolve() / spec.name
+    storage = storage or spec.storage or str(root / "ray")
+    paths = SweepPaths(root, storage)
+    _claim_results(paths, spec, spec_text, resume)
+    _init_ray(address)
+
+    tables: dict[str, pd.DataFrame] = {}
+    settings_by_stage: dict[str, list[Setting]] = {}
+    for stage in spec.stages:
+        starts = None
+        if stage.start_from is not None:
+            planned = plan_starts(spec, stage, settings_by_stage[stage.start_from.stage])
+            starts = select_starts(planned, tables[stage.start_from.stage])
+        settings = plan_stage(spec, stage, starts)
+        settings_by_stage[stage.name] = settings
+        done_table = paths.stage_table(stage.name)
+        if done_table.is_file():
+            tables[stage.name] = pd.read_parquet(done_table)
+            print(f"stage {stage.name}: finished earlier ({len(tables[stage.name])} trials)")
+            continue
+        if not settings:
+            raise ConfigError(
+                f"stage {stage.name}: nothing to run (no starting checkpoints survived {stage.start_from})"
+            )
+        # once per stage, here: shards built or verified, split ids and held-out formulas written; trials
+        # open these paths and nothing else
+        names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))
+        inputs = resolve_inputs(
+            names, holdout=resolve_holdout(spec, stage), graph=spec.graph_config, split=spec.split, home=home,
+            cache=cache_dir, verify=True, progress=True,
+        )  # fmt: skip
+        check_sizes(spec, stage, settings, inputs)
+        table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
+        copy_best(table, paths.best(stage.name))
+        # the stage table marks the stage done: written last, after its best checkpoints are in place
+        io.write_parquet_atomic(done_table, table)
+        tables[stage.name] = table
+        io.write_parquet_atomic(paths.trials, pd.concat(list(tables.values()), ignore_index=True))
+    trials = pd.concat(list(tables.values()), ignore_index=True)
+    io.write_parquet_atomic(paths.trials, trials)
+    return trials
+
+
+def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, resume: bool) -> None:
+    """Make the results folder ours: a fresh one, or (``resume``) one started by the same sweep file."""
+    stored = paths.root / "sweep.json"
+    current = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    if stored.is_file():
+        if not resume:
+            raise AlreadyExistsError(
+                f"{paths.root} holds results of sweep {spec.name!r} already: pass --resume to complete it, "
+                "or --results another folder"
+            )
+        if json.loads(stored.read_text())["spec"] != current:
+            raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
+        return
+    if resume:
+        log.info("nothing to resume in %s: starting the sweep", paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if spec_text is not None:
+        io.write_text_atomic(paths.root / "sweep.yaml", spec_text)
+    io.write_text_atomic(paths.root / "sweep.json", json.dumps({"spec": current, "started": time.time()}))
+
+
+def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths: SweepPaths, *, resume: bool, inputs):
+    from ray import tune
+
+    from ltc.results import results_table
+    from ltc.sweep.adapters import METRIC, MODE, PerSettingASHA, Progress, SettingSearch
+    from ltc.sweep.plan import n_blocks
+    from ltc.trial import ltc_trial
+
+    res = spec.resources_for(stage)
+    search = spec.search_for(stage)
+    trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
+    exp_name = stage.name
+    if resume and io.exists(f"{paths.storage.rstrip('/')}/{exp_name}/tuner.pkl"):
+        print(f"stage {stage.name}: resuming")
+        tuner = tune.Tuner.restore(
+            f"{paths.storage.rstrip('/')}/{exp_name}", trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        configs = {s.key: trial_config(spec, stage, s, inputs) for s in settings}
+        searcher = SettingSearch(configs, {k: search for k in configs}, max_blocks=n_blocks(spec))
+        scheduler = (
+            PerSettingASHA(
+                grace_period=min(spec.asha.grace_epochs, stage.epochs),
+                reduction_factor=spec.asha.reduction_factor,
+                max_t=stage.epochs + 1,  # never stop a trial at its last epoch, before its test metrics
+            )
+            if spec.asha
+            else None
+        )
+        total = searcher.total
+        tuner = tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=total,
+                reuse_actors=True,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=exp_name,
+                storage_path=paths.storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
+                # since the last snapshot; with 1, every finished trial would force one
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[Progress(stage.name, total)],
+            ),
+        )
+        print(f"stage {stage.name}: {len(settings)} settings, {total} trials")
+    grid = tuner.fit()
+    return results_table(grid, stage.name)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    # A trial's checkpoint can force a snapshot of the experiment (needed for --resume); Tune warns about
+    # each one, which would bury the progress bar.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # With a custom searcher Tune keeps a single trial pending, so trials would start one by one. Settings
+    # are independent (each has its own Optuna study), so queue as many as Tune does for random search:
+    # enough to fill every slot and to show the autoscaler the demand.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "200")
+    # Tune's newer console output prints a configuration box and hints per Tuner even at verbose=0; the
+    # classic reporter is silent there, which leaves the stage's progress bar alone on screen.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Worker logs stay in Ray's session folder: the driver shows a progress bar, not a wall of logs.
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # a local cluster, dashboard off, bound to this machine only
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)

@@ -1,0 +1,396 @@
+"""The plan: stages → settings → trials, as pure functions of the sweep file (no Ray, no training).
+
+A *setting* is what trials share but for Optuna's proposals (lr, n_unfrozen): a dataset (or a
+multi-property set) × size × seed × strategy × starting point, or a scratch baseline. A *start* is one
+source of weights for FT settings: the settings of an earlier stage that share a source key (dataset
+and size, behind their own start and strategy), or one seed of them with ``select: every``. Each is a
+typed record; nothing is parsed back out of a string key.
+
+``validate`` checks, before anything runs (``--dry-run`` and the sweep's start), what a trial would
+otherwise reject: ``n_unfrozen`` outside the model's blocks, a strategy the model lacks, sizes larger
+than a dataset can give after its test split. ``check_sizes`` repeats the size check exactly (holdout
+formulas included) once the driver has resolved a stage's shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ltc import datasets
+from ltc.errors import ConfigError, LtcError
+from ltc.inputs import RunInputs
+from ltc.sweep.spec import Range, StageSpec, SweepSpec
+
+Kind = Literal["pretrain", "finetune", "scratch"]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Starting weights for FT settings: the best checkpoint of one source of an earlier stage.
+
+    ``source_key``: the source settings' key (``agl:max800``; ``fe:all>agl:all[all]`` for one fine-tuned
+    from fe with strategy all); ``seed``: the source seed with ``select: every``, else None.
+    """
+
+    source_key: str
+    datasets: tuple[str, ...]
+    size: int | None
+    seed: int | None = None
+    checkpoint: str | None = None  # known once the source stage has run
+
+    @property
+    def label(self) -> str:
+        """What results call this start (the ``lineage`` column)."""
+        return self.source_key if self.seed is None else f"{self.source_key}:seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Trials that differ only in what Optuna proposes (lr, n_unfrozen)."""
+
+    key: str
+    stage: str
+    kind: Kind
+    datasets: tuple[str, ...]
+    size: int | None
+    max_size: int | None
+    seed: int
+    strategy: str
+    start: Start | None = None
+
+    @property
+    def source_key(self) -> str:
+        """What later stages select starting checkpoints by: dataset(s) and size, behind this setting's own
+        start and strategy when it was fine-tuned (so two starts or strategies are never one source)."""
+        base = _data_label(self.datasets, self.size, self.max_size)
+        return base if self.start is None else f"{self.start.label}>{base}[{self.strategy}]"
+
+
+def _size_label(size: int | None, max_size: int | None) -> str:
+    return str(size) if size is not None else (f"max{max_size}" if max_size is not None else "all")
+
+
+def _data_label(datasets_: tuple[str, ...], size: int | None, max_size: int | None) -> str:
+    return f"{'+'.join(datasets_)}:{_size_label(size, max_size)}"
+
+
+def later_datasets(spec: SweepSpec, stage: StageSpec) -> list[str]:
+    """Datasets of the stages after ``stage``, whose test-set formulas ``holdout: auto`` keeps out of it.
+
+    A stage's own datasets count too: pre-training on bg must not see fe's test compounds when fe is
+    fine-tuned later, and bg's own test set is out of its training anyway (holding its formulas out as
+    well only drops same-formula polymorphs).
+    """
+    i = spec.stages.index(stage)
+    out: list[str] = []
+    for st in spec.stages[i + 1 :]:
+        for g in st.dataset_sets:
+            out.extend(d for d in g if d not in out)
+    return out
+
+
+def resolve_holdout(spec: SweepSpec, stage: StageSpec) -> list[str]:
+    """The datasets whose test-set formulas ``stage`` keeps out of its training."""
+    if stage.holdout == "auto":
+        return later_datasets(spec, stage)
+    if stage.holdout == "none":
+        return []
+    return list(stage.holdout)
+
+
+def plan_starts(spec: SweepSpec, stage: StageSpec, source_settings: list[Setting]) -> list[Start]:
+    """The starts of ``stage``: one per source key of the source stage, or per (source key, seed)."""
+    assert stage.start_from is not None
+    every = stage.start_from.select == "every"
+    starts: dict[tuple[str, int | None], Start] = {}
+    for s in source_settings:
+        if s.kind == "scratch":
+            continue  # baselines are not sources
+        seed = s.seed if every else None
+        starts.setdefault((s.source_key, seed), Start(s.source_key, s.datasets, s.size or s.max_size, seed))
+    return list(starts.values())
+
+
+def plan_stage(spec: SweepSpec, stage: StageSpec, starts: list[Start] | None) -> list[Setting]:
+    """Settings of one stage; ``starts`` are its starting points (None for a stage from scratch)."""
+    out: list[Setting] = []
+    for group, (size, max_size), seed in itertools.product(stage.dataset_sets, stage.size_options(), stage.seeds):
+        label = _data_label(group, size, max_size)
+        if stage.start_from is None:
+            key = f"{stage.name}|{label}|seed{seed}"
+            out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all"))
+            continue
+        for start, strategy in itertools.product(starts or [], stage.strategies):
+            if stage.start_from.skip_seen and set(group) & set(start.datasets):
+                continue
+            key = f"{stage.name}|from={start.label}|{label}|{strategy}|seed{seed}"
+            out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start))
+        if stage.scratch:
+            key = f"{stage.name}|scratch|{label}|seed{seed}"
+            out.append(Setting(key, stage.name, "scratch", group, size, max_size, seed, "all"))
+    return out
+
+
+def plan(spec: SweepSpec) -> dict[str, list[Setting]]:
+    """Every stage's settings, with placeholder starts (no checkpoints yet): what ``--dry-run`` shows."""
+    settings: dict[str, list[Setting]] = {}
+    for stage in spec.stages:
+        starts = plan_starts(spec, stage, settings[stage.start_from.stage]) if stage.start_from else None
+        settings[stage.name] = plan_stage(spec, stage, starts)
+    return settings
+
+
+def n_blocks(spec: SweepSpec) -> int:
+    return _model(spec.model, json.dumps(spec.model_config, sort_keys=True)).n_blocks
+
+
+@functools.lru_cache(maxsize=16)
+def _model(model: str, config_json: str):
+    from ltc.models import build_model
+
+    return build_model(model, json.loads(config_json))
+
+
+def trial_config(spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInputs) -> dict[str, Any]:
+    """The config of every trial of setting ``s`` (before Optuna's values): names, numbers and paths only."""
+    res = spec.resources_for(stage)
+    size = s.size or s.max_size
+    batch = stage.batch_size_by_size.get(size, stage.batch_size) if size is not None else stage.batch_size
+    return {
+        "setting": s.key,
+        "source_key": s.source_key,
+        "stage": s.stage,
+        "kind": s.kind,
+        "datasets": list(s.datasets),
+        "size": s.size,
+        "max_size": s.max_size,
+        "seed": s.seed,
+        "strategy": s.strategy,
+        "init": s.start.checkpoint if s.start else None,
+        "pt_datasets": list(s.start.datasets) if s.start else None,
+        "pt_size": s.start.size if s.start else None,
+        "lineage": s.start.label if s.start else None,
+        "model": spec.model if s.kind != "finetune" else None,
+        "model_config": spec.model_config if s.kind != "finetune" else {},
+        "graph": spec.graph_config.to_dict(),
+        "split": dataclasses.asdict(spec.split),
+        "holdout": resolve_holdout(spec, stage),
+        "inputs": inputs.subset(s.datasets).to_dict(),
+        "train": {
+            "epochs": stage.epochs,
+            "batch_size": batch,
+            "loss": stage.loss,
+            "schedule": stage.schedule,
+            "weight_decay": stage.weight_decay,
+            "patience": stage.patience,
+        },
+        "checkpoint_every": stage.checkpoint_every,
+        "checkpoint_seconds": stage.checkpoint_seconds,
+        "report_seconds": stage.report_seconds,
+        "threads": max(1, int(res.cpu)),
+    }
+
+
+def select_starts(planned: list[Start], table: Any) -> list[Start]:
+    """Attach to each planned start the checkpoint of its source's best completed trial (lowest val_loss).
+
+    ``table``: the source stage's trials (``ltc.results`` columns). A start without a completed trial
+    is dropped, with a warning.
+    """
+    import logging
+
+    key_col = "source_key" if "source_key" in table.columns else "group"  # results written before 0.2
+    done = table[(table.status == "completed") & table.checkpoint.notna() & (table.kind != "scratch")]
+    out = []
+    for start in planned:
+        rows = done[done[key_col] == start.source_key]
+        if start.seed is not None:
+            rows = rows[rows.seed == start.seed]
+        if rows.empty:
+            logging.getLogger(__name__).warning(
+                "no completed trial for source %s: settings starting from it are dropped", start.label
+            )
+            continue
+        best = rows.loc[rows.val_loss.astype(float).idxmin()]
+        out.append(dataclasses.replace(start, checkpoint=best.checkpoint))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before anything runs.
+
+
+@dataclass(frozen=True)
+class DatasetCount:
+    """How many structures a dataset offers: rows, graphs (if its shards exist) and its test set."""
+
+    name: str
+    n_rows: int
+    n_graphs: int | None  # None: shards not built yet (rows - rejected is unknown)
+    n_test: int
+
+    @property
+    def available(self) -> int:
+        """An upper bound on what training subsets can draw from (outside the test set)."""
+        return (self.n_graphs if self.n_graphs is not None else self.n_rows) - self.n_test
+
+
+def dataset_count(name: str, spec: SweepSpec, *, home: str | None = None, cache: str | None = None) -> DatasetCount:
+    """Row counts from the shard manifest when the shards exist, else from the data file (never builds)."""
+    from ltc.io import write_json_atomic
+    from ltc.paths import cache_root, data_home
+    from ltc.shards import read_manifest, shard_key
+    from ltc.splits import resolve_split_ids
+
+    home_path = data_home(home)
+    file = datasets.locate(name, data_home=home_path, download=False)
+    folder = (
+        cache_root(cache, home=home_path) / "shards" / f"{name}-{shard_key(name, file.fingerprint, spec.graph_config)}"
+    )
+    n_graphs = None
+    try:
+        manifest = read_manifest(folder)
+        n_rows, n_graphs = int(manifest["n_input"]), int(manifest["n_graphs"])
+    except LtcError:
+        # no shards yet: count the file's rows once per content (parsing a large JSON file takes seconds)
+        counted = cache_root(cache, home=home_path) / "counts" / f"{name}-{file.fingerprint[:16]}.json"
+        if counted.is_file():
+            n_rows = int(json.loads(counted.read_text())["n_rows"])
+        else:
+            n_rows = datasets.read(file).n_rows
+            write_json_atomic(counted, {"dataset": name, "fingerprint": file.fingerprint, "n_rows": n_rows})
+    ids = resolve_split_ids(name, spec.split, home=home_path)
+    n_test = len(ids.paper_test) if ids.paper_test is not None else max(1, math.ceil(spec.split.test_fraction * n_rows))
+    return DatasetCount(name, n_rows, n_graphs, n_test)
+
+
+def _search_key(spec: SweepSpec, i: int, field: str) -> str:
+    stage = spec.stages[i]
+    if stage.search is not None and getattr(stage.search, field) is not None:
+        return f"stages[{i}].search.{field}"
+    return f"search.{field}"
+
+
+def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = None, counts: bool = True) -> None:
+    """Raise ``ConfigError`` naming the key path and value of anything a trial would reject.
+
+    (Strategies the model lacks and a bad ``model_config`` already fail when the file is loaded.)
+
+    ``counts``: check sizes against row counts (reads manifests, or data files when shards are not built).
+    """
+    model = _model(spec.model, json.dumps(spec.model_config, sort_keys=True))
+    for i, stage in enumerate(spec.stages):
+        search = spec.search_for(stage)
+        fixed = search.n_unfrozen if isinstance(search.n_unfrozen, int) else None
+        if "blocks" in stage.strategies and fixed is not None and not 0 <= fixed <= model.n_blocks:
+            raise ConfigError(
+                f"{_search_key(spec, i, 'n_unfrozen')}={fixed}: {spec.model} has {model.n_blocks} "
+                f"blocks, so n_unfrozen must be between 0 and {model.n_blocks}"
+            )
+    if not counts:
+        return
+    found: dict[str, DatasetCount] = {}
+    for i, stage in enumerate(spec.stages):
+        if stage.sizes is None:
+            continue
+        for group in stage.dataset_sets:
+            for name in group:
+                if name not in found:
+                    found[name] = dataset_count(name, spec, home=home, cache=cache)
+                c = found[name]
+                for k, size in enumerate(stage.sizes):
+                    if size is not None and size > c.available:
+                        raise ConfigError(
+                            f"stages[{i}].sizes[{k}]={size}: {name} has at most {c.available} structures outside "
+                            f"its test set ({c.n_rows} rows, {c.n_test} test)"
+                        )
+
+
+def check_sizes(spec: SweepSpec, stage: StageSpec, settings: list[Setting], inputs: RunInputs) -> None:
+    """Exactly what ``validate`` bounds: every setting's size fits its dataset's pool (holdout included)."""
+    from ltc.splits import DEVI_SIZES, SplitConfig, training_pool
+
+    i = spec.stages.index(stage)
+    exclude = inputs.holdout_formulas()
+    largest: dict[str, int] = {}
+    for s in settings:
+        if s.size is None:
+            continue
+        paper = spec.split.test != "seeded" and s.size in DEVI_SIZES and 1 <= s.seed <= 5
+        for name in s.datasets:
+            if not paper:  # Devi et al.'s own subsets take what fits (and say so)
+                largest[name] = max(largest.get(name, 0), s.size)
+    split: SplitConfig = spec.split
+    for name, size in largest.items():
+        pool = training_pool(inputs.open_shards(name), split, exclude_formulas=exclude, ids=inputs.split_ids(name))
+        if size > len(pool):
+            k = stage.sizes.index(size) if stage.sizes and size in stage.sizes else 0
+            held = f" and the held-out formulas of {', '.join(inputs.holdout_datasets)}" if exclude else ""
+            raise ConfigError(
+                f"stages[{i}].sizes[{k}]={size}: {name} has only {len(pool)} structures outside its test set{held}"
+            )
+
+
+def describe(spec: SweepSpec) -> str:
+    """The expanded plan, for ``--dry-run``."""
+    settings = plan(spec)
+    lines = [f"sweep {spec.name}: {spec.description}".rstrip(": ")]
+    g = spec.graph_config
+    overrides = f" {json.dumps(spec.model_config)}" if spec.model_config else ""
+    lines.append(
+        f"model {spec.model} ({n_blocks(spec)} blocks){overrides}; "
+        f"graphs {g.cutoff:g} Å, {g.max_neighbors} neighbours; test split {spec.split.test}"
+    )
+    total = 0
+    for stage in spec.stages:
+        search = spec.search_for(stage)
+        res = spec.resources_for(stage)
+        ss = settings[stage.name]
+        n_trials = len(ss) * search.trials
+        total += n_trials
+        kinds = Counter(s.kind for s in ss)
+        origin = f"from {stage.start_from.stage} ({stage.start_from.select})" if stage.start_from else "from scratch"
+        lines.append("")
+        lines.append(
+            f"stage {stage.name} [{origin}]: {len(ss)} settings ({', '.join(f'{v} {k}' for k, v in kinds.items())}) "
+            f"x {search.trials} trials = {n_trials} trials; {res.cpu:g} CPU + {res.gpu:g} GPU per trial"
+        )
+        sizes = ", ".join(_size_label(*o) for o in stage.size_options())
+        lines.append(
+            f"  datasets {', '.join('+'.join(grp) for grp in stage.dataset_sets)}; sizes {sizes}; seeds {stage.seeds}; "
+            f"strategies {stage.strategies}{' + scratch' if stage.scratch else ''}"
+        )
+        lr = f"{search.lr.low:g}..{search.lr.high:g} (log)" if isinstance(search.lr, Range) else f"{search.lr:g}"
+        nu = "searched" if search.n_unfrozen == "search" else str(search.n_unfrozen)
+        lines.append(
+            f"  epochs {stage.epochs}, batch {stage.batch_size}"
+            + (f" {stage.batch_size_by_size}" if stage.batch_size_by_size else "")
+            + f", loss {stage.loss}; Optuna lr {lr}"
+            + (f", n_unfrozen {nu} (0..{n_blocks(spec)})" if "blocks" in stage.strategies else "")
+        )
+        if stage.start_from:
+            starts = sorted({s.start.label for s in ss if s.start})
+            lines.append(
+                f"  starting checkpoints: {len(starts)} ({', '.join(starts[:6])}{', …' if len(starts) > 6 else ''})"
+            )
+        holdout = resolve_holdout(spec, stage)
+        if holdout:
+            lines.append(f"  held out of training: test-set formulas of {', '.join(holdout)}")
+        for s in ss[:4]:
+            lines.append(f"    {s.key}")
+        if len(ss) > 4:
+            lines.append(f"    … {len(ss) - 4} more")
+    lines.append("")
+    lines.append(f"total: {sum(len(v) for v in settings.values())} settings, {total} trials")
+    if spec.asha:
+        lines.append(
+            f"ASHA per setting: grace {spec.asha.grace_epochs} epochs, reduction factor {spec.asha.reduction_factor:g}"
+        )
+    return "\n".join(lines)

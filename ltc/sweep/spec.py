@@ -1,0 +1,309 @@
+"""The sweep file: frozen dataclasses read by the strict YAML loader (``ltc.config``). No Ray here.
+
+A sweep file names the model, graph settings, test split, resources, the Optuna search, early stopping
+and the stages in order (see README "Sweeps"). Each dataclass checks its own values; what needs the
+data or the model (sizes against row counts, ``n_unfrozen`` against the model's blocks) is checked by
+``ltc.sweep.plan.validate``, still before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ltc import datasets
+from ltc.config import load_yaml
+from ltc.errors import ConfigError
+from ltc.graphs import GraphConfig
+from ltc.models import MODELS
+from ltc.splits import SplitConfig
+from ltc.train import DEFAULT_GRAPHS, LOSSES, SCHEDULES, TrainConfig
+from ltc.transfer import STRATEGIES
+
+_TRAIN = TrainConfig()  # the defaults a stage inherits (one source of truth: TrainConfig)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A log-uniform range."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ConfigError(f"range low={self.low}, high={self.high}: need 0 < low < high")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What Optuna searches inside each setting."""
+
+    trials: int = 4  # Optuna trials per setting
+    lr: float | Range = Range(1e-4, 1e-2)  # a number fixes it
+    n_unfrozen: int | Literal["search"] = "search"  # strategy ``blocks``: 0 … n_blocks, or fixed
+    sampler_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"trials={self.trials} must be >= 1")
+        if isinstance(self.lr, float) and not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+
+
+def _override(base, changes):
+    """``base`` with the fields of ``changes`` that are not None (shallow: nested values kept as they are)."""
+    given = {f.name: getattr(changes, f.name) for f in dataclasses.fields(changes)}
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SearchOverride:
+    """A stage's changes to the sweep's ``search``: only the keys given (the rest is inherited)."""
+
+    trials: int | None = None
+    lr: float | Range | None = None
+    n_unfrozen: int | Literal["search"] | None = None
+    sampler_seed: int | None = None
+
+    def over(self, base: SearchSpec) -> SearchSpec:
+        return _override(base, self)
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    grace_epochs: int = 5  # no trial is stopped before this many epochs
+    reduction_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.grace_epochs < 1 or self.reduction_factor <= 1:
+            raise ConfigError("asha needs grace_epochs >= 1 and reduction_factor > 1")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0  # a fraction (0.25, 0.5) packs several trials on one GPU
+
+    def __post_init__(self) -> None:
+        if self.cpu <= 0 or self.gpu < 0:
+            raise ConfigError(f"resources cpu={self.cpu}, gpu={self.gpu}: need cpu > 0 and gpu >= 0")
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ConfigError(f"gpu={self.gpu}: above 1 it must be a whole number")
+
+
+@dataclass(frozen=True)
+class ResourcesOverride:
+    """A stage's changes to the sweep's ``resources`` (keys not given are inherited)."""
+
+    cpu: float | None = None
+    gpu: float | None = None
+
+    def over(self, base: Resources) -> Resources:
+        return _override(base, self)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a stage's starting weights come from: checkpoints of an earlier stage."""
+
+    stage: str
+    select: Literal["best", "every"] = "best"  # best per source dataset+size, or best per source setting (seed)
+    skip_seen: bool = False  # no FT on a dataset the source trained on (Devi's 7×6 pairs, MPT leave-one-out)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    datasets: list[str | list[str]]  # an inner list is one multi-property set (one head each)
+    start_from: Source | None = None  # None: from scratch (pre-training)
+    sizes: list[int | None] | None = None  # exact train+val sizes (FT); null = all
+    max_sizes: list[int] | None = None  # caps (PT size scans)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    strategies: list[str] = field(default_factory=lambda: ["all"])
+    scratch: bool = False  # add a from-scratch baseline per (dataset, size, seed)
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    batch_size_by_size: dict[int, int] = field(default_factory=dict)  # Devi: {100: 2, 10: 1}
+    loss: str = _TRAIN.loss  # one of ltc.train.LOSSES
+    schedule: str = _TRAIN.schedule  # one of ltc.train.SCHEDULES
+    weight_decay: float = _TRAIN.weight_decay
+    patience: int | None = _TRAIN.patience
+    holdout: Literal["auto", "none"] | list[str] = "auto"  # auto: test sets of later stages' datasets
+    search: SearchOverride | None = None  # keys given here override the sweep's search
+    resources: ResourcesOverride | None = None  # keys given here override the sweep's resources
+    checkpoint_every: int = 5  # epochs between trial checkpoints (resume after a worker dies) …
+    checkpoint_seconds: float = 300.0  # … and at least this long between them
+    report_seconds: float = 2.0  # at least this long between epoch reports to Tune (ASHA, Optuna)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError(f"stage {self.name!r} has no datasets")
+        for group in self.dataset_sets:
+            for name in group:
+                try:
+                    datasets.spec(name)
+                except datasets.UnknownDatasetError as err:
+                    raise ConfigError(f"stage {self.name!r}: datasets: {err}") from None
+        if self.sizes is not None and self.max_sizes is not None:
+            raise ConfigError(f"stage {self.name!r}: give sizes or max_sizes, not both")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(f"stage {self.name!r}: strategy {s!r} must be one of {STRATEGIES}")
+        if self.start_from is None and self.strategies != ["all"]:
+            raise ConfigError(f"stage {self.name!r}: strategies need start_from (a stage to fine-tune from)")
+        if self.start_from is None and self.scratch:
+            raise ConfigError(f"stage {self.name!r}: scratch baselines belong to fine-tuning stages (start_from)")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError(f"stage {self.name!r}: epochs, batch_size and checkpoint_every must be >= 1")
+        if not self.seeds:
+            raise ConfigError(f"stage {self.name!r} has no seeds")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"stage {self.name!r}: loss={self.loss!r} must be one of {LOSSES}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"stage {self.name!r}: schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if isinstance(self.holdout, list):
+            for name in self.holdout:
+                try:
+                    datasets.spec(name)
+                except datasets.UnknownDatasetError as err:
+                    raise ConfigError(f"stage {self.name!r}: holdout: {err}") from None
+
+    @property
+    def dataset_sets(self) -> list[tuple[str, ...]]:
+        """Each entry of ``datasets`` as a tuple: one dataset, or one multi-property set (a head each)."""
+        return [tuple(g) if isinstance(g, list) else (g,) for g in self.datasets]
+
+    def size_options(self) -> list[tuple[int | None, int | None]]:
+        """(size, max_size) pairs to expand over."""
+        if self.sizes is not None:
+            return [(s, None) for s in self.sizes]
+        if self.max_sizes is not None:
+            return [(None, m) for m in self.max_sizes]
+        return [(None, None)]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    stages: list[StageSpec]
+    description: str = ""
+    model: str = "cgcnn"  # one of ltc.models.MODELS
+    model_config: dict[str, Any] = field(default_factory=dict)
+    graph: GraphConfig | None = None  # default: the model's usual graphs
+    split: SplitConfig = SplitConfig()
+    search: SearchSpec = SearchSpec()
+    asha: AshaSpec | None = AshaSpec()  # null: no early stopping
+    resources: Resources = Resources()
+    storage: str | None = None  # Ray storage (checkpoints): a folder, s3://… or gs://…; default results/<name>/ray
+    max_failures: int = 2  # retries of a trial whose worker died, from its last checkpoint
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not self.stages:
+            raise ConfigError("a sweep needs at least one stage")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique: {names}")
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError(f"name={self.name!r} must be non-empty, without spaces or slashes")
+        if self.model not in MODELS:
+            known = ", ".join(repr(m) for m in MODELS)
+            raise ConfigError(f"model: expected one of {known}, got {self.model!r}")
+        for i, st in enumerate(self.stages):
+            if st.start_from is not None and st.start_from.stage not in names[:i]:
+                raise ConfigError(
+                    f"stage {st.name!r} starts from {st.start_from.stage!r}, which is not an earlier stage"
+                )
+        from ltc.models import build_model
+
+        try:
+            model = build_model(self.model, self.model_config)  # a bad model_config fails here, not in a trial
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model_config {self.model_config}: {err}") from None
+        from ltc.transfer import check_strategy
+
+        for i, st in enumerate(self.stages):
+            for j, strategy in enumerate(st.strategies):
+                try:
+                    check_strategy(model, strategy, 0 if strategy == "blocks" else None)
+                except ConfigError as err:
+                    raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
+
+    def search_for(self, stage: StageSpec) -> SearchSpec:
+        """The stage's search: the sweep's, with the stage's overrides."""
+        return stage.search.over(self.search) if stage.search else self.search
+
+    def resources_for(self, stage: StageSpec) -> Resources:
+        return stage.resources.over(self.resources) if stage.resources else self.resources
+
+    @property
+    def graph_config(self) -> GraphConfig:
+        return self.graph or DEFAULT_GRAPHS[self.model]
+
+
+def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
+    """Read and check a sweep file (unknown keys, wrong types and bad references are errors)."""
+    return load_yaml(SweepSpec, path)
+
+
+SMOKE_MODELS: dict[str, dict[str, Any]] = {
+    "cgcnn": {"hidden": 16, "n_blocks": 2, "fc_dim": 16},
+    "megnet": {"n_blocks": 2, "dense": [32, 16], "conv": [32, 16], "output": [16, 8]},
+    "alignn": {"hidden": 16, "embedding": 8, "alignn_layers": 1, "gcn_layers": 1},
+}
+SMOKE_SIZE = 64
+
+
+def smoke(spec: SweepSpec) -> SweepSpec:
+    """A scaled-down copy of ``spec`` that checks it end to end in minutes on a CPU.
+
+    Per stage: the first dataset group that has a starting checkpoint, the first size (at most 64
+    structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no ASHA; a small model.
+    """
+    kept: dict[str, set[str]] = {}
+    stages = []
+    for st in spec.stages:
+        sets = st.dataset_sets
+        if st.start_from is not None and st.start_from.skip_seen:
+            seen = kept[st.start_from.stage]
+            sets = [g for g in sets if not set(g) & seen] or sets
+        group = sets[0]
+        kept[st.name] = set(group)
+        size, max_size = st.size_options()[0]
+        if st.sizes is not None:  # exact sizes stay exact (null, all, becomes the smoke size)
+            sizes, max_sizes = [min(size or SMOKE_SIZE, SMOKE_SIZE)], None
+        else:
+            sizes, max_sizes = None, [min(max_size or SMOKE_SIZE, SMOKE_SIZE)]
+        stages.append(
+            dataclasses.replace(
+                st,
+                datasets=[list(group) if len(group) > 1 else group[0]],
+                sizes=sizes,
+                max_sizes=max_sizes,
+                seeds=st.seeds[:1],
+                strategies=st.strategies[:1],
+                epochs=2,
+                batch_size=min(st.batch_size, 16),
+                batch_size_by_size={},
+                patience=None,
+                checkpoint_every=1,
+                checkpoint_seconds=0.0,
+                report_seconds=0.0,
+                search=dataclasses.replace(st.search or SearchOverride(), trials=1),
+                resources=None,
+            )
+        )
+    head_keys = {"head_hidden", "head_activation"}
+    model_config = {**SMOKE_MODELS[spec.model], **{k: v for k, v in spec.model_config.items() if k in head_keys}}
+    return dataclasses.replace(
+        spec,
+        name=f"{spec.name}-smoke",
+        stages=stages,
+        model_config=model_config,
+        search=dataclasses.replace(spec.search, trials=1),
+        asha=None,
+        resources=Resources(cpu=1.0, gpu=0.0),
+        storage=None,
+    )
