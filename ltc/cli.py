@@ -287,7 +287,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table.to_parquet(out, index=False)
     ok = table[table.error.isna()]
     failed = table[table.error.notna()].drop_duplicates("id")
-    print(f"{ok.id.nunique():,} structures predicted by {len(checkpoints)} model(s); {len(failed)} failed")
+    n_models = int(table.n_models.max()) if len(table) else 0
+    print(f"{ok.id.nunique():,} structures predicted by {n_models} model(s); {len(failed)} failed")
     for _, row in failed.iterrows():
         print(f"  {row.source}: {row.error}")
     for target, g in ok.groupby("target", sort=False):
@@ -499,7 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes --out (Parquet): id, source, formula, target, units, n_models, pred_mean, pred_std, pred_<i>, "
         "y_true (dataset inputs), rank, error.",
     )
-    sp.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="checkpoint.pt file(s)")
+    sp.add_argument(
+        "--checkpoint",
+        nargs="+",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint.pt file(s), or folder(s) searched for them (the fold models of a K-fold setting: an ensemble)",
+    )
     sp.add_argument("input", nargs="?", metavar="INPUT", help="CIF/POSCAR file, folder, or dataset name")
     sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
     sp.add_argument("--batch-size", type=int, default=256)

@@ -92,7 +92,7 @@ def _store(root: Path, kind: str, stem: str, obj: Any) -> str:
 def resolve_inputs(
     names: list[str] | tuple[str, ...],
     *,
-    holdout: list[str] | tuple[str, ...] = (),
+    holdout: list[str] | tuple[str, ...] | dict[str, SplitConfig] = (),
     graph: GraphConfig,
     split: SplitConfig,
     home: str | os.PathLike[str] | None = None,
@@ -103,24 +103,26 @@ def resolve_inputs(
 ) -> RunInputs:
     """Build or verify the shards of ``names`` and ``holdout`` and write what a run needs (module docstring).
 
-    ``holdout``: datasets whose test-set formulas are kept out of training.
+    ``holdout``: datasets whose test-set formulas are kept out of training, or a mapping of each to the
+    split its test set comes from (default ``split``; kfold: all its formulas).
     """
+    held_splits = dict(holdout) if isinstance(holdout, dict) else dict.fromkeys(holdout, split)
     home_path = data_home(home).resolve()
     root = cache_root(cache, home=home_path).resolve()
     shards: dict[str, str] = {}
     splits: dict[str, str] = {}
     opened: dict[str, ShardSet] = {}
     ids: dict[str, SplitIds] = {}
-    for name in dict.fromkeys([*names, *holdout]):
+    for name in dict.fromkeys([*names, *held_splits]):
         res = prepare(name, graph=graph, home=home_path, cache=root, progress=progress, workers=workers, verify=verify)
         opened[name] = ShardSet(res.path)
-        ids[name] = resolve_split_ids(name, split, home=home_path)
+        ids[name] = resolve_split_ids(name, split if name in names else held_splits[name], home=home_path)
         shards[name] = str(res.path)
         splits[name] = _store(root, "splits", name, ids[name].to_dict())
     held = None
-    if holdout:
+    if held_splits:
         formulas: set[str] = set()
-        for name in holdout:
-            formulas |= test_formulas(opened[name], split, ids[name])
-        held = _store(root, "holdout", "-".join(sorted(holdout))[:60], sorted(formulas))
-    return RunInputs(shards, splits, held, tuple(holdout)).subset(list(dict.fromkeys([*names])))
+        for name, held_split in held_splits.items():
+            formulas |= test_formulas(opened[name], held_split, ids[name])
+        held = _store(root, "holdout", "-".join(sorted(held_splits))[:60], sorted(formulas))
+    return RunInputs(shards, splits, held, tuple(held_splits)).subset(list(dict.fromkeys([*names])))

@@ -1,9 +1,10 @@
 """Screening with trained models: checkpoints × structures → predictions in raw units (``ltc predict``).
 
 Inputs are a CIF or POSCAR file, a folder of them, or a dataset name (its shards, with the true values
-beside the predictions). Several checkpoints (e.g. the seeds of one setting) give a mean and a standard
-deviation. A file that cannot be read, or a structure that cannot become a graph, is a row with its
-error, never the end of the run. Kappa predictions are ranked lowest first (rank 1 = lowest kappa).
+beside the predictions). Several checkpoints (e.g. the seeds of one setting, or the K×R fold models of a
+cross-validated setting: give their folder) give a mean and a standard deviation. A file that cannot be
+read, or a structure that cannot become a graph, is a row with its error, never the end of the run. Kappa
+predictions are ranked lowest first (rank 1 = lowest kappa).
 """
 
 from __future__ import annotations
@@ -41,33 +42,65 @@ class LoadedModel:
     scalers: list[TargetScaler]
 
 
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class EnsembleError(ConfigError, CheckpointError):
+    """Checkpoints that cannot be one ensemble: their heads predict different targets."""
+
+
+def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
+    """Checkpoint files for ``paths``: a file as given, a folder as every ``checkpoint.pt`` beneath it (sorted).
+
+    A file reached twice (e.g. a folder and one of its files) counts once, at its first place.
+    """
+    out: dict[Path, str] = {}
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob(CHECKPOINT_NAME) if p.is_file())
+            if not found:
+                raise MissingFileError(f"checkpoint folder {path} holds no {CHECKPOINT_NAME} (searched recursively)")
+            log.info("checkpoint folder %s: %d %s file(s)", path, len(found), CHECKPOINT_NAME)
+        elif path.exists():
+            found = [path]
+        else:
+            raise MissingFileError(f"checkpoint {path} does not exist")
+        for p in found:
+            out.setdefault(p.resolve(), str(p))
+    return list(out.values())
+
+
+def _heads(targets: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """What each head predicts: (dataset, target, units)."""
+    return [(t["dataset"], t.get("target", ""), t.get("units", "")) for t in targets]
+
+
 def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) -> list[LoadedModel]:
-    """Checkpoints ready to predict; they must predict the same target(s)."""
+    """Checkpoints (files, or folders: see ``expand_checkpoints``) ready to predict the same target(s)."""
     if not paths:
         raise ConfigError("give at least one --checkpoint")
     out = []
-    for path in paths:
+    for path in expand_checkpoints(paths):
         ckpt = load_checkpoint(path)
+        targets = ckpt["targets"]
+        if out and _heads(targets) != _heads(out[0].targets):
+            raise EnsembleError(
+                f"{path} predicts {_heads(targets)}, but {out[0].path} predicts {_heads(out[0].targets)} "
+                "(dataset, target, units): an ensemble needs checkpoints of the same target"
+            )
         model = build_model(ckpt["model"]["name"], ckpt["model"]["config"])
         model.load_state_dict(ckpt["state_dict"])
         model.to(device).eval()
-        targets = ckpt["targets"]
         out.append(
             LoadedModel(
-                str(path),
+                path,
                 model,
                 GraphConfig(**ckpt["graph"]),
                 targets,
                 [TargetScaler.from_dict(t["scaler"]) for t in targets],
             )
         )
-    first = [t["dataset"] for t in out[0].targets]
-    for m in out[1:]:
-        if [t["dataset"] for t in m.targets] != first:
-            raise CheckpointError(
-                f"{m.path} predicts {[t['dataset'] for t in m.targets]}, but {out[0].path} predicts {first}: "
-                "an ensemble needs checkpoints of the same target"
-            )
     return out
 
 

@@ -37,10 +37,17 @@ def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(results_dir) / "trials.parquet"
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
-    trials = pd.read_parquet(path)
+    return with_start(upgrade(pd.read_parquet(path)))
+
+
+def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
+    """A trials table of any ltc version with the current columns (schema 1: ``group``, no folds)."""
     if "source_key" not in trials.columns and "group" in trials.columns:
         trials = trials.rename(columns={"group": "source_key"})
-    return with_start(trials)
+    for col in ("fold", "repeat", "n_folds", "test_r2_log10"):
+        if col not in trials.columns:
+            trials = trials.assign(**{col: np.nan})
+    return trials
 
 
 def with_start(trials: pd.DataFrame) -> pd.DataFrame:
@@ -77,39 +84,6 @@ def _is_kappa(name: str) -> bool:
         return datasets.spec(name).kappa
     except (KeyError, ValueError):
         return False
-
-
-def ft_table(best: pd.DataFrame, dataset: str, size) -> pd.DataFrame:
-    """Scratch against each start for one FT dataset and size: metrics over seeds and gain over scratch."""
-    rows = best[(best.ft_dataset == dataset) & (best.kind != "pretrain")]
-    rows = rows[rows.ft_size.isna()] if pd.isna(size) else rows[rows.ft_size == size]
-    scratch = rows[rows.kind == "scratch"]
-    s_mae, s_r2 = scratch.test_mae.mean(), scratch.test_r2.mean()
-    out = []
-    for (start, strategy), g in rows.groupby(["start", "strategy"], sort=False, dropna=False):
-        mae, r2 = g.test_mae.astype(float).mean(), g.test_r2.astype(float).mean()
-        row = {
-            "start": start,
-            "strategy": strategy,
-            "seeds": len(g),
-            "val_loss": g.val_loss.mean(),
-            "test R2": _mean_std(g.test_r2),
-            "test MAE": _mean_std(g.test_mae),
-            "MAE gain": f"{100 * (s_mae - mae) / s_mae:+.1f}%" if s_mae > 0 and not math.isnan(mae) else MISSING,
-            "R2 gain": f"{r2 - s_r2:+.3f}" if not (math.isnan(r2) or math.isnan(s_r2)) else MISSING,
-            "lr": f"{g.lr.median():.2g}",
-            "n_unfrozen": ",".join(str(int(v)) for v in g.n_unfrozen.dropna()) or MISSING,
-        }
-        if _is_kappa(dataset):
-            row["test MAPE %"] = _mean_std(g.test_mape)
-            row["MAE log10"] = _mean_std(g.test_mae_log10)
-        if start == "scratch":
-            row["MAE gain"] = row["R2 gain"] = MISSING
-        out.append(row)
-    table = pd.DataFrame(out)
-    if not table.empty:
-        table = table.sort_values(["start"], key=lambda s: s != "scratch", kind="stable")
-    return table
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -160,28 +134,26 @@ def _largest_size(rows: pd.DataFrame):
 
 
 def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
-    """PT source × FT dataset: mean test R² gain over scratch at each FT dataset's largest FT size."""
-    ft = best[best.kind == "finetune"]
-    if ft.empty:
+    """PT source × FT dataset: the paired improvement over scratch in each FT dataset's headline metric, at its
+    largest FT size; ``*`` marks cells whose 95 % interval excludes zero, ``?`` cells that cannot be judged."""
+    from ltc import compare
+
+    if best[best.kind == "finetune"].empty:
         return None, "no fine-tuning trials"
-    cells: dict[tuple[str, str], float] = {}
-    for dataset, rows in best[best.kind != "pretrain"].groupby("ft_dataset"):
-        size = _largest_size(rows)
-        at = rows[rows.ft_size == size] if not pd.isna(size) else rows
-        scratch = at[at.kind == "scratch"].test_r2.astype(float)
-        for pt, g in at[at.kind == "finetune"].groupby("start"):  # source dataset and PT size (lineage)
-            # the source's best strategy by validation loss
-            by_strategy = g.groupby("strategy")
-            strategy = by_strategy.val_loss.mean().idxmin()
-            r2 = by_strategy.get_group(strategy).test_r2.astype(float).mean()
-            cells[(pt, dataset)] = r2 - scratch.mean() if not scratch.empty else float("nan")
-    pts = sorted({k[0] for k in cells})
-    fts = sorted({k[1] for k in cells})
+    raw = compare.heatmap_cells(best)
+    if not raw:
+        return None, "no fine-tuning dataset has a scratch baseline to compare with"
+    pts = sorted({k[0] for k in raw})
+    fts = sorted({k[1] for k in raw})
     matrix = np.full((len(pts), len(fts)), np.nan)
-    for (pt, ft_name), v in cells.items():
-        matrix[pts.index(pt), fts.index(ft_name)] = v
+    marks: dict[tuple[int, int], str] = {}
+    for (pt, ft_name), (diff, significant, _label) in raw.items():
+        better_high = compare.headline(ft_name).higher_is_better
+        i, j = pts.index(pt), fts.index(ft_name)
+        matrix[i, j] = diff if better_high else -diff  # improvement: positive = the start beats scratch
+        marks[(i, j)] = "*" if significant else ("?" if significant is None else "")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.1 * len(fts) + 2.5, 0.8 * len(pts) + 2))
+    fig, ax = plt.subplots(figsize=(max(1.3 * len(fts) + 3.0, 5.0), 0.8 * len(pts) + 2.4))
     finite = matrix[np.isfinite(matrix)]
     lim = max(abs(finite).max(), 1e-3) if finite.size else 1.0
     # missing cells: grey and labelled n/a, never a colour that reads as zero
@@ -190,14 +162,15 @@ def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     for i in range(len(pts)):
         for j in range(len(fts)):
             v = matrix[i, j]
-            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:+.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(fts)), fts)
+            text = "n/a" if np.isnan(v) else f"{v:+.3f}{marks.get((i, j), '')}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(fts)), [f"{f}\n({compare.headline(f).label})" for f in fts], fontsize=7)
     ax.set_yticks(range(len(pts)), pts)
     ax.set_xlabel("fine-tuned on")
     ax.set_ylabel("pre-trained on")
-    ax.set_title("test R² gain over scratch")
+    ax.set_title("paired improvement over scratch\n(* 95% interval excludes 0; ? fewer than 3 pairs)", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, out / "heatmap_r2_gain.png"), ""
+    return _save(fig, out / "heatmap_gain.png"), ""
 
 
 def _curves(best: pd.DataFrame, out: Path, x: str, name: str, label: str) -> tuple[Path | None, str]:
@@ -205,19 +178,22 @@ def _curves(best: pd.DataFrame, out: Path, x: str, name: str, label: str) -> tup
     wanted = [d for d, g in rows.groupby("ft_dataset") if g[x].nunique() >= 2]
     if not wanted:
         return None, f"no fine-tuning dataset was run at two or more {label}s"
+    from ltc.compare import headline
+
     fig, axes = _grid(len(wanted))
     for ax, dataset in zip(axes, wanted, strict=True):
         g = rows[rows.ft_dataset == dataset]
+        metric = headline(dataset)
         series = g.pt_dataset.fillna("scratch") if x == "pt_size" else g.start
         for key, h in g.groupby(series):
-            stats = h.groupby(x).test_r2.agg(["mean", "std", "count"]).sort_index()
+            stats = h.groupby(x)[f"test_{metric.metric}"].agg(["mean", "std", "count"]).sort_index()
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=str(key))
         ax.set_xscale("log")
         ticks = sorted(g[x].unique())
         ax.set_xticks(ticks, [f"{int(t):,}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel(label)
-        ax.set_ylabel("test R²")
+        ax.set_ylabel(f"test {metric.label}")
         ax.set_title(dataset)
         ax.legend(fontsize=7)
     return _save(fig, out / name), ""
@@ -237,14 +213,17 @@ def fig_strategies(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     wanted = [d for d, g in rows.groupby("ft_dataset") if g[g.kind == "finetune"].strategy.nunique() >= 2]
     if not wanted:
         return None, "no fine-tuning dataset was run with two or more strategies"
+    from ltc.compare import headline
+
     fig, axes = _grid(len(wanted))
     for ax, dataset in zip(axes, wanted, strict=True):
         g = rows[rows.ft_dataset == dataset]
         g = g[g.ft_size == _largest_size(g)] if g.ft_size.notna().any() else g
-        stats = g.groupby("strategy").test_r2.agg(["mean", "std"])
+        metric = headline(dataset)
+        stats = g.groupby("strategy")[f"test_{metric.metric}"].agg(["mean", "std"])
         ax.bar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), capsize=3,
                color=["#999999" if s == "scratch" else "#4477aa" for s in stats.index])  # fmt: skip
-        ax.set_ylabel("test R²")
+        ax.set_ylabel(f"test {metric.label}")
         ax.set_title(dataset)
         ax.tick_params(axis="x", rotation=45)
     return _save(fig, out / "strategies.png"), ""
@@ -381,11 +360,59 @@ class Report:
 
 
 FIGURES = {
-    "PT × FT heatmap of the R² gain over scratch": fig_heatmap,
+    "PT × FT heatmap of the paired improvement over scratch": fig_heatmap,
     "Metrics against FT size": fig_ft_size,
     "Metrics against PT size": fig_pt_size,
     "Strategy comparison": fig_strategies,
 }
+
+
+def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
+    """Per FT dataset and size: the cells (pooled K-fold metrics or seeds), the paired comparisons, and the
+    selection gaps."""
+    from ltc import compare
+
+    ft = best[best.kind != "pretrain"]
+    if ft.empty:
+        return []
+    lines = [
+        "## Fine-tuning: each starting point against scratch, paired",
+        "",
+        "Kappa is judged by the MAE of log10 kappa (R² of log10 kappa and MAPE beside it; raw-unit R² is in "
+        "trials.parquet only), other properties by R². K-fold cells: metrics of each repeat's pooled "
+        "out-of-fold predictions, mean ± std over repeats. Comparisons pair the two cells on the units both "
+        "have ((repeat, fold), or seed), by each unit's test metric: mean difference A − B with a 95 % interval "
+        "from the Nadeau–Bengio corrected resampled t-test (units share training data, so a plain paired t "
+        "would be too narrow), and how often A was better. Fewer than 3 pairs cannot be judged.",
+        "",
+    ]
+    for (stage, dataset, size), _ in ft.groupby(["stage", "ft_dataset", "ft_size"], dropna=False, sort=False):
+        rows = compare.ft_rows(best[best.stage == stage], dataset, size)
+        h = compare.headline(dataset)
+        size_label = "all" if pd.isna(size) else int(size)
+        how = "lower" if not h.higher_is_better else "higher"
+        lines += [f"### {stage}: {dataset}, FT size {size_label} ({_units(dataset)}; {h.label}, {how} is better)", ""]
+        cells = compare.cell_table(rows, read_predictions)
+        lines += [_markdown(cells), ""]
+        paired = compare.paired_table(rows)
+        if not paired.empty:
+            shown = paired.drop(columns=["significant", "mean_diff"])
+            lines += [_markdown(shown), ""]
+        gaps = compare.selection_gaps(trials, best, rows)
+        if not gaps.empty:
+            lines += [
+                "Selection honesty: each unit's model was picked by validation loss among its trials; how much "
+                "worse on test it was than the best test result among the same trials (0: the pick was the "
+                "test-best; a positive gap is the optimism a test-set pick would have hidden).",
+                "",
+                _markdown(gaps),
+                "",
+            ]
+        tuned = cells[cells.start != "scratch"] if not cells.empty else cells
+        if not tuned.empty:
+            top = tuned.loc[tuned.val_loss.idxmin()]
+            lines += [f"Lowest validation loss: start `{top.start}`, strategy `{top.strategy}`.", ""]
+    return lines
 
 
 def write_report(results_dir: str | os.PathLike[str]) -> Report:
@@ -400,44 +427,30 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         f"# Sweep report: {name}",
         "",
         f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".",
-        "Each setting is represented by its best completed trial (lowest validation loss); settings are "
-        "aggregated over seeds as mean ± std. Test metrics are in the target's raw units, on test sets no "
-        f"stage trained on. `{MISSING}` marks what the sweep did not (yet) produce.",
+        "Each setting (one seed, or one fold of one repeat) is represented by its best completed trial (lowest "
+        "validation loss). Test metrics are in the target's raw units (log10 for kappa's headline), on test "
+        f"sets or folds no stage trained on. `{MISSING}` marks what the sweep did not (yet) produce.",
         "",
     ]
+    from ltc.compare import headline
+
     pt = best[best.kind == "pretrain"]
     if not pt.empty:
         lines += [
             "## Pre-training",
             "",
-            "| stage | dataset | size | seeds | test R2 | test MAE | units |",
-            "|---|---|---|---|---|---|---|",
+            "| stage | dataset | size | seeds | headline | test | test MAE | units |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for (stage, dataset, size), g in pt.groupby(["stage", "dataset", "size"], dropna=False, sort=False):
             size_label = MISSING if pd.isna(size) else int(size)
             units = _units(dataset) if "+" not in dataset else "per property"
-            r2, mae = _mean_std(g.test_r2), _mean_std(g.test_mae)
-            lines.append(f"| {stage} | {dataset} | {size_label} | {len(g)} | {r2} | {mae} | {units} |")
+            h = headline(dataset) if "+" not in dataset else headline("")
+            value, mae = _mean_std(g[f"test_{h.metric}"]), _mean_std(g.test_mae)
+            lines.append(f"| {stage} | {dataset} | {size_label} | {len(g)} | {h.label} | {value} | {mae} | {units} |")
         lines.append("")
 
-    ft_rows = best[best.kind != "pretrain"]
-    if not ft_rows.empty:
-        lines += ["## Fine-tuning: scratch against each starting point", ""]
-    for dataset, rows in ft_rows.groupby("ft_dataset", sort=False):
-        for size in sorted(rows.ft_size.unique(), key=lambda v: -1 if pd.isna(v) else v):
-            table = ft_table(best, dataset, size)
-            if table.empty:
-                continue
-            size_label = "all" if pd.isna(size) else int(size)
-            lines += [f"### {dataset}, FT size {size_label} ({_units(dataset)})", "", _markdown(table), ""]
-            tuned = table[table.start != "scratch"]
-            if not tuned.empty:
-                top = tuned.loc[tuned.val_loss.idxmin()]
-                lines.append(
-                    f"Best by validation loss: start `{top.start}`, strategy `{top.strategy}`, lr {top.lr}, "
-                    f"n_unfrozen {top.n_unfrozen}; test R² {top['test R2']} (gain {top['R2 gain']})."
-                )
-                lines.append("")
+    lines += _ft_sections(trials, best)
 
     lines += ["## Figures", ""]
     makers = {**{k: (lambda f=f: f(best, folder)) for k, f in FIGURES.items()},
@@ -462,23 +475,22 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
 # --------------------------------------------------------------------------------------------------
 # The trials table: one flat row per trial (``results/README.md``), built from a stage's ResultGrid.
 
-RESULTS_SCHEMA_VERSION = 2  # 2: ``group`` became ``source_key``
+RESULTS_SCHEMA_VERSION = 2  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
 
 COLUMNS = [
-    "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "ft_dataset",
-    "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "val_loss", "val_mae", "val_r2",
-    "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10", "n_train", "n_val", "n_test",
-    "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds", "wall_seconds", "params_trainable",
-    "params_total",
-    "checkpoint", "init", "task_metrics",
+    "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage",
+    "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat", "n_folds",
+    "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10",
+    "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds",
+    "wall_seconds", "params_trainable", "params_total", "checkpoint", "init", "task_metrics",
     "trial_id", "node_id", "gpu_ids", "started", "finished", "error",
 ]  # fmt: skip
 
 
-_FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse",
-          "test_r2", "test_mape", "test_mae_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch",
-          "resumed_from_epoch", "wall_seconds",
-          "train_seconds", "params_trainable", "params_total", "started", "finished")  # fmt: skip
+_FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "fold", "repeat", "n_folds", "val_loss", "val_mae",
+          "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10", "test_r2_log10", "n_train",
+          "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "wall_seconds", "train_seconds",
+          "params_trainable", "params_total", "started", "finished")  # fmt: skip
 # Fixed column types: a stage without kappa rows (all-null test_mae_log10) concatenates cleanly with one with.
 DTYPES = {c: ("float64" if c in _FLOAT else "int64" if c in ("trial_index", "seed") else "object") for c in COLUMNS}
 
@@ -525,6 +537,9 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             "n_unfrozen": cfg.get("n_unfrozen"),
             "lr": cfg.get("lr"),
             "seed": cfg.get("seed"),
+            "fold": cfg.get("fold"),
+            "repeat": cfg.get("repeat"),
+            "n_folds": (cfg.get("split") or {}).get("folds") if cfg.get("fold") is not None else None,
             "checkpoint": _checkpoint_uri(result.checkpoint) if done else None,
             "init": cfg.get("init"),
             "trial_id": m.get("trial_id") or Path(str(result.path)).name,
@@ -569,25 +584,55 @@ def copy_best(table: pd.DataFrame, folder: Path) -> None:
 
 
 def summary(trials: pd.DataFrame) -> str:
-    """Per (stage, dataset, size, start, strategy): test metrics of each seed's best trial, mean ± std."""
+    """What a sweep found, for the console: each setting's units (mean ± std), then for each FT dataset and
+    size the pooled K-fold metrics and the paired comparisons (each start against scratch, starts against
+    each other) with their 95 % intervals and verdicts."""
+    from ltc import compare
+
+    trials = upgrade(trials)
     best = with_start(best_per_setting(trials))
     if best.empty:
         return "no completed trials"
     keys = ["stage", "dataset", "size", "start", "strategy"]
     rows = []
     for key, g in best.groupby(keys, dropna=False, sort=False):
-        r2, mae = g.test_r2.astype(float), g.test_mae.astype(float)
         row = dict(zip(keys, key, strict=True))
+        name = str(row["dataset"])
+        kappa = compare.is_kappa(name)
+        h = compare.headline(name)
         row["size"] = "all" if pd.isna(row["size"]) else int(row["size"])
-        row.update(
-            seeds=len(g),
-            test_mae=f"{mae.mean():.4g} ± {mae.std(ddof=0):.2g}" if mae.notna().any() else "-",
-            test_r2=f"{r2.mean():.3f} ± {r2.std(ddof=0):.3f}" if r2.notna().any() else "-",
-            lr=f"{g.lr.median():.2g}",
-            n_unfrozen="-" if g.n_unfrozen.isna().all() else ",".join(str(int(v)) for v in g.n_unfrozen.dropna()),
-        )
+        row["units"] = f"{len(g)} {'folds' if compare.is_kfold(g) else 'seeds' if len(g) > 1 else 'seed'}"
+        mae = g.test_mae.astype(float)
+        row["test_mae"] = f"{mae.mean():.4g} ± {mae.std(ddof=0):.2g}" if mae.notna().any() else "-"
+        if kappa:  # raw-unit R² of kappa is in trials.parquet, never a headline
+            v = g[f"test_{h.metric}"].astype(float)
+            row["test_mae_log10"] = f"{v.mean():.3f} ± {v.std(ddof=0):.3f}" if v.notna().any() else "-"
+        else:
+            r2 = g.test_r2.astype(float)
+            row["test_r2"] = f"{r2.mean():.3f} ± {r2.std(ddof=0):.3f}" if r2.notna().any() else "-"
+        row["lr"] = f"{g.lr.median():.2g}"
+        row["n_unfrozen"] = "-" if g.n_unfrozen.isna().all() else ",".join(str(int(v)) for v in g.n_unfrozen.dropna())
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).fillna("")
     counts = trials.status.value_counts().to_dict()
-    head = f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-    return head + "\n" + table.to_string(index=False)
+    lines = [f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()), table.to_string(index=False)]
+    ft = best[best.kind != "pretrain"]
+    if "ft_dataset" not in ft.columns:
+        return "\n".join(lines)
+    for (stage, dataset, size), _ in ft.groupby(["stage", "ft_dataset", "ft_size"], dropna=False, sort=False):
+        cell_rows = compare.ft_rows(best[best.stage == stage], dataset, size)
+        size_label = "all" if pd.isna(size) else int(size)
+        h = compare.headline(dataset)
+        lines += ["", f"{stage}: {dataset}, FT size {size_label}; judged by {h.label} "
+                  f"({'lower' if not h.higher_is_better else 'higher'} is better)"]  # fmt: skip
+        if compare.is_kfold(cell_rows):
+            cells = compare.cell_table(cell_rows, read_predictions).drop(columns=["val_loss"])
+            lines += ["pooled out-of-fold test predictions per repeat, mean ± std over repeats:"]
+            lines += [cells.to_string(index=False)]
+        paired = compare.paired_table(cell_rows)
+        for _, r in paired.iterrows():
+            lines.append(
+                f"  {r.A} vs {r.B}: {r['A - B']} {r['95% interval']} (A better on {r['A better on']} "
+                f"{'folds' if compare.is_kfold(cell_rows) else 'seeds'}): {r.verdict}"
+            )
+    return "\n".join(lines)

@@ -27,16 +27,27 @@ from ltc.shards import ShardSet
 log = logging.getLogger(__name__)
 
 DEVI_SIZES = (10, 100, 200, 500, 800)
-SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded")  # how the test set is chosen (SplitConfig.test)
+SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded", "kfold")  # how the test set is chosen (SplitConfig.test)
 _told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
 
 @dataclass(frozen=True)
 class SplitConfig:
+    """How a dataset is split into test, training and (inner) validation structures.
+
+    ``test``: ``seeded`` (a fixed ``test_fraction``), ``paper`` / ``paper_or_seeded`` (Devi et al.'s test
+    file), or ``kfold``: each of ``repeats`` repeats partitions the dataset into ``folds`` folds and every
+    structure is tested once per repeat; the run of (repeat, fold) tests that fold and trains on the rest.
+    ``val_fraction`` of the training structures is the validation split, the only data that selects
+    (best epoch, Optuna, early stopping): never the test set or fold.
+    """
+
     test: str = "seeded"  # one of SPLIT_TESTS; paper_or_seeded: paper where Devi's file exists
     test_fraction: float = 0.1
-    split_seed: int = 0  # fixes the seeded test set; trials vary ``seed``, not this
+    split_seed: int = 0  # fixes the seeded test set (and the folds); trials vary ``seed``, not this
     val_fraction: float = 0.1
+    folds: int = 5  # kfold only
+    repeats: int = 1  # kfold only
 
     def __post_init__(self) -> None:
         if self.test not in SPLIT_TESTS:
@@ -45,6 +56,14 @@ class SplitConfig:
             raise ConfigError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r} must be between 0 and 1")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise ConfigError(f"folds={self.folds!r} must be an integer >= 2")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ConfigError(f"repeats={self.repeats!r} must be an integer >= 1")
+
+    @property
+    def kfold(self) -> bool:
+        return self.test == "kfold"
 
 
 @dataclass(frozen=True)
@@ -105,12 +124,24 @@ class SplitIds:
         )
 
 
+def fold_of(shards: ShardSet, config: SplitConfig, repeat: int) -> np.ndarray:
+    """[n] the fold (0 … folds-1) of each graph in repeat ``repeat``: a seeded, balanced partition.
+
+    Ranked by a stable hash of (split_seed, dataset, repeat, id), then dealt round-robin, so fold sizes
+    differ by at most one and a structure's fold depends on the ids alone (not on row order or graphs).
+    """
+    order = _hash_rank(shards.ids, config.split_seed, shards.name, "kfold", repeat)
+    folds = np.empty(len(shards), dtype=np.int64)
+    folds[order] = np.arange(len(shards)) % config.folds
+    return folds
+
+
 def resolve_split_ids(
     name: str, config: SplitConfig = SplitConfig(), *, home: str | os.PathLike[str] | None = None
 ) -> SplitIds:
     """Read what ``config`` needs of Devi et al.'s files for dataset ``name`` (nothing for seeded splits)."""
     if config.test not in ("paper", "paper_or_seeded"):
-        return SplitIds(name)
+        return SplitIds(name)  # seeded and kfold test sets come from the shards' ids
     try:
         test = datasets.devi_test_ids(name, data_home=home)
     except datasets.DatasetError:
@@ -151,8 +182,22 @@ def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitId
     return [universe[i] for i in order[:n_test]]
 
 
-def test_indices(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> np.ndarray:
-    """Positions in ``shards`` of the fixed test set (ids without a graph are skipped)."""
+def test_indices(
+    shards: ShardSet,
+    config: SplitConfig = SplitConfig(),
+    ids: SplitIds | None = None,
+    *,
+    fold: int | None = None,
+    repeat: int | None = None,
+) -> np.ndarray:
+    """Positions in ``shards`` of the test set (ids without a graph are skipped); kfold: of (repeat, fold)."""
+    if config.kfold:
+        if fold is None or repeat is None:
+            raise ConfigError("a kfold split needs fold and repeat")
+        _check_fold(config, fold, repeat)
+        return np.flatnonzero(fold_of(shards, config, repeat) == fold)
+    if fold is not None or repeat is not None:
+        raise ConfigError(f"fold={fold}, repeat={repeat} given, but the split is {config.test!r}, not kfold")
     wanted = test_ids(shards, config, ids)
     idx = shards.indices_of(wanted, missing="skip")
     if len(idx) < len(wanted):
@@ -162,15 +207,24 @@ def test_indices(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: Spl
     return np.sort(idx)
 
 
+def _check_fold(config: SplitConfig, fold: int, repeat: int) -> None:
+    if not 0 <= fold < config.folds:
+        raise ConfigError(f"fold={fold} must be between 0 and {config.folds - 1} (folds={config.folds})")
+    if not 0 <= repeat < config.repeats:
+        raise ConfigError(f"repeat={repeat} must be between 0 and {config.repeats - 1} (repeats={config.repeats})")
+
+
 def training_pool(
     shards: ShardSet,
     config: SplitConfig = SplitConfig(),
     *,
     exclude_formulas: frozenset[str] | set[str] = frozenset(),
     ids: SplitIds | None = None,
+    fold: int | None = None,
+    repeat: int | None = None,
 ) -> np.ndarray:
-    """Positions that training subsets are drawn from: outside the test set and the held-out formulas."""
-    test = test_indices(shards, config, ids)
+    """Positions that training subsets are drawn from: outside the test set (fold) and the held-out formulas."""
+    test = test_indices(shards, config, ids, fold=fold, repeat=repeat)
     in_test = np.zeros(len(shards), dtype=bool)
     in_test[test] = True
     pool = np.flatnonzero(~in_test)
@@ -189,14 +243,17 @@ def make_split(
     config: SplitConfig = SplitConfig(),
     exclude_formulas: frozenset[str] | set[str] = frozenset(),
     ids: SplitIds | None = None,
+    fold: int | None = None,
+    repeat: int | None = None,
 ) -> Split:
     """Draw ``size`` training+validation structures (all if None) for ``seed``, outside the test set.
 
     ``ids``: the dataset's resolved split ids (trials pass them); None reads Devi et al.'s files here.
+    ``fold``, ``repeat``: which fold is the test set, with a ``kfold`` split (required there).
     """
     ids_ = ids if ids is not None else resolve_split_ids(shards.name, config)
-    test = test_indices(shards, config, ids_)
-    pool = training_pool(shards, config, exclude_formulas=exclude_formulas, ids=ids_)
+    test = test_indices(shards, config, ids_, fold=fold, repeat=repeat)
+    pool = training_pool(shards, config, exclude_formulas=exclude_formulas, ids=ids_, fold=fold, repeat=repeat)
     if exclude_formulas:
         log.info("%s: %d structures left out of training (formula in a held-out test set)",
                  shards.name, len(shards) - len(test) - len(pool))  # fmt: skip
@@ -249,8 +306,13 @@ def _paper_subset(
 
 
 def test_formulas(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> set[str]:
-    """Reduced formulas of ``shards``' test set (what ``holdout`` keeps out of other stages' training)."""
+    """Reduced formulas of ``shards``' test set (what ``holdout`` keeps out of other stages' training).
+
+    With ``kfold`` every structure is tested (once per repeat): every formula of the dataset.
+    """
     formulas = shards.formulas
+    if config.kfold:
+        return set(formulas)
     return {formulas[i] for i in test_indices(shards, config, ids)}
 
 

@@ -311,6 +311,8 @@ class RunConfig:
     max_size: int | None = None  # at most this many (PT size caps)
     seed: int = 0
     split: SplitConfig = SplitConfig()
+    fold: int | None = None  # kfold: the test fold of this run …
+    repeat: int | None = None  # … in this repeat
     holdout: tuple[str, ...] = ()  # keep formulas of these datasets' test sets out of training
     transform: str | None = None  # target transform; default: the dataset's
     init: str | None = None
@@ -340,6 +342,10 @@ class RunConfig:
             raise ConfigError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
         if self.head not in HEADS:
             raise ConfigError(f"head={self.head!r} must be one of {HEADS}")
+        if self.split.kfold and (self.fold is None or self.repeat is None):
+            raise ConfigError("a kfold run needs fold and repeat (train_kfold runs them all)")
+        if not self.split.kfold and (self.fold is not None or self.repeat is not None):
+            raise ConfigError(f"fold / repeat go with a kfold split, not {self.split.test!r}")
 
 
 def graph_for(stage: RunConfig, ckpt: dict[str, Any] | None, model_name: str) -> GraphConfig:
@@ -413,11 +419,16 @@ def train_run(
         size = stage.size
         if stage.max_size is not None:
             size = None  # capped below, after the pool is known
-        split = make_split(shards, size=size, seed=stage.seed, config=stage.split, exclude_formulas=exclude, ids=ids)
+        where = {
+            "config": stage.split,
+            "exclude_formulas": exclude,
+            "ids": ids,
+            "fold": stage.fold,
+            "repeat": stage.repeat,
+        }
+        split = make_split(shards, size=size, seed=stage.seed, **where)
         if stage.max_size is not None and len(split.train) + len(split.val) > stage.max_size:
-            split = make_split(
-                shards, size=stage.max_size, seed=stage.seed, config=stage.split, exclude_formulas=exclude, ids=ids
-            )
+            split = make_split(shards, size=stage.max_size, seed=stage.seed, **where)
         if len(split.train) == 0:
             raise ConfigError(f"{shards.name}: no training structures (size={stage.size}, seed={stage.seed})")
         scaler = TargetScaler.fit(stage.transform or spec.transform, shards.y[split.train])
@@ -463,6 +474,8 @@ def train_run(
             "n_unfrozen": stage.n_unfrozen,
             "lr": stage.train.lr,
             "seed": stage.seed,
+            "fold": stage.fold,
+            "repeat": stage.repeat,
             "size": stage.size if stage.size is not None else stage.max_size,
             "init": str(stage.init) if stage.init else None,
             "graph": graph.to_dict(),
@@ -520,6 +533,73 @@ def train_run(
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / "metrics.json", _json_safe({**metrics, "history": result.history}))
     return metrics
+
+
+def fold_runs(stage: RunConfig) -> list[RunConfig]:
+    """The runs of a kfold ``stage``: one per (repeat, fold), seeded by the repeat (init, inner split)."""
+    if not stage.split.kfold:
+        raise ConfigError(f"fold_runs needs a kfold split, not {stage.split.test!r}")
+    from dataclasses import replace
+
+    return [
+        replace(stage, fold=f, repeat=r, seed=stage.seed + r, train=replace(stage.train, seed=stage.train.seed + r))
+        for r in range(stage.split.repeats)
+        for f in range(stage.split.folds)
+    ]
+
+
+def pooled_metrics(predictions: Any, *, kappa: bool) -> dict[str, Any]:
+    """Per repeat, metrics of the pooled out-of-fold test predictions; then mean and std over repeats.
+
+    ``predictions``: a DataFrame with ``repeat, y_true, y_pred`` (one row per structure and repeat).
+    Returns ``{"repeats": [{metric: value}…], "<metric>_mean": …, "<metric>_std": …}`` (std ddof 0).
+    """
+    per_repeat = []
+    for repeat, g in predictions.groupby("repeat", sort=True):
+        m = regression_metrics(g.y_true.to_numpy(), g.y_pred.to_numpy(), kappa=kappa)
+        per_repeat.append({"repeat": int(repeat), "n": len(g), **m})
+    out: dict[str, Any] = {"repeats": per_repeat}
+    for key in per_repeat[0] if per_repeat else []:
+        if key in ("repeat", "n"):
+            continue
+        values = [r[key] for r in per_repeat if r[key] is not None]
+        out[f"{key}_mean"] = float(np.mean(values)) if values else None
+        out[f"{key}_std"] = float(np.std(values)) if values else None
+    return out
+
+
+def train_kfold(
+    stage: RunConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    inputs: RunInputs | None = None,
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Every (repeat, fold) run of a kfold ``stage`` into ``out_dir/r<repeat>-f<fold>/``, then ``cv.json``.
+
+    ``cv.json`` holds the metrics of each repeat's pooled out-of-fold test predictions (every structure
+    tested once per repeat) and their mean ± std over repeats; returned as well.
+    """
+    import pandas as pd
+
+    out = Path(out_dir)
+    if inputs is None:
+        inputs = run_inputs(stage, home=home, cache=cache)
+    preds = []
+    for run in fold_runs(stage):
+        folder = out / f"r{run.repeat}-f{run.fold}"
+        train_run(run, folder, inputs=inputs)
+        p = pd.read_parquet(folder / "predictions.parquet")
+        preds.append(p[p.split == "test"].assign(repeat=run.repeat, fold=run.fold))
+    table = pd.concat(preds, ignore_index=True)
+    result = {}
+    for name, g in table.groupby("dataset", sort=False):
+        result[name] = pooled_metrics(g, kappa=datasets.spec(name).kappa)
+    cv = {"folds": stage.split.folds, "repeats": stage.split.repeats, "datasets": result}
+    write_json_atomic(out / "cv.json", _json_safe(cv))
+    write_parquet_atomic(out / "oof_predictions.parquet", table)
+    return cv
 
 
 def _json_safe(obj: Any) -> Any:

@@ -45,6 +45,8 @@ def run_config(config: dict[str, Any]):
         max_size=config.get("max_size"),
         seed=config["seed"],
         split=SplitConfig(**config["split"]),
+        fold=config.get("fold"),
+        repeat=config.get("repeat"),
         holdout=tuple(config.get("holdout") or ()),
         init=copy_to_local(config["init"]) if config.get("init") else None,
         strategy="all" if config["kind"] != "finetune" else config["strategy"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,9 +12,10 @@ import pytest
 from test_models import SMALL
 
 from ltc import datasets
-from ltc.checkpoints import CheckpointError
+from ltc.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from ltc.cli import main
-from ltc.predict import predict
+from ltc.errors import ConfigError, MissingFileError
+from ltc.predict import expand_checkpoints, predict
 from ltc.train import RunConfig, TrainConfig, train_run
 
 
@@ -111,3 +114,60 @@ def test_poscar_files_are_read(runs, tmp_path):
     structure.to(filename=str(tmp_path / "POSCAR"), fmt="poscar")
     table = predict([runs[0] / "checkpoint.pt"], str(tmp_path / "POSCAR"))
     assert len(table) == 1 and table.error.isna().all() and table.formula[0] == structure.composition.reduced_formula
+
+
+def _fold_folder(runs, root):
+    """A cross-validated setting laid out as a sweep saves it: ``<setting>/r0-f<k>/checkpoint.pt``."""
+    setting = root / "finetune" / "l96-setting"
+    for k, seed in enumerate((0, 1)):
+        (setting / f"r0-f{k}").mkdir(parents=True)
+        shutil.copy(runs[seed] / "checkpoint.pt", setting / f"r0-f{k}" / "checkpoint.pt")
+    (setting / "r0-f0" / "metrics.json").write_text("{}")  # other files beside them are not checkpoints
+    return setting
+
+
+def test_checkpoint_folder_is_the_ensemble_of_its_checkpoints(runs, tmp_path):
+    setting = _fold_folder(runs, tmp_path)
+    files = [str(setting / f"r0-f{k}" / "checkpoint.pt") for k in (0, 1)]
+    assert expand_checkpoints([setting]) == files  # recursive, sorted
+    assert expand_checkpoints([setting, files[1]]) == files  # a file reached twice counts once
+    by_folder = predict([setting], "l96")
+    by_files = predict(files, "l96")
+    assert len(by_folder) == 95 and (by_folder.n_models == 2).all()
+    pd.testing.assert_frame_equal(by_folder, by_files)
+    assert (by_folder.pred_std > 0).all()
+    # the CLI: `--checkpoint FOLDER INPUT`
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--checkpoint", str(setting), "l96", "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert (table.n_models == 2).all()
+    np.testing.assert_allclose(table.pred_mean, by_files.pred_mean)
+    np.testing.assert_allclose(table.pred_std, by_files.pred_std)
+
+
+def test_empty_or_missing_checkpoint_paths(runs, tmp_path, capsys):
+    empty = tmp_path / "setting"
+    (empty / "r0-f0").mkdir(parents=True)
+    missing = tmp_path / "nosuch"
+    with pytest.raises(MissingFileError, match=re.escape(f"checkpoint folder {empty} holds no checkpoint.pt")):
+        predict([runs[0] / "checkpoint.pt", empty], "l96")
+    with pytest.raises(MissingFileError, match=re.escape(f"checkpoint {missing} does not exist")):
+        predict([runs[0] / "checkpoint.pt", missing], "l96")
+    assert main(["predict", "--checkpoint", str(empty), "l96", "--out", str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ltc predict: error: ") and str(empty) in err[0]
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_ensemble_of_different_targets_names_both_checkpoints(runs, tmp_path):
+    first, other = runs[0] / "checkpoint.pt", runs["dc"] / "checkpoint.pt"
+    with pytest.raises(ConfigError, match="an ensemble needs checkpoints of the same target") as info:
+        predict([first, other], "l96")
+    assert str(first) in str(info.value) and str(other) in str(info.value)
+    # same dataset, other units: not one target either (also found inside a folder)
+    ckpt = load_checkpoint(runs[1] / "checkpoint.pt")
+    ckpt["targets"][0]["units"] = "mW/(m K)"
+    relabelled = save_checkpoint(tmp_path / "setting" / "r0-f1" / "checkpoint.pt", ckpt)
+    with pytest.raises(ConfigError, match=re.escape("mW/(m K)")) as info:
+        predict([first, tmp_path / "setting"], "l96")
+    assert str(first) in str(info.value) and str(relabelled) in str(info.value)

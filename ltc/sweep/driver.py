@@ -25,9 +25,9 @@ from ltc.inputs import resolve_inputs
 from ltc.sweep.plan import (
     Setting,
     check_sizes,
+    holdout_splits,
     plan_stage,
     plan_starts,
-    resolve_holdout,
     select_starts,
     trial_config,
     validate,
@@ -102,7 +102,7 @@ def run_sweep(
         # open these paths and nothing else
         names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))
         inputs = resolve_inputs(
-            names, holdout=resolve_holdout(spec, stage), graph=spec.graph_config, split=spec.split, home=home,
+            names, holdout=holdout_splits(spec, stage), graph=spec.graph_config, split=spec.split_for(stage), home=home,
             cache=cache_dir, verify=True, progress=True,
         )  # fmt: skip
         check_sizes(spec, stage, settings, inputs)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from ltc import datasets
 from ltc.errors import ConfigError, LtcError
 from ltc.inputs import RunInputs
+from ltc.splits import SplitConfig
 from ltc.sweep.spec import Range, StageSpec, SweepSpec
 
 Kind = Literal["pretrain", "finetune", "scratch"]
@@ -64,6 +65,8 @@ class Setting:
     seed: int
     strategy: str
     start: Start | None = None
+    fold: int | None = None  # kfold stages: the test fold …
+    repeat: int | None = None  # … of this repeat (seed = the stage's seed + repeat)
 
     @property
     def source_key(self) -> str:
@@ -105,6 +108,17 @@ def resolve_holdout(spec: SweepSpec, stage: StageSpec) -> list[str]:
     return list(stage.holdout)
 
 
+def holdout_splits(spec: SweepSpec, stage: StageSpec) -> dict[str, SplitConfig]:
+    """Each held-out dataset with the split its test set comes from: that of the first stage after ``stage``
+    that trains on it (kfold there: every formula is a test formula), else the sweep's."""
+    out = {}
+    i = spec.stages.index(stage)
+    for name in resolve_holdout(spec, stage):
+        later = [st for st in spec.stages[i + 1 :] if any(name in g for g in st.dataset_sets)]
+        out[name] = spec.split_for(later[0]) if later else spec.split
+    return out
+
+
 def plan_starts(spec: SweepSpec, stage: StageSpec, source_settings: list[Setting]) -> list[Start]:
     """The starts of ``stage``: one per source key of the source stage, or per (source key, seed)."""
     assert stage.start_from is not None
@@ -118,23 +132,39 @@ def plan_starts(spec: SweepSpec, stage: StageSpec, source_settings: list[Setting
     return list(starts.values())
 
 
+def units(spec: SweepSpec, stage: StageSpec) -> list[tuple[int, int | None, int | None]]:
+    """(seed, fold, repeat) of each evaluation unit: the stage's seeds, or with kfold every (repeat, fold)."""
+    split = spec.split_for(stage)
+    if not split.kfold:
+        return [(seed, None, None) for seed in stage.seeds]
+    base = stage.seeds[0]
+    return [(base + r, f, r) for r in range(split.repeats) for f in range(split.folds)]
+
+
+def _unit_label(seed: int, fold: int | None, repeat: int | None) -> str:
+    return f"seed{seed}" if fold is None else f"r{repeat}f{fold}"
+
+
 def plan_stage(spec: SweepSpec, stage: StageSpec, starts: list[Start] | None) -> list[Setting]:
     """Settings of one stage; ``starts`` are its starting points (None for a stage from scratch)."""
     out: list[Setting] = []
-    for group, (size, max_size), seed in itertools.product(stage.dataset_sets, stage.size_options(), stage.seeds):
-        label = _data_label(group, size, max_size)
+    for group, (size, max_size), (seed, fold, repeat) in itertools.product(
+        stage.dataset_sets, stage.size_options(), units(spec, stage)
+    ):
+        label, unit = _data_label(group, size, max_size), _unit_label(seed, fold, repeat)
+        common = {"fold": fold, "repeat": repeat}
         if stage.start_from is None:
-            key = f"{stage.name}|{label}|seed{seed}"
-            out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all"))
+            key = f"{stage.name}|{label}|{unit}"
+            out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all", **common))
             continue
         for start, strategy in itertools.product(starts or [], stage.strategies):
             if stage.start_from.skip_seen and set(group) & set(start.datasets):
                 continue
-            key = f"{stage.name}|from={start.label}|{label}|{strategy}|seed{seed}"
-            out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start))
+            key = f"{stage.name}|from={start.label}|{label}|{strategy}|{unit}"
+            out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start, **common))
         if stage.scratch:
-            key = f"{stage.name}|scratch|{label}|seed{seed}"
-            out.append(Setting(key, stage.name, "scratch", group, size, max_size, seed, "all"))
+            key = f"{stage.name}|scratch|{label}|{unit}"
+            out.append(Setting(key, stage.name, "scratch", group, size, max_size, seed, "all", **common))
     return out
 
 
@@ -180,7 +210,9 @@ def trial_config(spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInput
         "model": spec.model if s.kind != "finetune" else None,
         "model_config": spec.model_config if s.kind != "finetune" else {},
         "graph": spec.graph_config.to_dict(),
-        "split": dataclasses.asdict(spec.split),
+        "split": dataclasses.asdict(spec.split_for(stage)),
+        "fold": s.fold,
+        "repeat": s.repeat,
         "holdout": resolve_holdout(spec, stage),
         "inputs": inputs.subset(s.datasets).to_dict(),
         "train": {
@@ -305,17 +337,21 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
                 if name not in found:
                     found[name] = dataset_count(name, spec, home=home, cache=cache)
                 c = found[name]
+                split = spec.split_for(stage)
+                n_test = math.ceil(c.n_rows / split.folds) if split.kfold else c.n_test
+                available = (c.n_graphs if c.n_graphs is not None else c.n_rows) - n_test
+                where = f"a test fold of {split.folds}" if split.kfold else "its test set"
                 for k, size in enumerate(stage.sizes):
-                    if size is not None and size > c.available:
+                    if size is not None and size > available:
                         raise ConfigError(
-                            f"stages[{i}].sizes[{k}]={size}: {name} has at most {c.available} structures outside "
-                            f"its test set ({c.n_rows} rows, {c.n_test} test)"
+                            f"stages[{i}].sizes[{k}]={size}: {name} has at most {available} structures outside "
+                            f"{where} ({c.n_rows} rows, {n_test} test)"
                         )
 
 
 def check_sizes(spec: SweepSpec, stage: StageSpec, settings: list[Setting], inputs: RunInputs) -> None:
     """Exactly what ``validate`` bounds: every setting's size fits its dataset's pool (holdout included)."""
-    from ltc.splits import DEVI_SIZES, SplitConfig, training_pool
+    from ltc.splits import DEVI_SIZES, training_pool
 
     i = spec.stages.index(stage)
     exclude = inputs.holdout_formulas()
@@ -323,13 +359,22 @@ def check_sizes(spec: SweepSpec, stage: StageSpec, settings: list[Setting], inpu
     for s in settings:
         if s.size is None:
             continue
-        paper = spec.split.test != "seeded" and s.size in DEVI_SIZES and 1 <= s.seed <= 5
+        paper = spec.split_for(stage).test.startswith("paper") and s.size in DEVI_SIZES and 1 <= s.seed <= 5
         for name in s.datasets:
             if not paper:  # Devi et al.'s own subsets take what fits (and say so)
                 largest[name] = max(largest.get(name, 0), s.size)
-    split: SplitConfig = spec.split
+    split: SplitConfig = spec.split_for(stage)
     for name, size in largest.items():
-        pool = training_pool(inputs.open_shards(name), split, exclude_formulas=exclude, ids=inputs.split_ids(name))
+        shards, ids = inputs.open_shards(name), inputs.split_ids(name)
+        if split.kfold:  # the smallest training pool over the folds of every repeat
+            pools = [
+                training_pool(shards, split, exclude_formulas=exclude, ids=ids, fold=f, repeat=r)
+                for r in range(split.repeats)
+                for f in range(split.folds)
+            ]
+            pool = min(pools, key=len)
+        else:
+            pool = training_pool(shards, split, exclude_formulas=exclude, ids=ids)
         if size > len(pool):
             k = stage.sizes.index(size) if stage.sizes and size in stage.sizes else 0
             held = f" and the held-out formulas of {', '.join(inputs.holdout_datasets)}" if exclude else ""
@@ -363,6 +408,12 @@ def describe(spec: SweepSpec) -> str:
             f"x {search.trials} trials = {n_trials} trials; {res.cpu:g} CPU + {res.gpu:g} GPU per trial"
         )
         sizes = ", ".join(_size_label(*o) for o in stage.size_options())
+        split = spec.split_for(stage)
+        if split.kfold:
+            lines.append(
+                f"  test: {split.folds}-fold cross-validation x {split.repeats} repeats (every structure tested once "
+                f"per repeat; selection on an inner {split.val_fraction:.0%} of the training folds)"
+            )
         lines.append(
             f"  datasets {', '.join('+'.join(grp) for grp in stage.dataset_sets)}; sizes {sizes}; seeds {stage.seeds}; "
             f"strategies {stage.strategies}{' + scratch' if stage.scratch else ''}"
@@ -380,9 +431,14 @@ def describe(spec: SweepSpec) -> str:
             lines.append(
                 f"  starting checkpoints: {len(starts)} ({', '.join(starts[:6])}{', …' if len(starts) > 6 else ''})"
             )
-        holdout = resolve_holdout(spec, stage)
-        if holdout:
-            lines.append(f"  held out of training: test-set formulas of {', '.join(holdout)}")
+        held = holdout_splits(spec, stage)
+        if held:
+            tested = [n for n, sp in held.items() if not sp.kfold]
+            folded = [n for n, sp in held.items() if sp.kfold]
+            parts = ([f"test-set formulas of {', '.join(tested)}"] if tested else []) + (
+                [f"every formula of {', '.join(folded)} (k-folded later)"] if folded else []
+            )
+            lines.append(f"  held out of training: {'; '.join(parts)}")
         for s in ss[:4]:
             lines.append(f"    {s.key}")
         if len(ss) > 4:

@@ -132,6 +132,7 @@ class StageSpec:
     weight_decay: float = _TRAIN.weight_decay
     patience: int | None = _TRAIN.patience
     holdout: Literal["auto", "none"] | list[str] = "auto"  # auto: test sets of later stages' datasets
+    split: SplitConfig | None = None  # this stage's split (e.g. kfold on a small FT set); default: the sweep's
     search: SearchOverride | None = None  # keys given here override the sweep's search
     resources: ResourcesOverride | None = None  # keys given here override the sweep's resources
     checkpoint_every: int = 5  # epochs between trial checkpoints (resume after a worker dies) …
@@ -160,6 +161,11 @@ class StageSpec:
             raise ConfigError(f"stage {self.name!r}: epochs, batch_size and checkpoint_every must be >= 1")
         if not self.seeds:
             raise ConfigError(f"stage {self.name!r} has no seeds")
+        if self.split is not None and self.split.kfold and len(self.seeds) > 1:
+            raise ConfigError(
+                f"stage {self.name!r}: seeds={self.seeds} with a kfold split; its repeats (split.repeats) are the "
+                "seeds (repeat r uses seed seeds[0] + r)"
+            )
         if self.loss not in LOSSES:
             raise ConfigError(f"stage {self.name!r}: loss={self.loss!r} must be one of {LOSSES}")
         if self.schedule not in SCHEDULES:
@@ -212,6 +218,10 @@ class SweepSpec:
             known = ", ".join(repr(m) for m in MODELS)
             raise ConfigError(f"model: expected one of {known}, got {self.model!r}")
         for i, st in enumerate(self.stages):
+            if self.split_for(st).kfold and len(st.seeds) > 1:
+                raise ConfigError(
+                    f"stages[{i}].seeds={st.seeds} with a kfold split; its repeats (split.repeats) are the seeds"
+                )
             if st.start_from is not None and st.start_from.stage not in names[:i]:
                 raise ConfigError(
                     f"stage {st.name!r} starts from {st.start_from.stage!r}, which is not an earlier stage"
@@ -230,6 +240,10 @@ class SweepSpec:
                     check_strategy(model, strategy, 0 if strategy == "blocks" else None)
                 except ConfigError as err:
                     raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
+
+    def split_for(self, stage: StageSpec) -> SplitConfig:
+        """The stage's split: its own, else the sweep's."""
+        return stage.split or self.split
 
     def search_for(self, stage: StageSpec) -> SearchSpec:
         """The stage's search: the sweep's, with the stage's overrides."""
@@ -293,6 +307,8 @@ def smoke(spec: SweepSpec) -> SweepSpec:
                 report_seconds=0.0,
                 search=dataclasses.replace(st.search or SearchOverride(), trials=1),
                 resources=None,
+                # kfold stays kfold (the code path is the check), at its smallest
+                split=_smallest_kfold(spec.split_for(st)) if spec.split_for(st).kfold else st.split,
             )
         )
     head_keys = {"head_hidden", "head_activation"}
@@ -307,3 +323,7 @@ def smoke(spec: SweepSpec) -> SweepSpec:
         resources=Resources(cpu=1.0, gpu=0.0),
         storage=None,
     )
+
+
+def _smallest_kfold(split: SplitConfig) -> SplitConfig:
+    return dataclasses.replace(split, folds=2, repeats=1)
