@@ -564,8 +564,15 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
 
 
 def copy_best(table: pd.DataFrame, folder: Path) -> None:
-    """The best completed trial of each setting: its checkpoint into ``folder`` and a ``best.parquet``."""
+    """The best completed trial of each setting: its checkpoint into ``folder`` and a ``best.parquet``.
+
+    K-fold settings go one folder deeper, ``<cell>/r<repeat>f<fold>/checkpoint.pt``, so that ``<cell>/`` holds
+    the K × R fold models of one cell: the ensemble ``ltc predict --checkpoint <cell>/`` uses.
+    """
     from ltc import io
+
+    def slug(text: str) -> str:
+        return text.replace("|", "__").replace("/", "_").replace(":", "-")
 
     best = best_per_setting(table)
     best = best[best.checkpoint.notna()]
@@ -574,9 +581,11 @@ def copy_best(table: pd.DataFrame, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     local = []
     for _, row in best.iterrows():
-        slug = row.setting.replace("|", "__").replace("/", "_").replace(":", "-")
-        dest = folder / slug / "checkpoint.pt"
-        dest.parent.mkdir(exist_ok=True)
+        if "fold" in row and pd.notna(row["fold"]):
+            cell, unit = row.setting.rsplit("|", 1)
+            dest = folder / slug(cell) / unit / "checkpoint.pt"
+        else:
+            dest = folder / slug(row.setting) / "checkpoint.pt"
         io.copy_file(row.checkpoint, dest)
         local.append(str(dest))
     best = best.assign(best_checkpoint=local)

@@ -342,8 +342,6 @@ class RunConfig:
             raise ConfigError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
         if self.head not in HEADS:
             raise ConfigError(f"head={self.head!r} must be one of {HEADS}")
-        if self.split.kfold and (self.fold is None or self.repeat is None):
-            raise ConfigError("a kfold run needs fold and repeat (train_kfold runs them all)")
         if not self.split.kfold and (self.fold is not None or self.repeat is not None):
             raise ConfigError(f"fold / repeat go with a kfold split, not {self.split.test!r}")
 
@@ -401,6 +399,8 @@ def train_run(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if stage.split.kfold and (stage.fold is None or stage.repeat is None):
+        raise ConfigError("a kfold run needs fold and repeat (train_kfold runs them all)")
     ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
     model_name = ckpt["model"]["name"] if ckpt else stage.model
     assert model_name is not None

@@ -62,27 +62,32 @@ def test_report_writes_every_table_and_figure(mini_results, capsys):
         assert f"### {title}" in text
     pngs = sorted(mini_results.glob("*.png"))
     assert {p.name for p in pngs} == {
-        "heatmap_r2_gain.png", "ft_size.png", "pt_size.png", "strategies.png", "parity.png", "optuna_lr_n_unfrozen.png",
+        "heatmap_gain.png", "ft_size.png", "pt_size.png", "strategies.png", "parity.png", "optuna_lr_n_unfrozen.png",
     }  # fmt: skip
     for p in pngs:
         _png_has_content(p)
         assert f"]({p.name})" in text
-    # the tables: PT, and for each FT size scratch against every start, with gains and the best choice
+    # the tables: PT, and for each FT size every start and scratch, by kappa's headline metric, then paired
     assert "## Pre-training" in text and "| pretrain | pz | 100 |" in text
-    assert "### l96, FT size 30 (W/(m K))" in text and "### l96, FT size 60 (W/(m K))" in text
+    heading = "### finetune: l96, FT size {} (W/(m K); MAE log10 kappa, lower is better)"
+    assert heading.format(30) in text and heading.format(60) in text
     for start in ("pz:max100", "pz:max200", "dc:max100", "dc:max200"):
         assert f"| {start} | all |" in text and f"| {start} | blocks |" in text
-    assert "| scratch | scratch | 2 |" in text
-    assert text.count("Best by validation loss: start `") == 2
-    assert "MAE log10" in text and "MAPE" in text  # kappa columns
+    assert "| scratch | scratch | 2 seeds |" in text
+    assert text.count("Lowest validation loss: start `") == 2
+    assert "| start | strategy | units | mae_log10 | r2_log10 | mape |" in text  # kappa: log10 metrics first
+    # 2 seeds are 2 pairs: the report says so instead of a verdict
+    assert "| pz:max200 [all] | scratch | MAE log10 kappa | 2 |" in text
+    assert "cannot be judged (2 pairs; need 3)" in text and "] is better" not in text
+    assert "Selection honesty" in text
 
     # the numbers in the table are the seeds' best trials, recomputed here from trials.parquet
     trials = load_trials(mini_results)
     done = trials[trials.status == "completed"]
     best = done.loc[done.groupby("setting").val_loss.idxmin()]
     g = best[(best.start == "pz:max200") & (best.strategy == "all") & (best.ft_size == 60)]
-    expected = f"{g.test_r2.mean():.3g} ± {g.test_r2.std(ddof=0):.2g}"
-    assert f"| pz:max200 | all | 2 | {expected} |" in text
+    expected = f"{g.test_mae_log10.mean():.3g} ± {g.test_mae_log10.std(ddof=0):.2g}"
+    assert f"| pz:max200 | all | 2 seeds | {expected} |" in text
 
 
 def test_best_model_is_chosen_like_for_like(mini_results):
@@ -102,12 +107,14 @@ def test_report_on_a_partial_sweep_shows_missing_not_zero(mini_results, tmp_path
     partial.to_parquet(tmp_path / "trials.parquet")
     report = write_report(tmp_path)
     text = report.path.read_text()
-    section = text.split("### l96, FT size 60")[1].split("###")[0]
-    assert "scratch" not in section  # nothing invented
+    section = text.split("### finetune: l96, FT size 60")[1].split("###")[0]
+    assert "scratch" not in section  # nothing invented: no scratch row, no comparison against it
     rows = [line for line in section.splitlines() if line.startswith("| pz:") or line.startswith("| dc:")]
-    assert rows and all(line.split(" | ")[5] == "–" and line.split(" | ")[6] == "–" for line in rows)  # gains
-    assert "dc:max200" not in section
-    assert "+0.000" not in text and "+0.0%" not in text
+    assert rows and "dc:max200" not in section
+    # the heatmap compares at the largest FT size, where scratch is missing: not drawn (never a zero cell)
+    assert "Not drawn: no fine-tuning dataset has a scratch baseline to compare with." in text
+    assert "+0.0%" not in text
+
     for p in report.figures.values():
         _png_has_content(p)
 
@@ -119,6 +126,18 @@ def test_report_on_a_partial_sweep_shows_missing_not_zero(mini_results, tmp_path
     report = write_report(folder)
     assert not report.figures and len(report.skipped) == 6
     assert "Not drawn: no fine-tuning trials." in report.path.read_text()
+
+
+def test_results_of_an_older_ltc_still_report(mini_results, tmp_path):
+    """A trials table of results schema 1 (``group``, no fold columns) still gives the whole report."""
+    trials = pd.read_parquet(mini_results / "trials.parquet")
+    old = trials.rename(columns={"source_key": "group"}).drop(columns=["fold", "repeat", "n_folds", "test_r2_log10"])
+    old.to_parquet(tmp_path / "trials.parquet")
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "### finetune: l96, FT size 60 (W/(m K); MAE log10 kappa, lower is better)" in text
+    assert "| pz:max200 [all] | scratch | MAE log10 kappa | 2 |" in text
+    assert load_trials(tmp_path).source_key.notna().all()
 
 
 def test_report_errors_clearly_without_results(tmp_path, capsys):
@@ -170,7 +189,13 @@ def test_notebook_runs_on_a_real_sweep(mini_results, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == "code"]
     images = [c for c in code if any("image/png" in o.get("data", {}) for o in c.outputs)]
     assert len(images) == 2
-    table = next(c for c in code if "mae_gain_%" in c.source)
-    html = table.outputs[0]["data"]["text/plain"]
-    assert "l96" in html and "scratch" in html and "pz:max200" in html
+
+    def shown(cell) -> str:  # the cell's displayed headings and tables
+        return "\n".join(o.get("data", {}).get(k, "") for o in cell.outputs for k in ("text/markdown", "text/plain"))
+
+    table = shown(next(c for c in code if "compare.cell_table" in c.source))
+    assert "l96" in table and "scratch" in table and "pz:max200" in table
+    assert "MAE log10 kappa" in table and "mae_log10" in table  # l96 is judged by its headline metric
+    paired = shown(next(c for c in code if "compare.paired_table" in c.source))
+    assert "pz:max200" in paired and "scratch" in paired and "verdict" in paired
     assert os.environ["LTC_RESULTS"] == str(mini_results)

@@ -24,14 +24,19 @@ def local_ray():
 
 
 def tiny_quickstart():
+    """The quickstart at tiny sizes, with ASHA and strategy blocks switched on so both stay covered end to end."""
     spec = load_sweep(REPO / "sweeps/quickstart.yaml")
     pt, ft = spec.stages
+    assert ft.split is not None and ft.split.kfold  # the demo's protocol; here 3 folds x 1 repeat
     return dataclasses.replace(
         spec,
         asha=AshaSpec(grace_epochs=2, reduction_factor=3),
+        search=dataclasses.replace(spec.search, trials=2, n_unfrozen="search"),
         stages=[
             dataclasses.replace(pt, max_sizes=[150], epochs=3),
-            dataclasses.replace(ft, epochs=4),
+            dataclasses.replace(
+                ft, epochs=4, strategies=["blocks"], split=dataclasses.replace(ft.split, folds=3, repeats=1)
+            ),
         ],
     )
 
@@ -40,7 +45,7 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     spec = tiny_quickstart()
     trials = run_sweep(spec, results=tmp_path)
     saved = pd.read_parquet(tmp_path / "quickstart" / "trials.parquet")
-    assert len(saved) == len(trials) == 2 + 4 * 3
+    assert len(saved) == len(trials) == 2 + (3 * 2) * 2  # PT 2; FT (3 folds x start and scratch) x 2 trials
     assert set(saved.kind) == {"pretrain", "finetune", "scratch"}
     assert saved.groupby(["setting", "trial_index"]).size().max() == 1
     assert set(saved.status) <= {"completed", "pruned"} and (saved.status == "completed").sum() >= 5
@@ -66,12 +71,23 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     assert saved[saved.status == "pruned"].test_mae.isna().all()
     fine = done[done.kind == "finetune"].iloc[0]
     assert torch.load(fine.checkpoint, weights_only=True)["history"][0]["datasets"] == ["agl"]
-    assert fine.n_train + fine.n_val == 60 and fine.epochs_run == 4
+    assert fine.n_train + fine.n_val in (63, 64) and fine.n_test in (31, 32) and fine.epochs_run == 4  # of 95
 
     best = pd.read_parquet(tmp_path / "quickstart" / "best" / "finetune" / "best.parquet")
-    assert len(best) == 4 and all((tmp_path / "quickstart" / "best" / "finetune").glob("*/checkpoint.pt"))
+    cells = sorted((tmp_path / "quickstart" / "best" / "finetune").glob("*/"))
+    assert len(best) == 6 and len(cells) == 2  # one folder per cell, holding its 3 fold models
+    assert sorted(p.parent.name for p in cells[0].glob("*/checkpoint.pt")) == ["r0f0", "r0f1", "r0f2"]
     text = summary(saved)
     assert "scratch" in text and "l96" in text and "±" in text
+    assert "judged by MAE log10 kappa" in text and "agl:max150 [blocks] vs scratch:" in text
+    assert "(A better on " in text and " of 3 folds)" in text
+
+    # the fold models of a cell are the ensemble `ltc predict` uses: mean ± std over 3 models
+    from ltc.cli import main
+
+    assert main(["predict", "--checkpoint", str(cells[0]), "l96", "--out", str(tmp_path / "p.parquet")]) == 0
+    preds = pd.read_parquet(tmp_path / "p.parquet")
+    assert (preds.n_models == 3).all() and len(preds) == 95 and (preds.pred_std > 0).all()
 
     # the same results folder again: refuses without --resume, does nothing with it
     with pytest.raises(FileExistsError, match="pass --resume"):

@@ -1,0 +1,122 @@
+"""Splits: the K-fold protocol for small sets (every structure tested once per repeat; selection never sees
+the test fold), on real shards."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA_HOME, read_json_gz, write_json_gz
+
+from ltc import splits
+from ltc.errors import ConfigError
+from ltc.graphs import GraphConfig
+from ltc.inputs import resolve_inputs
+from ltc.shards import ShardSet
+from ltc.splits import SplitConfig, fold_of, make_split, training_pool
+from ltc.train import RunConfig, TrainConfig, fold_runs, train_kfold, train_run
+
+KFOLD = SplitConfig(test="kfold", folds=5, repeats=3, val_fraction=0.2)
+TINY = {"hidden": 16, "n_blocks": 2, "fc_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def l96() -> ShardSet:
+    return ShardSet.open("l96")
+
+
+def test_every_structure_is_tested_exactly_once_per_repeat(l96):
+    seen_by_repeat = []
+    for repeat in range(KFOLD.repeats):
+        tested = np.concatenate(
+            [make_split(l96, size=None, seed=repeat, config=KFOLD, fold=f, repeat=repeat).test for f in range(5)]
+        )
+        assert len(tested) == len(l96) == 95 and len(set(tested.tolist())) == 95  # once each
+        sizes = np.bincount(fold_of(l96, KFOLD, repeat))
+        assert sizes.max() - sizes.min() <= 1  # balanced: 19 each
+        seen_by_repeat.append(fold_of(l96, KFOLD, repeat))
+    assert not np.array_equal(seen_by_repeat[0], seen_by_repeat[1])  # repeats re-partition
+    np.testing.assert_array_equal(fold_of(l96, KFOLD, 0), fold_of(ShardSet.open("l96"), KFOLD, 0))  # stable
+
+
+def test_a_fold_split_keeps_test_train_and_validation_apart(l96):
+    s = make_split(l96, size=None, seed=1, config=KFOLD, fold=2, repeat=1)
+    parts = [set(s.train.tolist()), set(s.val.tolist()), set(s.test.tolist())]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert len(s.test) == 19 and len(s.train) + len(s.val) == 76 and len(s.val) == round(0.2 * 76)
+    with pytest.raises(ConfigError, match="needs fold and repeat"):
+        make_split(l96, size=None, seed=0, config=KFOLD)
+    with pytest.raises(ConfigError, match="fold=5 must be between 0 and 4"):
+        make_split(l96, size=None, seed=0, config=KFOLD, fold=5, repeat=0)
+    with pytest.raises(ConfigError, match="not kfold"):
+        make_split(l96, size=None, seed=0, fold=0, repeat=0)
+
+
+def test_a_k_folded_dataset_is_held_out_whole(l96):
+    """Every structure of a k-folded set is a test structure once: earlier stages keep out all its formulas."""
+    assert splits.test_formulas(l96, KFOLD) == set(l96.formulas)
+    assert len(splits.test_formulas(l96, SplitConfig())) < len(set(l96.formulas))
+    inputs = resolve_inputs(["hh143"], holdout={"l96": KFOLD}, graph=l96.graph, split=SplitConfig())
+    assert inputs.holdout_formulas() == frozenset(l96.formulas)
+    hh143 = inputs.open_shards("hh143")
+    pool = training_pool(hh143, exclude_formulas=inputs.holdout_formulas())
+    assert len(pool) > 0 and not {hh143.formulas[i] for i in pool} & set(l96.formulas)
+
+
+def _relabelled_home(tmp_path, test_ids: set[str], factor: float):
+    """A data home whose L96 file gives the structures ``test_ids`` other targets (same ids, same structures)."""
+    home = tmp_path / "home"
+    shutil.copytree(DATA_HOME / "ltc_paraisite", home / "ltc_paraisite")
+    (home / "SOURCES.md").write_text("copy\n")
+    path = home / "ltc_paraisite" / "paraisite_Dataset1.json.gz"
+    rows = read_json_gz(path)
+    for row in rows:
+        if str(row["mpd_id"]) in test_ids:
+            row["TC"] = float(row["TC"]) * factor
+    write_json_gz(path, rows)
+    return home
+
+
+def test_the_test_fold_never_reaches_its_own_models_selection(tmp_path, l96):
+    """Change every target of one test fold by 1000x: the run picks the same epoch with the same validation
+    losses and predicts the same; only its test metrics change. Selection cannot have looked at the fold."""
+    fold, repeat = 3, 1
+    stage = RunConfig(datasets=("l96",), model="cgcnn", model_config=TINY, seed=repeat, split=KFOLD, fold=fold,
+                      repeat=repeat, train=TrainConfig(epochs=6, batch_size=16, seed=repeat))  # fmt: skip
+    test = make_split(l96, size=None, seed=repeat, config=KFOLD, fold=fold, repeat=repeat).test
+    test_ids = {l96.ids[i] for i in test}
+    runs = {}
+    for name, factor in (("orig", 1.0), ("relabelled", 1000.0)):
+        home = _relabelled_home(tmp_path / name, test_ids, factor)
+        inputs = resolve_inputs(["l96"], graph=GraphConfig(), split=KFOLD, home=home, cache=tmp_path / name / "c")
+        metrics = train_run(stage, tmp_path / name / "out", inputs=inputs)
+        preds = pd.read_parquet(tmp_path / name / "out" / "predictions.parquet")
+        runs[name] = (metrics, preds)
+    (a, pa), (b, pb) = runs["orig"], runs["relabelled"]
+    assert set(pa[pa.split == "test"].id) == test_ids  # the fold is the test set
+    assert a["best_epoch"] == b["best_epoch"] and a["val_loss"] == b["val_loss"] and a["val_mae"] == b["val_mae"]
+    np.testing.assert_array_equal(pa.y_pred.to_numpy(), pb.y_pred.to_numpy())  # same model
+    assert b["test_mae"] > 100 * a["test_mae"]  # … which the changed fold does see, at test time only
+
+
+def test_train_kfold_pools_out_of_fold_predictions(tmp_path):
+    stage = RunConfig(datasets=("l96",), model="cgcnn", model_config=TINY, split=SplitConfig(test="kfold", folds=3,
+                      repeats=2), train=TrainConfig(epochs=2, batch_size=16))  # fmt: skip
+    assert [(r.repeat, r.fold, r.seed) for r in fold_runs(stage)] == [(0, 0, 0), (0, 1, 0), (0, 2, 0),
+                                                                       (1, 0, 1), (1, 1, 1), (1, 2, 1)]  # fmt: skip
+    cv = train_kfold(stage, tmp_path)
+    oof = pd.read_parquet(tmp_path / "oof_predictions.parquet")
+    assert len(oof) == 2 * 95 and oof.groupby("repeat").id.nunique().tolist() == [95, 95]
+    res = cv["datasets"]["l96"]
+    assert [r["n"] for r in res["repeats"]] == [95, 95]
+    r0 = oof[oof.repeat == 0]
+    from ltc.targets import regression_metrics
+
+    expected = regression_metrics(r0.y_true.to_numpy(), r0.y_pred.to_numpy(), kappa=True)["mae_log10"]
+    assert res["repeats"][0]["mae_log10"] == pytest.approx(expected)
+    assert res["mae_log10_mean"] == pytest.approx(np.mean([r["mae_log10"] for r in res["repeats"]]))
+    assert sorted(p.parent.name for p in tmp_path.glob("r*-f*/checkpoint.pt")) == [
+        f"r{r}-f{f}" for r in range(2) for f in range(3)
+    ]
