@@ -18,6 +18,7 @@ import torch
 
 from ltc import __version__
 from ltc.errors import DataError, MissingFileError
+from ltc.io import write_atomic
 
 FORMAT = "ltc-checkpoint"
 VERSION = 1
@@ -29,12 +30,8 @@ class CheckpointError(DataError):
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> Path:
     """Write ``ckpt`` to ``path`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": FORMAT, "version": VERSION, "ltc_version": __version__, **ckpt}, tmp)
-    os.replace(tmp, path)
-    return path
+    payload = {"format": FORMAT, "version": VERSION, "ltc_version": __version__, **ckpt}
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> dict[str, Any]:

@@ -204,13 +204,16 @@ def _verdict(r: PairedResult, a: tuple[str, str], b: tuple[str, str]) -> str:
     return f"{_cell_name(a) if r.better == 'a' else _cell_name(b)} is better"
 
 
-def selection_gaps(trials: pd.DataFrame, best: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+def selection_gaps(
+    trials: pd.DataFrame, best: pd.DataFrame, rows: pd.DataFrame, dataset: str | None = None
+) -> pd.DataFrame:
     """Per cell: mean over units of (test headline of the validation-picked trial) − (best test headline among
     that unit's completed trials), signed so that positive = the pick is worse on test; and how often the
-    pick was the test-best."""
+    pick was the test-best. ``dataset``: whose headline (default: the rows' FT dataset; PT rows pass theirs,
+    since a later stage starts from the PT trial picked by validation loss)."""
     if rows.empty:
         return pd.DataFrame()
-    h = headline(rows.ft_dataset.iloc[0])
+    h = headline(dataset if dataset is not None else rows.ft_dataset.iloc[0])
     col = f"test_{h.metric}"
     done = trials[(trials.status == "completed") & trials.setting.isin(rows.setting)]
     out = []

@@ -432,7 +432,7 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         f"sets or folds no stage trained on. `{MISSING}` marks what the sweep did not (yet) produce.",
         "",
     ]
-    from ltc.compare import headline
+    from ltc.compare import headline, selection_gaps
 
     pt = best[best.kind == "pretrain"]
     if not pt.empty:
@@ -449,6 +449,21 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
             value, mae = _mean_std(g[f"test_{h.metric}"]), _mean_std(g.test_mae)
             lines.append(f"| {stage} | {dataset} | {size_label} | {len(g)} | {h.label} | {value} | {mae} | {units} |")
         lines.append("")
+        gaps = [
+            gap.assign(cell=f"{stage}: {dataset}, size {MISSING if pd.isna(size) else int(size)}")
+            for (stage, dataset, size), g in pt.groupby(["stage", "dataset", "size"], dropna=False, sort=False)
+            if "+" not in dataset
+            for gap in [selection_gaps(trials, best, g, dataset)]
+            if not gap.empty
+        ]
+        if gaps:
+            lines += [
+                "Later stages start from the PT trial with the lowest validation loss; how much worse on test it "
+                "was than the test-best PT trial of its setting:",
+                "",
+                _markdown(pd.concat(gaps, ignore_index=True)),
+                "",
+            ]
 
     lines += _ft_sections(trials, best)
 

@@ -273,8 +273,9 @@ SMOKE_SIZE = 64
 def smoke(spec: SweepSpec) -> SweepSpec:
     """A scaled-down copy of ``spec`` that checks it end to end in minutes on a CPU.
 
-    Per stage: the first dataset group that has a starting checkpoint, the first size (at most 64
+    Per stage: the first dataset set that has a starting checkpoint, the first size (at most 64
     structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no ASHA; a small model.
+    A K-fold stage stays K-fold, at 2 folds of 1 repeat (so the smoke run checks that code path too).
     """
     kept: dict[str, set[str]] = {}
     stages = []
