@@ -261,27 +261,45 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(describe(spec))
         return 0
     from ltc.results import summary
-    from ltc.sweep.driver import run_sweep
+    from ltc.sweep.driver import SweepInterrupted, run_sweep
 
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # after a Ctrl-C Tune suggests `Tuner.restore(...)`; an ltc user resumes with `ltc sweep --resume` (said below)
+    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore(" not in record.getMessage())
     results = Path(args.results)
-    trials = run_sweep(
-        spec,
-        results=results,
-        storage=args.storage,
-        resume=args.resume,
-        address=args.address,
-        spec_text=Path(args.file).read_text(),
-        data_home=args.data_home,
-        cache=args.cache,
-    )
+    try:
+        trials = run_sweep(
+            spec,
+            results=results,
+            storage=args.storage,
+            resume=args.resume,
+            address=args.address,
+            spec_text=Path(args.file).read_text(),
+            data_home=args.data_home,
+            cache=args.cache,
+        )
+    except SweepInterrupted as err:
+        # one line: what happened and the command that finishes the sweep (the same flags, plus --resume)
+        again = [sys.argv[0] if sys.argv and sys.argv[0].endswith("ltc") else "ltc", *_resume_argv(args)]
+        print(f"\nltc sweep: {err}. Resume with: {' '.join(again)}", file=sys.stderr)
+        return 130
+
     print()
     print(summary(trials))
     root = results.resolve() / spec.name
     print(f"\nresults: {root / 'trials.parquet'}\nbest checkpoints: {root / 'best'}")
     print(f"report:  ltc report {root}")
     return 0
+
+
+def _resume_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["sweep", str(args.file), "--resume"]
+    for flag in ("results", "storage", "address", "cache", "data_home"):
+        value = getattr(args, flag, None)
+        if value is not None and not (flag == "results" and str(value) == "results"):
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv + (["--smoke"] if args.smoke else [])
 
 
 # --------------------------------------------------------------------------------------------------

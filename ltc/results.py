@@ -526,9 +526,14 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
     rows = []
     for result in grid:
         cfg = result.config or {}
+        if "setting" not in cfg:
+            # a placeholder Tune made for a suggestion an interrupt cut short: it never ran and is not a trial
+            log.info("stage %s: skipping a trial without a configuration (%s)", stage, result.path)
+            continue
         m = result.metrics or {}
         done = bool(m.get(COMPLETED))
-        status = "completed" if done else ("error" if result.error else "pruned")
+        # Tune marks a trial its scheduler stopped with done=True; a trial stopped by an interrupt is unfinished
+        status = "completed" if done else "error" if result.error else "pruned" if m.get("done") else "unfinished"
         datasets_ = "+".join(cfg.get("datasets", []))
         kind = cfg.get("kind")
         size = cfg.get("size") if cfg.get("size") is not None else cfg.get("max_size")
@@ -578,7 +583,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
     return df.sort_values(["setting", "trial_index"], kind="stable").reset_index(drop=True)
 
 
-def copy_best(table: pd.DataFrame, folder: Path) -> None:
+def copy_best(table: pd.DataFrame, folder: Path, *, pause=None) -> None:
     """The best completed trial of each setting: its checkpoint into ``folder`` and a ``best.parquet``.
 
     K-fold settings go one folder deeper, ``<cell>/r<repeat>f<fold>/checkpoint.pt``, so that ``<cell>/`` holds
@@ -603,6 +608,8 @@ def copy_best(table: pd.DataFrame, folder: Path) -> None:
             dest = folder / slug(row.setting) / "checkpoint.pt"
         io.copy_file(row.checkpoint, dest)
         local.append(str(dest))
+        if pause is not None and len(local) == 1:
+            pause()  # tests: a driver killed here, mid-copy, must leave its stage unfinished
     best = best.assign(best_checkpoint=local)
     io.write_parquet_atomic(folder / "best.parquet", best)
 

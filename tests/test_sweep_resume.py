@@ -204,3 +204,125 @@ def test_worker_killed_mid_trial_continues_from_its_checkpoint(tmp_path):
     row = trials.iloc[0]
     assert row.status == "completed" and row.epochs_run == 40
     assert row.resumed_from_epoch >= 6  # picked up from a checkpoint, not from epoch 0
+
+
+# --- interrupts: Ctrl-C (SIGINT), SIGTERM and a kill while best checkpoints are copied ---------------------
+
+# Fixed lr, one trial per setting, no ASHA: every trial's numbers are determined by its seed, so an
+# interrupted-then-resumed sweep must give those of an uninterrupted one.
+INTERRUPTED = {
+    "name": "intr",
+    "model_config": TINY,
+    "asha": None,
+    "search": {"trials": 1, "lr": 3e-3},
+    "stages": [
+        {"name": "pt", "datasets": ["dc"], "max_sizes": [300], "seeds": [0, 1], "epochs": 16, "batch_size": 8,
+         "checkpoint_every": 2, "checkpoint_seconds": 0, "report_seconds": 0},
+        {"name": "ft", "datasets": ["hh143"], "start_from": {"stage": "pt"}, "sizes": [100], "seeds": [0, 1],
+         "scratch": True, "epochs": 24, "batch_size": 4, "checkpoint_every": 2, "checkpoint_seconds": 0,
+         "report_seconds": 0},
+    ],
+}  # fmt: skip
+PLANNED = 2 + 2 * 2  # PT: 2 seeds; FT: 2 seeds x (start, scratch); one trial each
+
+
+def _checkpointed(folder: Path) -> bool:
+    """Some trial under this Tune experiment folder has saved an intermediate training state."""
+    return any(folder.glob("*/checkpoint_*/train_state.pt"))
+
+
+def _by_setting(trials: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    return {r.setting: (r.test_mae, r.val_loss) for r in trials.itertuples()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    path, results, log = _write(tmp, INTERRUPTED), tmp / "results", tmp / "run.log"
+    proc = _start([str(path), "--results", str(results)], log)
+    try:
+        assert proc.wait(timeout=900) == 0, _tail(log)
+    finally:
+        _cleanup(proc)
+    return pd.read_parquet(results / "intr" / "trials.parquet")
+
+
+@pytest.mark.parametrize(
+    ("signals", "stage"),
+    [(["SIGINT"], "pt"), (["SIGTERM"], "pt"), (["SIGINT"], "ft"), (["SIGTERM"], "ft"), (["SIGINT", "SIGINT"], "ft")],
+)
+def test_an_interrupt_loses_nothing_and_resume_finishes_exactly(tmp_path, uninterrupted, signals, stage):
+    path, results = _write(tmp_path, INTERRUPTED), tmp_path / "results"
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    first = _start([str(path), "--results", str(results)], log1)
+    try:
+        exp = results / "intr" / "ray" / stage
+        _wait(lambda: _checkpointed(exp), 600, f"a checkpoint in stage {stage}", first, log1)
+        for name in signals:  # a second Ctrl-C right after the first: exit at once
+            first.send_signal(getattr(signal, name))
+            time.sleep(0.3)
+        rc = first.wait(timeout=120)
+        out = log1.read_text()
+        assert rc == 130, _tail(log1)
+        assert f"ltc sweep: interrupted in stage {stage}" in out and "Resume with: " in out and " --resume" in out
+        assert "Traceback" not in out
+        stages = results / "intr" / "stages"
+        assert not (stages / f"{stage}.parquet").exists()  # the interrupted stage is not marked done …
+        assert not (stages / "ft.parquet").exists()  # … and nothing after it ran
+        if stage == "pt":
+            assert not (results / "intr" / "ray" / "ft").exists()
+
+        second = _start([str(path), "--results", str(results), "--resume"], log2)
+        assert second.wait(timeout=900) == 0, _tail(log2)
+    finally:
+        _cleanup(first)
+        if "second" in locals():
+            _cleanup(second)
+
+    trials = pd.read_parquet(results / "intr" / "trials.parquet")
+    assert len(trials) == PLANNED and trials.trial_id.is_unique  # every planned trial, exactly once
+    assert trials.groupby(["setting", "trial_index"]).size().max() == 1
+    assert (trials.status == "completed").all(), trials[["setting", "status"]]
+    epochs = {"pt": 16, "ft": 24}
+    for name, n in epochs.items():
+        assert (trials[trials.stage == name].epochs_run == n).all()  # the interrupted trials ended whole
+    assert trials[trials.stage == stage].resumed_from_epoch.max() > 0  # … from where they were
+    # the same numbers as without the interrupt (seeded, deterministic on CPU)
+    got, want = _by_setting(trials), _by_setting(uninterrupted)
+    assert got.keys() == want.keys()
+    for key, (mae, val) in want.items():
+        assert got[key] == pytest.approx((mae, val), rel=1e-5), key
+
+
+def test_a_driver_killed_while_copying_best_checkpoints_leaves_the_stage_unfinished(tmp_path, uninterrupted):
+    path, results = _write(tmp_path, INTERRUPTED), tmp_path / "results"
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    marker = tmp_path / "paused"
+    os.environ.update(LTC_TEST_PAUSE_AT="copy_best", LTC_TEST_PAUSE_FILE=str(marker))
+    try:
+        first = _start([str(path), "--results", str(results)], log1)
+    finally:
+        for key in ("LTC_TEST_PAUSE_AT", "LTC_TEST_PAUSE_FILE"):
+            os.environ.pop(key)
+    try:
+        _wait(marker.exists, 600, "the driver to pause while copying the PT stage's best checkpoints", first, log1)
+        assert list((results / "intr" / "best" / "pt").glob("*/checkpoint.pt"))  # part of the copy is there
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert not (results / "intr" / "stages" / "pt.parquet").exists()  # not done: its copy did not finish
+
+        second = _start([str(path), "--results", str(results), "--resume"], log2)
+        assert second.wait(timeout=900) == 0, _tail(log2)
+    finally:
+        _cleanup(first)
+        if "second" in locals():
+            _cleanup(second)
+    assert "stage pt: resuming" in log2.read_text()
+    trials = pd.read_parquet(results / "intr" / "trials.parquet")
+    assert len(trials) == PLANNED and trials.trial_id.is_unique and (trials.status == "completed").all()
+    best = pd.read_parquet(results / "intr" / "best" / "pt" / "best.parquet")
+    assert len(best) == 2 and all(Path(p).is_file() for p in best.best_checkpoint)
+    got, want = _by_setting(trials), _by_setting(uninterrupted)
+    assert got.keys() == want.keys()
+    for key, (mae, val) in want.items():
+        assert got[key] == pytest.approx((mae, val), rel=1e-5), key

@@ -56,6 +56,7 @@ class SettingSearch(Searcher):
         }
         self.issued: Counter[str] = Counter()
         self.live: dict[str, tuple[str, Any]] = {}  # Tune trial id → (setting, Optuna trial)
+        self.reported: dict[str, int] = {}  # Tune trial id → last epoch reported to its Optuna trial
 
     @property
     def total(self) -> int:
@@ -83,23 +84,28 @@ class SettingSearch(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id in self.live and self.metric in result and "epoch" in result:
-            value = result[self.metric]
-            if value is not None and math.isfinite(value):
-                self.live[trial_id][1].report(value, int(result["epoch"]))
+            value, step = result[self.metric], int(result["epoch"])
+            # a trial resumed from a checkpoint reports its epochs after that checkpoint again: once is enough
+            if value is not None and math.isfinite(value) and step > self.reported.get(trial_id, -1):
+                self.reported[trial_id] = step
+                self.live[trial_id][1].report(value, step)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         import optuna
 
         if trial_id not in self.live:
             return
+        result = result or {}
+        if not error and not result.get(COMPLETED) and not result.get("done"):
+            return  # stopped by an interrupt, not by the scheduler: it resumes later and is told then
         key, trial = self.live.pop(trial_id)
         study = self.studies[key]
-        value = (result or {}).get(self.metric)
+        value = result.get(self.metric)
         if error or value is None or not math.isfinite(value):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        elif (result or {}).get(COMPLETED):
+        elif result.get(COMPLETED):
             study.tell(trial, value)
-        else:  # stopped early by ASHA
+        else:  # stopped early by ASHA (Tune marks the scheduler's stops done=True)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
     def save(self, checkpoint_path: str) -> None:

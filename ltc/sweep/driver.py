@@ -6,6 +6,12 @@ every setting's size against them, and runs the stage's trials. A finished stage
 checkpoints in ``best/<stage>/`` and then, last, ``stages/<stage>.parquet``, which marks it done.
 ``--resume`` skips finished stages and restores the running one with ``Tuner.restore`` (finished
 trials are kept, unfinished ones continue from their last checkpoint).
+
+Interrupts: SIGINT (Ctrl-C) or SIGTERM stops the whole sweep. Inside a stage, Tune's own handler ends
+the run gracefully (running trials keep their last checkpoint and the experiment state is saved); the
+stage is then found incomplete, is not marked done, no later stage starts, and ``SweepInterrupted``
+says how to resume. A second Ctrl-C (or one between stages) raises at once; the state on disk is then
+the last experiment snapshot, from which ``--resume`` also finishes every planned trial exactly once.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ltc import io
-from ltc.errors import AlreadyExistsError, ConfigError
+from ltc.errors import AlreadyExistsError, ConfigError, LtcError
 from ltc.inputs import resolve_inputs
 from ltc.sweep.plan import (
     Setting,
@@ -35,6 +45,48 @@ from ltc.sweep.plan import (
 from ltc.sweep.spec import StageSpec, SweepSpec
 
 log = logging.getLogger(__name__)
+
+
+class SweepInterrupted(LtcError):
+    """The sweep was stopped (SIGINT / SIGTERM) before ``stage`` finished; ``--resume`` completes it."""
+
+    def __init__(self, stage: str | None, finished: int | None = None, planned: int | None = None) -> None:
+        self.stage, self.finished, self.planned = stage, finished, planned
+        where = f" in stage {stage}" if stage else ""
+        count = f" ({finished} of {planned} trials of that stage ended)" if planned is not None else ""
+        super().__init__(f"interrupted{where}{count}; no stage was marked done that did not finish")
+
+
+@contextmanager
+def _interrupts() -> Iterator[None]:
+    """SIGTERM behaves as SIGINT, and SIGINT outside a Tuner raises ``KeyboardInterrupt`` (restored after).
+
+    Tune installs its own SIGINT handler while a stage runs (a first Ctrl-C ends that run gracefully) and
+    leaves it installed afterwards; ``_arm`` puts the plain handler back before every stage.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. run_sweep in a notebook thread)
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    _arm()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _arm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _test_pause(where: str) -> None:
+    """Tests only: hold here (``LTC_TEST_PAUSE_AT=where``) after touching ``LTC_TEST_PAUSE_FILE``."""
+    if os.environ.get("LTC_TEST_PAUSE_AT") == where:
+        Path(os.environ["LTC_TEST_PAUSE_FILE"]).touch()
+        time.sleep(float(os.environ.get("LTC_TEST_PAUSE_SECONDS", "600")))
 
 
 @dataclass
@@ -64,12 +116,12 @@ def run_sweep(
     data_home: str | None = None,
     cache: str | None = None,
 ) -> Any:
-    """Run every stage of ``spec``; returns the trials table (pandas). See the module docstring."""
-    import pandas as pd
+    """Run every stage of ``spec``; returns the trials table (pandas). See the module docstring.
 
+    Raises ``SweepInterrupted`` after SIGINT or SIGTERM, leaving a state that ``resume=True`` completes.
+    """
     from ltc.paths import cache_root
     from ltc.paths import data_home as _data_home
-    from ltc.results import copy_best
 
     home = str(_data_home(data_home).resolve())
     cache_dir = str(cache_root(cache, home=Path(home)).resolve())
@@ -80,9 +132,26 @@ def run_sweep(
     _claim_results(paths, spec, spec_text, resume)
     _init_ray(address)
 
+    with _interrupts():
+        try:
+            return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(_current_stage.get("name")) from None
+
+
+_current_stage: dict[str, str] = {}  # the stage running now, for the interrupt message
+
+
+def _run_stages(spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, cache_dir: str) -> Any:
+    import pandas as pd
+
+    from ltc.results import copy_best
+
     tables: dict[str, pd.DataFrame] = {}
     settings_by_stage: dict[str, list[Setting]] = {}
     for stage in spec.stages:
+        _arm()
+        _current_stage["name"] = stage.name
         starts = None
         if stage.start_from is not None:
             planned = plan_starts(spec, stage, settings_by_stage[stage.start_from.stage])
@@ -107,7 +176,12 @@ def run_sweep(
         )  # fmt: skip
         check_sizes(spec, stage, settings, inputs)
         table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
-        copy_best(table, paths.best(stage.name))
+        _arm()
+        planned = len(settings) * spec.search_for(stage).trials
+        ended = int(table.status.isin(["completed", "pruned", "error"]).sum())
+        if ended < planned:  # Tune ended the run early: a Ctrl-C or SIGTERM inside the stage
+            raise SweepInterrupted(stage.name, ended, planned)
+        copy_best(table, paths.best(stage.name), pause=lambda: _test_pause("copy_best"))
         # the stage table marks the stage done: written last, after its best checkpoints are in place
         io.write_parquet_atomic(done_table, table)
         tables[stage.name] = table
@@ -217,5 +291,7 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # a local cluster, dashboard off, bound to this machine only
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # a new local cluster of its own, dashboard off, bound to this machine only. address="local": without
+        # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
+        # another user's sweeps, or a dead one left by a killed driver, which fails `--resume`
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
