@@ -35,7 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+    )
     seeds = list(range(args.trials // 4))
     spec = from_dict(SweepSpec, {
         "name": "bench",

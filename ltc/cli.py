@@ -283,6 +283,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # one line: what happened and the command that finishes the sweep (the same flags, plus --resume)
         again = [sys.argv[0] if sys.argv and sys.argv[0].endswith("ltc") else "ltc", *_resume_argv(args)]
         print(f"\nltc sweep: {err}. Resume with: {' '.join(again)}", file=sys.stderr)
+        # Ray shuts its local cluster down at exit; another Ctrl-C meanwhile ends the process at once, quietly
+        import os
+        import signal
+
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
         return 130
 
     print()
@@ -474,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar="NAME",
-        help="keep structures whose formula is in these datasets' test sets out of training (e.g. the FT set, in PT)",
+        help="keep structures whose formula is in these datasets' test sets out of training (e.g. the FT set, in PT); "
+        "their test sets are chosen by this run's --split options (with kfold: every formula of theirs)",
     )
     g.add_argument(
         "--transform",

@@ -62,13 +62,17 @@ def unit_columns(rows: pd.DataFrame) -> list[str]:
 
 
 def test_train_ratio(rows: pd.DataFrame) -> float:
-    """``n_test / n_train`` of the units (training = training + validation structures), for the correction."""
-    if is_kfold(rows):
-        k = rows.n_folds.dropna()
-        return 1.0 / (float(k.iloc[0]) - 1.0) if not k.empty else 0.25
+    """``n_test / n_train`` of the units (training = training + validation structures), for the correction.
+
+    Taken from the trials' own counts, so a subset per fold or held-out formulas (less training data than
+    (K − 1)/K of the set) widen the interval as they should; ``1/(K − 1)`` only when counts are missing.
+    """
     n_train = (rows.n_train.astype(float) + rows.n_val.astype(float)).mean()
     n_test = rows.n_test.astype(float).mean()
-    return float(n_test / n_train) if n_train and not math.isnan(n_train) and not math.isnan(n_test) else 0.0
+    if n_train and not math.isnan(n_train) and not math.isnan(n_test):
+        return float(n_test / n_train)
+    k = rows.n_folds.dropna() if "n_folds" in rows.columns else pd.Series(dtype=float)
+    return 1.0 / (float(k.iloc[0]) - 1.0) if not k.empty else 0.0
 
 
 def ft_rows(best: pd.DataFrame, dataset: str, size: Any) -> pd.DataFrame:
@@ -155,6 +159,9 @@ def compare_cells(rows: pd.DataFrame, a: tuple[str, str], b: tuple[str, str]) ->
         return g.set_index(units)[col].astype(float)
 
     left, right = per_unit(a), per_unit(b)
+    for cell, series in ((a, left), (b, right)):
+        if series.index.duplicated().any():  # two rows for one unit: not a pairing of identical data
+            raise ValueError(f"cell {cell} has several rows per unit {units}; compare within one stage")
     both = left.index.intersection(right.index)
     return paired_compare(
         left.loc[both].to_numpy(), right.loc[both].to_numpy(), higher_is_better=h.higher_is_better,
@@ -243,9 +250,16 @@ def selection_gaps(
 
 def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool | None, str]]:
     """(start, FT dataset) → (mean paired difference vs scratch of the headline metric, significant, label)
-    at each FT dataset's largest size; the start's strategy is the one with the lowest validation loss."""
+    at each FT dataset's largest size; the start's strategy is the one with the lowest validation loss.
+
+    Only rows of one stage are ever paired (stages differ in their held-out data); a dataset fine-tuned in
+    several stages is labelled ``<stage>:<dataset>``.
+    """
     cells: dict[tuple[str, str], tuple[float, bool | None, str]] = {}
-    for dataset, all_rows in best[best.kind != "pretrain"].groupby("ft_dataset"):
+    ft = best[best.kind != "pretrain"]
+    shared = {d for d, g in ft.groupby("ft_dataset") if g.stage.nunique() > 1}
+    for (stage, dataset), all_rows in ft.groupby(["stage", "ft_dataset"]):
+        column = f"{stage}:{dataset}" if dataset in shared else dataset
         sizes = all_rows.ft_size.dropna()
         rows = all_rows[all_rows.ft_size == sizes.max()] if not sizes.empty else all_rows
         scratch = rows[rows.start == SCRATCH]
@@ -255,7 +269,7 @@ def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool
         for start, g in rows[rows.kind == "finetune"].groupby("start"):
             strategy = g.groupby("strategy").val_loss.mean().idxmin()
             r = compare_cells(rows, (start, strategy), s_cell)
-            cells[(start, dataset)] = (
+            cells[(start, column)] = (
                 r.mean_diff if r.mean_diff is not None else float("nan"),
                 r.significant,
                 headline(dataset).label,

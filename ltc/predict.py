@@ -81,8 +81,10 @@ def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) ->
     if not paths:
         raise ConfigError("give at least one --checkpoint")
     out = []
+    recipes: dict[tuple, str] = {}  # how each model was trained (all but fold / seed) → a checkpoint of it
     for path in expand_checkpoints(paths):
         ckpt = load_checkpoint(path)
+        recipes.setdefault(_recipe(ckpt), str(path))
         targets = ckpt["targets"]
         if out and _heads(targets) != _heads(out[0].targets):
             raise EnsembleError(
@@ -101,7 +103,23 @@ def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) ->
                 [TargetScaler.from_dict(t["scaler"]) for t in targets],
             )
         )
+    if len(recipes) > 1:
+        # e.g. `--checkpoint best/finetune/` mixes the cells of a sweep (starts, scratch, strategies): allowed,
+        # but rarely meant; the fold models of one cell share one recipe
+        log.warning(
+            "the ensemble mixes %d differently trained models (other starts, strategies or sizes), e.g. %s",
+            len(recipes), ", ".join(list(recipes.values())[:3]),
+        )  # fmt: skip
     return out
+
+
+def _recipe(ckpt: dict) -> tuple:
+    """What distinguishes how a checkpoint was trained, apart from its seed, fold and learning rate."""
+    stages = [
+        (tuple(h.get("datasets") or ()), h.get("strategy"), h.get("size"), h.get("init") is not None)
+        for h in ckpt.get("history", [])
+    ]
+    return (ckpt["model"]["name"], *stages)
 
 
 def structure_files(folder: Path) -> list[Path]:

@@ -148,7 +148,7 @@ def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     matrix = np.full((len(pts), len(fts)), np.nan)
     marks: dict[tuple[int, int], str] = {}
     for (pt, ft_name), (diff, significant, _label) in raw.items():
-        better_high = compare.headline(ft_name).higher_is_better
+        better_high = compare.headline(ft_name.split(":")[-1]).higher_is_better
         i, j = pts.index(pt), fts.index(ft_name)
         matrix[i, j] = diff if better_high else -diff  # improvement: positive = the start beats scratch
         marks[(i, j)] = "*" if significant else ("?" if significant is None else "")
@@ -164,7 +164,7 @@ def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
             v = matrix[i, j]
             text = "n/a" if np.isnan(v) else f"{v:+.3f}{marks.get((i, j), '')}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(fts)), [f"{f}\n({compare.headline(f).label})" for f in fts], fontsize=7)
+    ax.set_xticks(range(len(fts)), [f"{f}\n({compare.headline(f.split(':')[-1]).label})" for f in fts], fontsize=7)
     ax.set_yticks(range(len(pts)), pts)
     ax.set_xlabel("fine-tuned on")
     ax.set_ylabel("pre-trained on")
@@ -264,6 +264,8 @@ def best_models(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
+    from ltc.compare import headline
+
     best = best_models(trials)
     panels = []
     for _, row in best.iterrows():
@@ -285,8 +287,11 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         unit = _units(row.ft_dataset)
         ax.set_xlabel(f"true ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
+        h = headline(row.ft_dataset)
         ax.set_title(
-            f"{row.ft_dataset}: {row.start}, {row.strategy}\nMAE {row.test_mae:.3g}, R² {row.test_r2:.3f}", fontsize=9
+            f"{row.ft_dataset}: {row.start}, {row.strategy}\n{h.label} {row[f'test_{h.metric}']:.3g}"
+            + (f" (fold {int(row.fold)} of repeat {int(row.repeat)})" if pd.notna(row.get("fold")) else ""),
+            fontsize=9,
         )
     return _save(fig, out / "parity.png"), ""
 

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from ltc import __version__, datasets
 from ltc.errors import DataError, MissingFileError
 from ltc.graphs import CrystalGraph, GraphConfig, GraphError, structure_to_graph
-from ltc.io import write_json_atomic  # also imported from here by train.py (to be switched to ltc.io)
+from ltc.io import write_json_atomic
 from ltc.paths import cache_root, data_home
 
 log = logging.getLogger(__name__)

@@ -164,12 +164,6 @@ def resolve_split_ids(
     return SplitIds(name, tuple(test), subsets)
 
 
-def uses_paper_test(shards: ShardSet, config: SplitConfig, ids: SplitIds | None = None) -> bool:
-    """Whether ``shards``' test set is Devi et al.'s file (``paper``; ``paper_or_seeded`` where it exists)."""
-    ids = ids if ids is not None else resolve_split_ids(shards.name, config)
-    return ids.paper_test is not None
-
-
 def test_ids(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: SplitIds | None = None) -> list[str]:
     """Ids of the fixed test set of ``shards``' dataset, some possibly without a graph (rejected rows)."""
     ids = ids if ids is not None else resolve_split_ids(shards.name, config)
@@ -314,13 +308,3 @@ def test_formulas(shards: ShardSet, config: SplitConfig = SplitConfig(), ids: Sp
     if config.kfold:
         return set(formulas)
     return {formulas[i] for i in test_indices(shards, config, ids)}
-
-
-def holdout_formulas(
-    names: list[str] | tuple[str, ...], config: SplitConfig = SplitConfig(), **open_kwargs
-) -> frozenset[str]:
-    """Reduced formulas in the test sets of datasets ``names`` (to keep them out of other stages' training)."""
-    out: set[str] = set()
-    for name in names:
-        out.update(test_formulas(ShardSet.open(name, **open_kwargs), config))
-    return frozenset(out)

@@ -36,7 +36,7 @@ def mini_results(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("sweeps")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         run_sweep(from_dict(SweepSpec, MINI), results=root)
     finally:

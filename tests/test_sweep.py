@@ -159,7 +159,8 @@ def test_smoke_keeps_one_setting_per_stage():
         p = plan(spec)
         for stage in spec.stages:
             kinds = [s.kind for s in p[stage.name]]
-            units = 2 if spec.split_for(stage).kfold else 1  # a K-fold stage keeps 2 folds of 1 repeat
+            split = spec.split_for(stage)
+            units = split.folds if split.kfold else 1  # a K-fold stage keeps its folds, of 1 repeat
             assert kinds.count("finetune") + kinds.count("pretrain") == units, (path.name, stage.name)
             assert stage.epochs == 2 and spec.search_for(stage).trials == 1
         assert spec.name.endswith("-smoke") and spec.resources.gpu == 0
@@ -224,10 +225,13 @@ def test_setting_search_round_robin_with_optuna():
     # results flow into the right study: completed, pruned (ASHA) and failed trials
     s.on_trial_result("t0", {"val_loss": 0.5, "epoch": 0})
     s.on_trial_complete("t0", {"val_loss": 0.4, "ltc_completed": True})
-    s.on_trial_complete("t2", {"val_loss": 0.9})
+    s.on_trial_complete("t2", {"val_loss": 0.9, "done": True})  # Tune marks a scheduler's stop done=True
     s.on_trial_complete("t4", error=True)
     states = [t.state.name for t in s.studies["a"].trials]
     assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    # a trial an interrupt stopped (no done, no ltc_completed) is not told: it resumes later
+    s.on_trial_complete("t1", {"val_loss": 0.7})
+    assert "t1" in s.live and s.studies["b"].trials[0].state.name == "RUNNING"
     assert s.studies["a"].best_value == 0.4
     assert s.studies["a"].trials[0].intermediate_values == {0: 0.5}
 

@@ -44,7 +44,7 @@ def test_a_trial_runs_with_its_raw_data_gone(tmp_path, monkeypatch):
     monkeypatch.setenv("LTC_DATA_HOME", str(home))
     monkeypatch.setenv("LTC_CACHE", str(tmp_path / "elsewhere"))  # nor may it fall back to another cache
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         grid = tune.Tuner(
             tune.with_resources(ltc_trial, {"cpu": 1}),

@@ -68,7 +68,6 @@ def _interrupts() -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread (e.g. run_sweep in a notebook thread)
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     _arm()
     try:
         yield
@@ -78,8 +77,15 @@ def _interrupts() -> Iterator[None]:
 
 
 def _arm() -> None:
+    """Plain SIGINT (``KeyboardInterrupt``), SIGTERM as SIGINT. Again after ``ray.init``, whose fault handler
+    takes SIGTERM, and before each stage, since Tune leaves its SIGINT handler behind."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _term_as_int)
+
+
+def _term_as_int(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 def _test_pause(where: str) -> None:
@@ -123,17 +129,17 @@ def run_sweep(
     from ltc.paths import cache_root
     from ltc.paths import data_home as _data_home
 
-    home = str(_data_home(data_home).resolve())
-    cache_dir = str(cache_root(cache, home=Path(home)).resolve())
-    validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
-    root = Path(results).resolve() / spec.name
-    storage = storage or spec.storage or str(root / "ray")
-    paths = SweepPaths(root, storage)
-    _claim_results(paths, spec, spec_text, resume)
-    _init_ray(address)
-
+    _current_stage.clear()
     with _interrupts():
         try:
+            home = str(_data_home(data_home).resolve())
+            cache_dir = str(cache_root(cache, home=Path(home)).resolve())
+            validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
+            root = Path(results).resolve() / spec.name
+            paths = SweepPaths(root, storage or spec.storage or str(root / "ray"))
+            _claim_results(paths, spec, spec_text, resume)
+            _init_ray(address)
+            _arm()
             return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
         except KeyboardInterrupt:
             raise SweepInterrupted(_current_stage.get("name")) from None

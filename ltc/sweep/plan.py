@@ -87,9 +87,8 @@ def _data_label(datasets_: tuple[str, ...], size: int | None, max_size: int | No
 def later_datasets(spec: SweepSpec, stage: StageSpec) -> list[str]:
     """Datasets of the stages after ``stage``, whose test-set formulas ``holdout: auto`` keeps out of it.
 
-    A stage's own datasets count too: pre-training on bg must not see fe's test compounds when fe is
-    fine-tuned later, and bg's own test set is out of its training anyway (holding its formulas out as
-    well only drops same-formula polymorphs).
+    Pre-training on bg must not see the test compounds of fe when fe is fine-tuned later. A dataset the
+    stage trains on itself is not in the list: its own split keeps its test set out (``holdout_splits``).
     """
     i = spec.stages.index(stage)
     out: list[str] = []
@@ -113,7 +112,10 @@ def holdout_splits(spec: SweepSpec, stage: StageSpec) -> dict[str, SplitConfig]:
     that trains on it (kfold there: every formula is a test formula), else the sweep's."""
     out = {}
     i = spec.stages.index(stage)
+    own = {d for g in stage.dataset_sets for d in g}
     for name in resolve_holdout(spec, stage):
+        if name in own:
+            continue  # its own split keeps its test set (or fold) out; holding out its formulas would empty it
         later = [st for st in spec.stages[i + 1 :] if any(name in g for g in st.dataset_sets)]
         out[name] = spec.split_for(later[0]) if later else spec.split
     return out
@@ -261,20 +263,28 @@ def select_starts(planned: list[Start], table: Any) -> list[Start]:
 
 @dataclass(frozen=True)
 class DatasetCount:
-    """How many structures a dataset offers: rows, graphs (if its shards exist) and its test set."""
+    """How many structures a dataset offers: rows, graphs (if its shards exist), and Devi et al.'s test size."""
 
     name: str
     n_rows: int
     n_graphs: int | None  # None: shards not built yet (rows - rejected is unknown)
-    n_test: int
+    n_paper_test: int | None  # the size of Devi et al.'s test file, when the split uses it
 
-    @property
-    def available(self) -> int:
-        """An upper bound on what training subsets can draw from (outside the test set)."""
-        return (self.n_graphs if self.n_graphs is not None else self.n_rows) - self.n_test
+    def available(self, split: SplitConfig) -> tuple[int, int]:
+        """(an upper bound on what training subsets can draw from under ``split``, its test size)."""
+        n = self.n_graphs if self.n_graphs is not None else self.n_rows
+        if split.kfold:  # folds are dealt over graphs: the largest fold is the test set
+            n_test = math.ceil(n / split.folds)
+        elif self.n_paper_test is not None:
+            n_test = self.n_paper_test
+        else:  # the seeded test set is drawn over every input row
+            n_test = max(1, math.ceil(split.test_fraction * self.n_rows))
+        return n - n_test, n_test
 
 
-def dataset_count(name: str, spec: SweepSpec, *, home: str | None = None, cache: str | None = None) -> DatasetCount:
+def dataset_count(
+    name: str, spec: SweepSpec, split: SplitConfig, *, home: str | None = None, cache: str | None = None
+) -> DatasetCount:
     """Row counts from the shard manifest when the shards exist, else from the data file (never builds)."""
     from ltc.io import write_json_atomic
     from ltc.paths import cache_root, data_home
@@ -298,9 +308,8 @@ def dataset_count(name: str, spec: SweepSpec, *, home: str | None = None, cache:
         else:
             n_rows = datasets.read(file).n_rows
             write_json_atomic(counted, {"dataset": name, "fingerprint": file.fingerprint, "n_rows": n_rows})
-    ids = resolve_split_ids(name, spec.split, home=home_path)
-    n_test = len(ids.paper_test) if ids.paper_test is not None else max(1, math.ceil(spec.split.test_fraction * n_rows))
-    return DatasetCount(name, n_rows, n_graphs, n_test)
+    ids = resolve_split_ids(name, split, home=home_path)
+    return DatasetCount(name, n_rows, n_graphs, len(ids.paper_test) if ids.paper_test is not None else None)
 
 
 def _search_key(spec: SweepSpec, i: int, field: str) -> str:
@@ -314,8 +323,9 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
     """Raise ``ConfigError`` naming the key path and value of anything a trial would reject.
 
     (Strategies the model lacks and a bad ``model_config`` already fail when the file is loaded.)
-
-    ``counts``: check sizes against row counts (reads manifests, or data files when shards are not built).
+    ``counts``: check sizes against row counts (reads manifests, or data files when shards are not built);
+    a dataset with no local file yet (matminer downloads it when the stage is prepared) is checked exactly
+    by ``check_sizes`` then.
     """
     model = _model(spec.model, json.dumps(spec.model_config, sort_keys=True))
     for i, stage in enumerate(spec.stages):
@@ -328,18 +338,22 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
             )
     if not counts:
         return
-    found: dict[str, DatasetCount] = {}
+    found: dict[tuple[str, SplitConfig], DatasetCount | None] = {}
     for i, stage in enumerate(spec.stages):
         if stage.sizes is None:
             continue
+        split = spec.split_for(stage)
         for group in stage.dataset_sets:
             for name in group:
-                if name not in found:
-                    found[name] = dataset_count(name, spec, home=home, cache=cache)
-                c = found[name]
-                split = spec.split_for(stage)
-                n_test = math.ceil(c.n_rows / split.folds) if split.kfold else c.n_test
-                available = (c.n_graphs if c.n_graphs is not None else c.n_rows) - n_test
+                if (name, split) not in found:
+                    try:
+                        found[(name, split)] = dataset_count(name, spec, split, home=home, cache=cache)
+                    except datasets.DatasetNotFoundError:
+                        found[(name, split)] = None  # not local yet (a download at prepare time)
+                c = found[(name, split)]
+                if c is None:
+                    continue
+                available, n_test = c.available(split)
                 where = f"a test fold of {split.folds}" if split.kfold else "its test set"
                 for k, size in enumerate(stage.sizes):
                     if size is not None and size > available:
