@@ -227,8 +227,12 @@ PLANNED = 2 + 2 * 2  # PT: 2 seeds; FT: 2 seeds x (start, scratch); one trial ea
 
 
 def _checkpointed(folder: Path) -> bool:
-    """Some trial under this Tune experiment folder has saved an intermediate training state."""
-    return any(folder.glob("*/checkpoint_*/train_state.pt"))
+    """Some trial under this Tune experiment folder has saved two intermediate training states.
+
+    Two, not one: a checkpoint is on disk before the driver has registered it, and a trial whose only
+    checkpoint was not registered yet restarts from epoch 0 on resume (correct, but not what is tested).
+    """
+    return any(len(list(trial.glob("checkpoint_*/train_state.pt"))) >= 2 for trial in folder.glob("*/"))
 
 
 def _by_setting(trials: pd.DataFrame) -> dict[str, tuple[float, float]]:
