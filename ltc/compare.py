@@ -132,7 +132,7 @@ def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
         row: dict[str, Any] = {"start": start, "strategy": strategy}
         if kfold:
             pooled = pooled_by_repeat(g, read_predictions)
-            row["units"] = f"{len(g)} folds, {len(pooled)} full repeats"
+            row["units"] = f"{len(g)} folds, {len(pooled)} full repeat{'s' if len(pooled) != 1 else ''}"
             for metric in shown_metrics(dataset):
                 row[metric] = _mean_std(pooled[metric]) if metric in pooled.columns else "–"
         else:

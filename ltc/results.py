@@ -290,7 +290,7 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         h = headline(row.ft_dataset)
         ax.set_title(
             f"{row.ft_dataset}: {row.start}, {row.strategy}\n{h.label} {row[f'test_{h.metric}']:.3g}"
-            + (f" (fold {int(row.fold)} of repeat {int(row.repeat)})" if pd.notna(row.get("fold")) else ""),
+            + (f" (fold {int(row['fold'])} of repeat {int(row['repeat'])})" if pd.notna(row.get("fold")) else ""),
             fontsize=9,
         )
     return _save(fig, out / "parity.png"), ""

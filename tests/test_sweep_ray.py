@@ -82,6 +82,15 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     assert "judged by MAE log10 kappa" in text and "agl:max150 [blocks] vs scratch:" in text
     assert "(A better on " in text and " of 3 folds)" in text
 
+    # the report of a K-fold sweep: every figure it can draw is drawn (none fails), pooled metrics and pairs
+    from ltc.results import write_report
+
+    report = write_report(tmp_path / "quickstart")
+    assert not any(why.startswith("failed") for why in report.skipped.values()), report.skipped
+    assert "Parity plot of the best model per FT dataset (test set)" in report.figures
+    text = report.path.read_text()
+    assert "| scratch | scratch | 3 folds, 1 full repeat |" in text and "| agl:max150 [blocks] | scratch |" in text
+
     # the fold models of a cell are the ensemble `ltc predict` uses: mean ± std over 3 models
     from ltc.cli import main
 
