@@ -248,14 +248,15 @@ def selection_gaps(
     return pd.DataFrame(out)
 
 
-def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool | None, str]]:
-    """(start, FT dataset) → (mean paired difference vs scratch of the headline metric, significant, label)
+def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool | None, str, tuple]]:
+    """(start, FT dataset) → (mean paired difference vs scratch of the headline metric, significant, label,
+    its 95 % interval)
     at each FT dataset's largest size; the start's strategy is the one with the lowest validation loss.
 
     Only rows of one stage are ever paired (stages differ in their held-out data); a dataset fine-tuned in
     several stages is labelled ``<stage>:<dataset>``.
     """
-    cells: dict[tuple[str, str], tuple[float, bool | None, str]] = {}
+    cells: dict[tuple[str, str], tuple[float, bool | None, str, tuple]] = {}
     ft = best[best.kind != "pretrain"]
     shared = {d for d, g in ft.groupby("ft_dataset") if g.stage.nunique() > 1}
     for (stage, dataset), all_rows in ft.groupby(["stage", "ft_dataset"]):
@@ -273,5 +274,6 @@ def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool
                 r.mean_diff if r.mean_diff is not None else float("nan"),
                 r.significant,
                 headline(dataset).label,
+                (r.ci_low, r.ci_high),
             )
     return cells

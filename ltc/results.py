@@ -147,15 +147,21 @@ def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     fts = sorted({k[1] for k in raw})
     matrix = np.full((len(pts), len(fts)), np.nan)
     marks: dict[tuple[int, int], str] = {}
-    for (pt, ft_name), (diff, significant, _label) in raw.items():
-        better_high = compare.headline(ft_name.split(":")[-1]).higher_is_better
+    bounds = [0.0]
+    for (pt, ft_name), (diff, significant, _label, (low, high)) in raw.items():
+        sign = 1.0 if compare.headline(ft_name.split(":")[-1]).higher_is_better else -1.0
         i, j = pts.index(pt), fts.index(ft_name)
-        matrix[i, j] = diff if better_high else -diff  # improvement: positive = the start beats scratch
+        matrix[i, j] = sign * diff  # improvement: positive = the start beats scratch
         marks[(i, j)] = "*" if significant else ("?" if significant is None else "")
+        if low is not None:
+            lo, hi = sorted((sign * low, sign * high))
+            marks[(i, j)] += f"\n[{lo:+.3f}, {hi:+.3f}]"
+            bounds += [abs(lo), abs(hi)]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(1.3 * len(fts) + 3.0, 5.0), 0.8 * len(pts) + 2.4))
     finite = matrix[np.isfinite(matrix)]
-    lim = max(abs(finite).max(), 1e-3) if finite.size else 1.0
+    # the colour scale spans the intervals too: a difference well inside its interval stays pale
+    lim = max(abs(finite).max() if finite.size else 0.0, *bounds, 1e-3)
     # missing cells: grey and labelled n/a, never a colour that reads as zero
     cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=-lim, vmax=lim)
