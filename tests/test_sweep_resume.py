@@ -239,6 +239,14 @@ def _by_setting(trials: pd.DataFrame) -> dict[str, tuple[float, float]]:
     return {r.setting: (r.test_mae, r.val_loss) for r in trials.itertuples()}
 
 
+def _assert_same_numbers(trials: pd.DataFrame, uninterrupted: pd.DataFrame) -> None:
+    """Every setting's test MAE and validation loss equal those of the uninterrupted run."""
+    got, want = _by_setting(trials), _by_setting(uninterrupted)
+    assert got.keys() == want.keys()
+    for key, (mae, val) in want.items():
+        assert got[key] == pytest.approx((mae, val), rel=1e-5), key
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> pd.DataFrame:
     tmp = tmp_path_factory.mktemp("uninterrupted")
@@ -292,10 +300,7 @@ def test_an_interrupt_loses_nothing_and_resume_finishes_exactly(tmp_path, uninte
         assert (trials[trials.stage == name].epochs_run == n).all()  # the interrupted trials ended whole
     assert trials[trials.stage == stage].resumed_from_epoch.max() > 0  # … from where they were
     # the same numbers as without the interrupt (seeded, deterministic on CPU)
-    got, want = _by_setting(trials), _by_setting(uninterrupted)
-    assert got.keys() == want.keys()
-    for key, (mae, val) in want.items():
-        assert got[key] == pytest.approx((mae, val), rel=1e-5), key
+    _assert_same_numbers(trials, uninterrupted)
 
 
 def test_a_driver_killed_while_copying_best_checkpoints_leaves_the_stage_unfinished(tmp_path, uninterrupted):
@@ -326,7 +331,4 @@ def test_a_driver_killed_while_copying_best_checkpoints_leaves_the_stage_unfinis
     assert len(trials) == PLANNED and trials.trial_id.is_unique and (trials.status == "completed").all()
     best = pd.read_parquet(results / "intr" / "best" / "pt" / "best.parquet")
     assert len(best) == 2 and all(Path(p).is_file() for p in best.best_checkpoint)
-    got, want = _by_setting(trials), _by_setting(uninterrupted)
-    assert got.keys() == want.keys()
-    for key, (mae, val) in want.items():
-        assert got[key] == pytest.approx((mae, val), rel=1e-5), key
+    _assert_same_numbers(trials, uninterrupted)
