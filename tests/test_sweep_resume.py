@@ -100,7 +100,10 @@ def _finished(folder: Path) -> dict[str, dict]:
     """Trial id → final metrics, for every trial under a Tune experiment folder that saved its final checkpoint."""
     out = {}
     for f in folder.glob("*/checkpoint_*/metrics.json"):
-        metrics = json.loads(f.read_text())
+        try:
+            metrics = json.loads(f.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # Tune is still copying this checkpoint into storage (not atomic): read it next time
         out[f.parts[-3]] = {"test_mae": metrics["test_mae"], "epochs_run": metrics["epochs_run"]}
     return out
 
