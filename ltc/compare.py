@@ -32,6 +32,7 @@ from ltc.targets import HEADLINE, KAPPA_METRICS, Headline, regression_metrics
 
 log = logging.getLogger(__name__)
 
+MISSING = "–"  # what a table shows for a value the sweep did not (yet) produce: never zero
 CELL = ["start", "strategy"]  # within one (stage, ft_dataset, ft_size)
 SCRATCH = "scratch"
 
@@ -112,10 +113,11 @@ def pooled_by_repeat(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _mean_std(values: pd.Series | list[float], digits: int = 3) -> str:
+def mean_std(values: pd.Series | list[float], digits: int = 3) -> str:
+    """``mean ± std`` (ddof 0) of the finite values; one value alone; ``–`` for none (missing, never zero)."""
     v = pd.Series(values, dtype=float).dropna()
     if v.empty:
-        return "–"
+        return MISSING
     if len(v) == 1:
         return f"{v.iloc[0]:.{digits}g}"
     return f"{v.mean():.{digits}g} ± {v.std(ddof=0):.2g}"
@@ -134,14 +136,14 @@ def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
             pooled = pooled_by_repeat(g, read_predictions)
             row["units"] = f"{len(g)} folds, {len(pooled)} full repeat{'s' if len(pooled) != 1 else ''}"
             for metric in shown_metrics(dataset):
-                row[metric] = _mean_std(pooled[metric]) if metric in pooled.columns else "–"
+                row[metric] = mean_std(pooled[metric]) if metric in pooled.columns else MISSING
         else:
             row["units"] = f"{len(g)} seeds"
             for metric in shown_metrics(dataset):
-                row[metric] = _mean_std(_unit_metric(g, metric))
+                row[metric] = mean_std(_unit_metric(g, metric))
         row["lr (median)"] = f"{g.lr.median():.2g}"
         nu = g.n_unfrozen.dropna()
-        row["n_unfrozen"] = ",".join(str(int(v)) for v in nu.value_counts().sort_index().index) if len(nu) else "–"
+        row["n_unfrozen"] = ",".join(str(int(v)) for v in nu.value_counts().sort_index().index) if len(nu) else MISSING
         row["val_loss"] = float(g.val_loss.astype(float).mean())
         out.append(row)
     table = pd.DataFrame(out)
@@ -188,7 +190,7 @@ def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
                 "metric": h.label,
                 "pairs": r.n_pairs,
                 "A - B": format_diff(r.mean_diff),
-                "95% interval": "–" if r.ci_low is None else f"[{format_diff(r.ci_low)}, {format_diff(r.ci_high)}]",
+                "95% interval": MISSING if r.ci_low is None else f"[{format_diff(r.ci_low)}, {format_diff(r.ci_high)}]",
                 "A better on": f"{r.wins} of {r.n_pairs}",
                 "verdict": _verdict(r, a, b),
                 "significant": r.significant,

@@ -3,7 +3,7 @@
 Every file a reader must be able to trust (manifests, checkpoints, tables, reports) is written through
 ``write_atomic``: a killed writer leaves the old file or none, never half of one. Paths that may be
 object-storage URIs (``s3://…``, ``gs://…``; ``file://`` and plain paths are local) are read and
-copied through ``open_input`` / ``copy_to_local`` (pyarrow's filesystems), nowhere else.
+copied through this module (``filesystem``, ``open_input``, ``copy_to_local``: pyarrow's filesystems).
 """
 
 from __future__ import annotations
@@ -128,8 +128,3 @@ def copy_to_local(uri: str) -> str:
         copy_file(uri, local)
         _LOCAL_COPIES[uri] = local
     return _LOCAL_COPIES[uri]
-
-
-def read_bytes(uri: str) -> bytes:
-    with open_input(uri) as fh:
-        return fh.read()

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ltc import datasets
+from ltc import compare, datasets
 from ltc.errors import MissingFileError
-from ltc.io import exists, open_input, write_text_atomic
+from ltc.io import filesystem, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-MISSING = "–"
+MISSING = compare.MISSING
 
 
 def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
@@ -63,27 +63,11 @@ def best_per_setting(trials: pd.DataFrame) -> pd.DataFrame:
     return done.loc[done.groupby("setting").val_loss.idxmin()].reset_index(drop=True)
 
 
-def _mean_std(values: pd.Series, digits: int = 3) -> str:
-    v = values.dropna().astype(float)
-    if v.empty:
-        return MISSING
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}g}"
-    return f"{v.mean():.{digits}g} ± {v.std(ddof=0):.2g}"
-
-
 def _units(name: str) -> str:
     try:
         return datasets.spec(name).units
     except (KeyError, ValueError):
         return ""
-
-
-def _is_kappa(name: str) -> bool:
-    try:
-        return datasets.spec(name).kappa
-    except (KeyError, ValueError):
-        return False
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -136,8 +120,6 @@ def _largest_size(rows: pd.DataFrame):
 def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     """PT source × FT dataset: the paired improvement over scratch in each FT dataset's headline metric, at its
     largest FT size; ``*`` marks cells whose 95 % interval excludes zero, ``?`` cells that cannot be judged."""
-    from ltc import compare
-
     if best[best.kind == "finetune"].empty:
         return None, "no fine-tuning trials"
     raw = compare.heatmap_cells(best)
@@ -184,12 +166,10 @@ def _curves(best: pd.DataFrame, out: Path, x: str, name: str, label: str) -> tup
     wanted = [d for d, g in rows.groupby("ft_dataset") if g[x].nunique() >= 2]
     if not wanted:
         return None, f"no fine-tuning dataset was run at two or more {label}s"
-    from ltc.compare import headline
-
     fig, axes = _grid(len(wanted))
     for ax, dataset in zip(axes, wanted, strict=True):
         g = rows[rows.ft_dataset == dataset]
-        metric = headline(dataset)
+        metric = compare.headline(dataset)
         series = g.pt_dataset.fillna("scratch") if x == "pt_size" else g.start
         for key, h in g.groupby(series):
             stats = h.groupby(x)[f"test_{metric.metric}"].agg(["mean", "std", "count"]).sort_index()
@@ -219,13 +199,11 @@ def fig_strategies(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     wanted = [d for d, g in rows.groupby("ft_dataset") if g[g.kind == "finetune"].strategy.nunique() >= 2]
     if not wanted:
         return None, "no fine-tuning dataset was run with two or more strategies"
-    from ltc.compare import headline
-
     fig, axes = _grid(len(wanted))
     for ax, dataset in zip(axes, wanted, strict=True):
         g = rows[rows.ft_dataset == dataset]
         g = g[g.ft_size == _largest_size(g)] if g.ft_size.notna().any() else g
-        metric = headline(dataset)
+        metric = compare.headline(dataset)
         stats = g.groupby("strategy")[f"test_{metric.metric}"].agg(["mean", "std"])
         ax.bar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), capsize=3,
                color=["#999999" if s == "scratch" else "#4477aa" for s in stats.index])  # fmt: skip
@@ -237,16 +215,15 @@ def fig_strategies(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
 
 def read_predictions(checkpoint: str) -> pd.DataFrame | None:
     """The ``predictions.parquet`` saved beside a trial's ``checkpoint.pt`` (local path or URI)."""
-    folder = checkpoint.rsplit("/", 1)[0]
-    path = f"{folder}/predictions.parquet"
-    import pyarrow as pa
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
+    path = f"{checkpoint.rsplit('/', 1)[0]}/predictions.parquet"
     try:
-        if not exists(path):
+        fs, inside = filesystem(path)
+        if fs.get_file_info(inside).type == pafs.FileType.NotFound:
             return None
-        with open_input(path) as fh:
-            return pq.read_table(pa.BufferReader(fh.read())).to_pandas()
+        return pq.read_table(inside, filesystem=fs).to_pandas()
     except OSError as err:
         log.warning("cannot read %s: %s", path, err)
         return None
@@ -270,8 +247,6 @@ def best_models(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
-    from ltc.compare import headline
-
     best = best_models(trials)
     panels = []
     for _, row in best.iterrows():
@@ -282,7 +257,7 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         return None, "no predictions of a completed fine-tuning trial were found"
     fig, axes = _grid(len(panels), 3.6, 3.4)
     for ax, (row, p) in zip(axes, panels, strict=True):
-        kappa = _is_kappa(row.ft_dataset)
+        kappa = compare.is_kappa(row.ft_dataset)
         ax.scatter(p.y_true, p.y_pred, s=10, alpha=0.7)
         lo, hi = np.nanmin([p.y_true.min(), p.y_pred.min()]), np.nanmax([p.y_true.max(), p.y_pred.max()])
         if kappa:
@@ -293,7 +268,7 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         unit = _units(row.ft_dataset)
         ax.set_xlabel(f"true ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
-        h = headline(row.ft_dataset)
+        h = compare.headline(row.ft_dataset)
         ax.set_title(
             f"{row.ft_dataset}: {row.start}, {row.strategy}\n{h.label} {row[f'test_{h.metric}']:.3g}"
             + (f" (fold {int(row['fold'])} of repeat {int(row['repeat'])})" if pd.notna(row.get("fold")) else ""),
@@ -381,8 +356,6 @@ FIGURES = {
 def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
     """Per FT dataset and size: the cells (pooled K-fold metrics or seeds), the paired comparisons, and the
     selection gaps."""
-    from ltc import compare
-
     ft = best[best.kind != "pretrain"]
     if ft.empty:
         return []
@@ -443,8 +416,6 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         f"sets or folds no stage trained on. `{MISSING}` marks what the sweep did not (yet) produce.",
         "",
     ]
-    from ltc.compare import headline, selection_gaps
-
     pt = best[best.kind == "pretrain"]
     if not pt.empty:
         lines += [
@@ -456,15 +427,15 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         for (stage, dataset, size), g in pt.groupby(["stage", "dataset", "size"], dropna=False, sort=False):
             size_label = MISSING if pd.isna(size) else int(size)
             units = _units(dataset) if "+" not in dataset else "per property"
-            h = headline(dataset) if "+" not in dataset else headline("")
-            value, mae = _mean_std(g[f"test_{h.metric}"]), _mean_std(g.test_mae)
+            h = compare.headline(dataset) if "+" not in dataset else compare.headline("")
+            value, mae = compare.mean_std(g[f"test_{h.metric}"]), compare.mean_std(g.test_mae)
             lines.append(f"| {stage} | {dataset} | {size_label} | {len(g)} | {h.label} | {value} | {mae} | {units} |")
         lines.append("")
         gaps = [
             gap.assign(cell=f"{stage}: {dataset}, size {MISSING if pd.isna(size) else int(size)}")
             for (stage, dataset, size), g in pt.groupby(["stage", "dataset", "size"], dropna=False, sort=False)
             if "+" not in dataset
-            for gap in [selection_gaps(trials, best, g, dataset)]
+            for gap in [compare.selection_gaps(trials, best, g, dataset)]
             if not gap.empty
         ]
         if gaps:
@@ -629,8 +600,6 @@ def summary(trials: pd.DataFrame) -> str:
     """What a sweep found, for the console: each setting's units (mean ± std), then for each FT dataset and
     size the pooled K-fold metrics and the paired comparisons (each start against scratch, starts against
     each other) with their 95 % intervals and verdicts."""
-    from ltc import compare
-
     trials = upgrade(trials)
     best = with_start(best_per_setting(trials))
     if best.empty:

@@ -229,6 +229,16 @@ INTERRUPTED = {
 PLANNED = 2 + 2 * 2  # PT: 2 seeds; FT: 2 seeds x (start, scratch); one trial each
 
 
+def _resume(path: Path, results: Path, log: Path) -> str:
+    """``ltc sweep PATH --results RESULTS --resume`` to its end, which must be a success; its output."""
+    proc = _start([str(path), "--results", str(results), "--resume"], log)
+    try:
+        assert proc.wait(timeout=900) == 0, _tail(log)
+    finally:
+        _cleanup(proc)
+    return log.read_text()
+
+
 def _checkpointed(folder: Path) -> bool:
     """Some trial under this Tune experiment folder has saved two intermediate training states.
 
@@ -286,13 +296,9 @@ def test_an_interrupt_loses_nothing_and_resume_finishes_exactly(tmp_path, uninte
         assert not (stages / "ft.parquet").exists()  # … and nothing after it ran
         if stage == "pt":
             assert not (results / "intr" / "ray" / "ft").exists()
-
-        second = _start([str(path), "--results", str(results), "--resume"], log2)
-        assert second.wait(timeout=900) == 0, _tail(log2)
     finally:
         _cleanup(first)
-        if "second" in locals():
-            _cleanup(second)
+    _resume(path, results, log2)
 
     trials = pd.read_parquet(results / "intr" / "trials.parquet")
     assert len(trials) == PLANNED and trials.trial_id.is_unique  # every planned trial, exactly once
@@ -322,13 +328,9 @@ def test_a_driver_killed_while_copying_best_checkpoints_leaves_the_stage_unfinis
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert not (results / "intr" / "stages" / "pt.parquet").exists()  # not done: its copy did not finish
-
-        second = _start([str(path), "--results", str(results), "--resume"], log2)
-        assert second.wait(timeout=900) == 0, _tail(log2)
     finally:
         _cleanup(first)
-        if "second" in locals():
-            _cleanup(second)
+    _resume(path, results, log2)
     assert "stage pt: resuming" in log2.read_text()
     trials = pd.read_parquet(results / "intr" / "trials.parquet")
     assert len(trials) == PLANNED and trials.trial_id.is_unique and (trials.status == "completed").all()

@@ -129,7 +129,6 @@ def run_sweep(
     from ltc.paths import cache_root
     from ltc.paths import data_home as _data_home
 
-    _current_stage.clear()
     with _interrupts():
         try:
             home = str(_data_home(data_home).resolve())
@@ -141,60 +140,76 @@ def run_sweep(
             _init_ray(address)
             _arm()
             return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
-        except KeyboardInterrupt:
-            raise SweepInterrupted(_current_stage.get("name")) from None
-
-
-_current_stage: dict[str, str] = {}  # the stage running now, for the interrupt message
+        except KeyboardInterrupt:  # before any stage started (validation, Ray's start)
+            raise SweepInterrupted(None) from None
 
 
 def _run_stages(spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, cache_dir: str) -> Any:
     import pandas as pd
 
-    from ltc.results import copy_best
-
     tables: dict[str, pd.DataFrame] = {}
     settings_by_stage: dict[str, list[Setting]] = {}
     for stage in spec.stages:
-        _arm()
-        _current_stage["name"] = stage.name
-        starts = None
-        if stage.start_from is not None:
-            planned = plan_starts(spec, stage, settings_by_stage[stage.start_from.stage])
-            starts = select_starts(planned, tables[stage.start_from.stage])
-        settings = plan_stage(spec, stage, starts)
-        settings_by_stage[stage.name] = settings
-        done_table = paths.stage_table(stage.name)
-        if done_table.is_file():
-            tables[stage.name] = pd.read_parquet(done_table)
-            print(f"stage {stage.name}: finished earlier ({len(tables[stage.name])} trials)")
-            continue
-        if not settings:
-            raise ConfigError(
-                f"stage {stage.name}: nothing to run (no starting checkpoints survived {stage.start_from})"
+        try:
+            tables[stage.name] = _run_or_read_stage(
+                spec, stage, paths, tables, settings_by_stage, resume=resume, home=home, cache_dir=cache_dir
             )
-        # once per stage, here: shards built or verified, split ids and held-out formulas written; trials
-        # open these paths and nothing else
-        names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))
-        inputs = resolve_inputs(
-            names, holdout=holdout_splits(spec, stage), graph=spec.graph_config, split=spec.split_for(stage), home=home,
-            cache=cache_dir, verify=True, progress=True,
-        )  # fmt: skip
-        check_sizes(spec, stage, settings, inputs)
-        table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
-        _arm()
-        planned = len(settings) * spec.search_for(stage).trials
-        ended = int(table.status.isin(["completed", "pruned", "error"]).sum())
-        if ended < planned:  # Tune ended the run early: a Ctrl-C or SIGTERM inside the stage
-            raise SweepInterrupted(stage.name, ended, planned)
-        copy_best(table, paths.best(stage.name), pause=lambda: _test_pause("copy_best"))
-        # the stage table marks the stage done: written last, after its best checkpoints are in place
-        io.write_parquet_atomic(done_table, table)
-        tables[stage.name] = table
-        io.write_parquet_atomic(paths.trials, pd.concat(list(tables.values()), ignore_index=True))
+        except KeyboardInterrupt:  # outside a Tuner (resolving inputs, copying) or a second Ctrl-C
+            raise SweepInterrupted(stage.name) from None
     trials = pd.concat(list(tables.values()), ignore_index=True)
     io.write_parquet_atomic(paths.trials, trials)
     return trials
+
+
+def _run_or_read_stage(
+    spec: SweepSpec,
+    stage: StageSpec,
+    paths: SweepPaths,
+    tables: dict[str, Any],
+    settings_by_stage: dict[str, list[Setting]],
+    *,
+    resume: bool,
+    home: str,
+    cache_dir: str,
+) -> Any:
+    """One stage's trials table: read back if the stage finished earlier, else run (and then marked done)."""
+    import pandas as pd
+
+    from ltc.results import copy_best
+
+    _arm()
+    starts = None
+    if stage.start_from is not None:
+        planned = plan_starts(spec, stage, settings_by_stage[stage.start_from.stage])
+        starts = select_starts(planned, tables[stage.start_from.stage])
+    settings = plan_stage(spec, stage, starts)
+    settings_by_stage[stage.name] = settings
+    done_table = paths.stage_table(stage.name)
+    if done_table.is_file():
+        table = pd.read_parquet(done_table)
+        print(f"stage {stage.name}: finished earlier ({len(table)} trials)")
+        return table
+    if not settings:
+        raise ConfigError(f"stage {stage.name}: nothing to run (no starting checkpoints survived {stage.start_from})")
+    # once per stage, here: shards built or verified, split ids and held-out formulas written; trials
+    # open these paths and nothing else
+    names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))
+    inputs = resolve_inputs(
+        names, holdout=holdout_splits(spec, stage), graph=spec.graph_config, split=spec.split_for(stage), home=home,
+        cache=cache_dir, verify=True, progress=True,
+    )  # fmt: skip
+    check_sizes(spec, stage, settings, inputs)
+    table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
+    _arm()
+    planned = len(settings) * spec.search_for(stage).trials
+    ended = int(table.status.isin(["completed", "pruned", "error"]).sum())
+    if ended < planned:  # Tune ended the run early: a Ctrl-C or SIGTERM inside the stage
+        raise SweepInterrupted(stage.name, ended, planned)
+    copy_best(table, paths.best(stage.name), pause=lambda: _test_pause("copy_best"))
+    # the stage table marks the stage done: written last, after its best checkpoints are in place
+    io.write_parquet_atomic(done_table, table)
+    io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
+    return table
 
 
 def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, resume: bool) -> None:
