@@ -278,6 +278,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             spec_text=Path(args.file).read_text(),
             data_home=args.data_home,
             cache=args.cache,
+            optuna_storage=args.optuna_storage,
         )
     except SweepInterrupted as err:
         # one line: what happened and the command that finishes the sweep (the same flags, plus --resume)
@@ -300,8 +301,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _resume_argv(args: argparse.Namespace) -> list[str]:
     argv = ["sweep", str(args.file), "--resume"]
-    for flag in ("results", "storage", "address", "cache", "data_home"):
+    from ltc.sweep.studies import register_storage
+
+    for flag in ("results", "storage", "address", "cache", "data_home", "optuna_storage"):
         value = getattr(args, flag, None)
+        if flag == "optuna_storage" and value is not None:
+            value = register_storage(value)  # a database password is never printed
         if value is not None and not (flag == "results" and str(value) == "results"):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     return argv + (["--smoke"] if args.smoke else [])
@@ -528,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run a PT/FT sweep (YAML) on Ray Tune with Optuna inside each setting",
         "Run the stages of a sweep file in order, each as a Ray Tune Tuner: settings (datasets, sizes, "
         "strategies, seeds, starting checkpoints, scratch baselines) with Optuna proposing lr and n_unfrozen "
-        "inside each, ASHA stopping weak trials. Writes RESULTS/<sweep name>/trials.parquet (one row per "
-        "trial) and the best checkpoint of every setting. Runs on a local Ray unless --address (or "
+        "inside each (one study per setting, kept in RESULTS/<sweep name>/optuna.log) and, with asha set, "
+        "successive halving stopping weak trials within a setting. Writes RESULTS/<sweep name>/trials.parquet "
+        "(one row per trial) and the best checkpoint of every setting. Runs on a local Ray unless --address (or "
         "RAY_ADDRESS) names a cluster.",
     )
     sp.add_argument("file", type=Path, help="sweep file, e.g. sweeps/quickstart.yaml")
@@ -540,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--storage", help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's)")
     sp.add_argument("--results", default="results", help="results folder (default: results/)")
+    sp.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="database for the Optuna studies, e.g. sqlite:///studies.db or postgresql://user:pw@host/db "
+        "(default: RESULTS/<sweep name>/optuna.log, a journal file; open either with optuna-dashboard)",
+    )
     sp.add_argument(
         "--smoke",
         action="store_true",

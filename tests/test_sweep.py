@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import pickle
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from conftest import REPO
 
 from ltc.cli import main
 from ltc.config import ConfigError, from_dict
-from ltc.sweep import Range, SearchSpec, SettingSearch, SweepSpec, load_sweep, plan, smoke
+from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 MINIMAL = {"name": "t", "stages": [{"name": "pt", "datasets": ["l96"]}]}
@@ -199,59 +198,6 @@ def test_smoke_sizes():
         {"name": "ft2", "datasets": ["mix"], "start_from": {"stage": "ft"}, "sizes": [20]},
     ]})  # fmt: skip
     assert [(st.sizes, st.max_sizes) for st in smoke(spec).stages] == [(None, [64]), ([64], None), ([20], None)]
-
-
-def _searcher(trials=3):
-    configs = {
-        "a": {"setting": "a", "strategy": "blocks"},
-        "b": {"setting": "b", "strategy": "all"},
-    }
-    search = {k: SearchSpec(trials=trials, lr=Range(1e-4, 1e-2)) for k in configs}
-    return SettingSearch(configs, search, max_blocks=3)
-
-
-def test_setting_search_round_robin_with_optuna():
-    s = _searcher()
-    suggestions = [s.suggest(f"t{i}") for i in range(6)]
-    assert s.suggest("t6") is None or s.suggest("t6") == s.FINISHED
-    assert [c["setting"] for c in suggestions] == ["a", "b", "a", "b", "a", "b"]
-    assert [c["trial_index"] for c in suggestions] == [0, 0, 1, 1, 2, 2]
-    for c in suggestions:
-        assert 1e-4 <= c["lr"] <= 1e-2
-        assert (c["n_unfrozen"] is None) == (c["setting"] == "b")
-        if c["n_unfrozen"] is not None:
-            assert 0 <= c["n_unfrozen"] <= 3
-    assert len({c["lr"] for c in suggestions}) == 6
-    # results flow into the right study: completed, pruned (ASHA) and failed trials
-    s.on_trial_result("t0", {"val_loss": 0.5, "epoch": 0})
-    s.on_trial_complete("t0", {"val_loss": 0.4, "ltc_completed": True})
-    s.on_trial_complete("t2", {"val_loss": 0.9, "done": True})  # Tune marks a scheduler's stop done=True
-    s.on_trial_complete("t4", error=True)
-    states = [t.state.name for t in s.studies["a"].trials]
-    assert states == ["COMPLETE", "PRUNED", "FAIL"]
-    # a trial an interrupt stopped (no done, no ltc_completed) is not told: it resumes later
-    s.on_trial_complete("t1", {"val_loss": 0.7})
-    assert "t1" in s.live and s.studies["b"].trials[0].state.name == "RUNNING"
-    assert s.studies["a"].best_value == 0.4
-    assert s.studies["a"].trials[0].intermediate_values == {0: 0.5}
-
-
-def test_setting_search_state_survives_a_restart(tmp_path):
-    s = _searcher(trials=4)
-    first = [s.suggest(f"t{i}") for i in range(3)]
-    s.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
-    s.save(str(tmp_path / "searcher.pkl"))
-    restored = _searcher(trials=4)
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    rest = []
-    while (c := restored.suggest(f"u{len(rest)}")) not in (None, restored.FINISHED):
-        rest.append(c)
-    assert len(first) + len(rest) == 8  # every planned trial exactly once
-    keys = [(c["setting"], c["trial_index"]) for c in first + rest]
-    assert len(set(keys)) == 8
-    restored.on_trial_complete("t1", {"val_loss": 0.2, "ltc_completed": True})  # one issued before the save
-    assert restored.studies["b"].best_value == 0.2
-    pickle.dumps(restored)
 
 
 def test_cluster_yaml_is_a_valid_launcher_config():

@@ -1,10 +1,11 @@
 """Sweeps: a YAML file → stages of PT / FT trials → one Ray Tune ``Tuner`` per stage → trials.parquet.
 
-Four parts, each importable alone:
+Five parts, each importable alone:
 
 - ``ltc.sweep.spec``: the sweep-file schema (frozen dataclasses, strict loader); no Ray.
 - ``ltc.sweep.plan``: pure functions, stages → settings → trial configs, and the load-time checks; no Ray.
-- ``ltc.sweep.adapters``: the Tune searcher (Optuna per setting), per-setting ASHA, the progress bar.
+- ``ltc.sweep.studies``: the Optuna side: storage, the budget sampler, study names; no Ray.
+- ``ltc.sweep.adapters``: the Tune searcher (a study per setting), per-setting early stopping, the progress bar.
 - ``ltc.sweep.driver``: stages in order, inputs resolved once per stage, resume.
 
 The names below are re-exported; those of the Ray parts import Ray only when first used, so
@@ -31,14 +32,13 @@ from ltc.sweep.spec import (
 _LAZY = {
     "run_sweep": "ltc.sweep.driver",
     "SettingSearch": "ltc.sweep.adapters",
-    "PerSettingASHA": "ltc.sweep.adapters",
+    "StudyPruning": "ltc.sweep.adapters",
     "Progress": "ltc.sweep.adapters",
     "summary": "ltc.results",
 }
 
 __all__ = [
     "AshaSpec",
-    "PerSettingASHA",
     "Progress",
     "Range",
     "Resources",
@@ -48,6 +48,7 @@ __all__ = [
     "Source",
     "StageSpec",
     "Start",
+    "StudyPruning",
     "SweepSpec",
     "describe",
     "load_sweep",

@@ -32,6 +32,7 @@ from typing import Any
 from ltc import io
 from ltc.errors import AlreadyExistsError, ConfigError, LtcError
 from ltc.inputs import resolve_inputs
+from ltc.sweep import studies
 from ltc.sweep.plan import (
     Setting,
     check_sizes,
@@ -42,7 +43,7 @@ from ltc.sweep.plan import (
     trial_config,
     validate,
 )
-from ltc.sweep.spec import StageSpec, SweepSpec
+from ltc.sweep.spec import AshaSpec, SearchSpec, StageSpec, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def _test_pause(where: str) -> None:
 class SweepPaths:
     root: Path  # <results>/<sweep name>
     storage: str  # Ray storage path (local folder or URI)
+    optuna: str = ""  # Optuna storage reference (ltc.sweep.studies.register_storage); default root/optuna.log
 
     @property
     def trials(self) -> Path:
@@ -121,8 +123,11 @@ def run_sweep(
     spec_text: str | None = None,
     data_home: str | None = None,
     cache: str | None = None,
+    optuna_storage: str | None = None,
 ) -> Any:
     """Run every stage of ``spec``; returns the trials table (pandas). See the module docstring.
+
+    ``optuna_storage``: a database URL for the Optuna studies; default ``<results>/<name>/optuna.log``.
 
     Raises ``SweepInterrupted`` after SIGINT or SIGTERM, leaving a state that ``resume=True`` completes.
     """
@@ -135,7 +140,8 @@ def run_sweep(
             cache_dir = str(cache_root(cache, home=Path(home)).resolve())
             validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
             root = Path(results).resolve() / spec.name
-            paths = SweepPaths(root, storage or spec.storage or str(root / "ray"))
+            optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
+            paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
             _claim_results(paths, spec, spec_text, resume)
             _init_ray(address)
             _arm()
@@ -222,73 +228,117 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
                 f"{paths.root} holds results of sweep {spec.name!r} already: pass --resume to complete it, "
                 "or --results another folder"
             )
-        if json.loads(stored.read_text())["spec"] != current:
+        claimed = json.loads(stored.read_text())
+        if claimed["spec"] != current:
             raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
+        if claimed.get("optuna_storage", paths.optuna) != paths.optuna:
+            raise ConfigError(
+                f"{paths.root} keeps its Optuna studies in {claimed['optuna_storage']}, not {paths.optuna}: "
+                "pass the same --optuna-storage to resume"
+            )
         return
+    if studies.is_url(paths.optuna):  # a database others use too: never continue another sweep's studies
+        import optuna
+
+        taken = [
+            n for n in optuna.get_all_study_names(studies.open_storage(paths.optuna)) if n.startswith(f"{spec.name}/")
+        ]
+        if taken:
+            raise AlreadyExistsError(
+                f"{paths.optuna} holds studies of a sweep {spec.name!r} already ({taken[0]}, …): "
+                "rename the sweep or use another database"
+            )
     if resume:
         log.info("nothing to resume in %s: starting the sweep", paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     if spec_text is not None:
         io.write_text_atomic(paths.root / "sweep.yaml", spec_text)
-    io.write_text_atomic(paths.root / "sweep.json", json.dumps({"spec": current, "started": time.time()}))
+    io.write_text_atomic(
+        paths.root / "sweep.json",
+        json.dumps({"spec": current, "started": time.time(), "optuna_storage": paths.optuna}),
+    )
 
 
 def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths: SweepPaths, *, resume: bool, inputs):
     from ray import tune
 
     from ltc.results import results_table
-    from ltc.sweep.adapters import METRIC, MODE, PerSettingASHA, Progress, SettingSearch
     from ltc.sweep.plan import n_blocks
     from ltc.trial import ltc_trial
 
     res = spec.resources_for(stage)
     search = spec.search_for(stage)
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
-    exp_name = stage.name
-    if resume and io.exists(f"{paths.storage.rstrip('/')}/{exp_name}/tuner.pkl"):
+    experiment = f"{paths.storage.rstrip('/')}/{stage.name}"
+    if resume and io.exists(f"{experiment}/tuner.pkl"):
         print(f"stage {stage.name}: resuming")
-        tuner = tune.Tuner.restore(
-            f"{paths.storage.rstrip('/')}/{exp_name}", trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         configs = {s.key: trial_config(spec, stage, s, inputs) for s in settings}
-        searcher = SettingSearch(configs, {k: search for k in configs}, max_blocks=n_blocks(spec))
-        scheduler = (
-            PerSettingASHA(
-                grace_period=min(spec.asha.grace_epochs, stage.epochs),
-                reduction_factor=spec.asha.reduction_factor,
-                max_t=stage.epochs + 1,  # never stop a trial at its last epoch, before its test metrics
-            )
-            if spec.asha
-            else None
-        )
-        total = searcher.total
-        tuner = tune.Tuner(
+        tuner = make_tuner(
             trainable,
-            param_space={},
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=total,
-                reuse_actors=True,
-                trial_dirname_creator=lambda t: t.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=exp_name,
-                storage_path=paths.storage,
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
-                # since the last snapshot; with 1, every finished trial would force one
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[Progress(stage.name, total)],
-            ),
+            configs,
+            {k: search for k in configs},
+            name=stage.name,
+            storage_path=paths.storage,
+            optuna_storage=paths.optuna,
+            study_prefix=f"{spec.name}/{stage.name}",
+            max_blocks=n_blocks(spec),
+            asha=spec.asha,
+            epochs=stage.epochs,
+            max_failures=spec.max_failures,
         )
-        print(f"stage {stage.name}: {len(settings)} settings, {total} trials")
+        print(f"stage {stage.name}: {len(settings)} settings, {sum(search.trials for _ in configs)} trials")
     grid = tuner.fit()
     return results_table(grid, stage.name)
+
+
+def make_tuner(
+    trainable: Any,
+    configs: dict[str, dict[str, Any]],
+    search: dict[str, SearchSpec],
+    *,
+    name: str,
+    storage_path: str,
+    optuna_storage: str,
+    study_prefix: str,
+    max_blocks: int,
+    asha: AshaSpec | None,
+    epochs: int,
+    max_failures: int,
+) -> Any:
+    """One stage's ``Tuner``: the settings' trial configs (``configs``), searched per setting by Optuna
+    (``search``; studies in ``optuna_storage``, a reference from ``studies.register_storage``), with early
+    stopping per setting when ``asha`` is set. Benchmarks build it with a no-op ``trainable``."""
+    from ray import tune
+
+    from ltc.sweep.adapters import METRIC, MODE, Progress, SettingSearch, StudyPruning
+
+    searcher = SettingSearch(configs, search, max_blocks=max_blocks, storage=optuna_storage, prefix=study_prefix)
+    total = searcher.total
+    return tune.Tuner(
+        trainable,
+        param_space={},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=StudyPruning(storage=optuna_storage, prefix=study_prefix, asha=asha, max_epochs=epochs),
+            num_samples=total,
+            reuse_actors=True,
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
+            # since the last snapshot; with 1, every finished trial would force one
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[Progress(name, total)],
+        ),
+    )
 
 
 def _init_ray(address: str | None) -> None:

@@ -19,6 +19,7 @@ from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
 from ltc.models import MODELS
 from ltc.splits import SplitConfig
+from ltc.sweep.studies import SAMPLERS, Sampler
 from ltc.train import DEFAULT_GRAPHS, LOSSES, SCHEDULES, TrainConfig
 from ltc.transfer import STRATEGIES
 
@@ -45,8 +46,11 @@ class SearchSpec:
     lr: float | Range = Range(1e-4, 1e-2)  # a number fixes it
     n_unfrozen: int | Literal["search"] = "search"  # strategy ``blocks``: 0 … n_blocks, or fixed
     sampler_seed: int = 0
+    sampler: Sampler = "budget"  # ltc.sweep.studies: space-filling start, then TPE; or "random"
 
     def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler={self.sampler!r} must be one of {SAMPLERS}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials} must be >= 1")
         if isinstance(self.lr, float) and not self.lr > 0:
@@ -67,6 +71,7 @@ class SearchOverride:
     lr: float | Range | None = None
     n_unfrozen: int | Literal["search"] | None = None
     sampler_seed: int | None = None
+    sampler: Sampler | None = None
 
     def over(self, base: SearchSpec) -> SearchSpec:
         return _override(base, self)
@@ -74,12 +79,18 @@ class SearchOverride:
 
 @dataclass(frozen=True)
 class AshaSpec:
+    """Successive halving per setting (Optuna's ``SuccessiveHalvingPruner``): at epochs grace, grace·rf,
+    grace·rf², … a trial goes on only if its validation loss there is in the best 1/rf of its setting's."""
+
     grace_epochs: int = 5  # no trial is stopped before this many epochs
-    reduction_factor: float = 3.0
+    reduction_factor: int = 3
 
     def __post_init__(self) -> None:
-        if self.grace_epochs < 1 or self.reduction_factor <= 1:
-            raise ConfigError("asha needs grace_epochs >= 1 and reduction_factor > 1")
+        if self.grace_epochs < 1 or self.reduction_factor < 2:
+            raise ConfigError(
+                f"asha: grace_epochs={self.grace_epochs}, reduction_factor={self.reduction_factor}: "
+                "need grace_epochs >= 1 and reduction_factor >= 2"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,169 @@
+"""The search inside each setting: real Optuna studies in a real journal file (or SQLite), the budget
+sampler, the searcher's turns and limits, its state across a restart, and per-setting early stopping."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import optuna
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from ltc.errors import ConfigError
+from ltc.sweep import studies
+from ltc.sweep.adapters import OPTUNA_TRIAL, SettingSearch, StudyPruning
+from ltc.sweep.spec import AshaSpec, Range, SearchSpec
+
+PREFIX = "sw/ft"
+
+
+def _searcher(tmp_path, trials=3, sampler="budget", storage=None, settings=("a", "b")):
+    configs = {k: {"setting": k, "strategy": "blocks" if k == "a" else "all", "stage": "ft"} for k in settings}
+    search = {k: SearchSpec(trials=trials, lr=Range(1e-4, 1e-2), sampler=sampler) for k in configs}
+    ref = studies.register_storage(storage or str(tmp_path / "optuna.log"))
+    return SettingSearch(configs, search, max_blocks=3, storage=ref, prefix=PREFIX)
+
+
+def _study(tmp_path, key, storage=None):
+    ref = storage or str(tmp_path / "optuna.log")
+    return optuna.load_study(study_name=f"{PREFIX}/{key}", storage=studies.open_storage(ref))
+
+
+def _drain(s, prefix="t"):
+    out = []
+    while (c := s.suggest(f"{prefix}{len(out)}")) not in (None, s.FINISHED):
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (2, 2), (4, 4), (5, 4), (8, 4), (16, 8)])
+def test_startup_trials_fit_the_budget(n, k):
+    assert studies.startup_trials(n) == k
+
+
+def test_startup_points_cover_each_range_in_strata():
+    points = studies.startup_points(8, lr=(1e-4, 1e-2), n_unfrozen=3, seed=5)
+    u = (np.log([p["lr"] for p in points]) - math.log(1e-4)) / (math.log(1e-2) - math.log(1e-4))
+    assert sorted(np.floor(u * 8).astype(int).tolist()) == list(range(8))  # one lr in each eighth of the range
+    assert sorted(p["n_unfrozen"] for p in points) == [0, 0, 1, 1, 2, 2, 3, 3]  # each block count twice
+    assert points == studies.startup_points(8, lr=(1e-4, 1e-2), n_unfrozen=3, seed=5)
+    assert points != studies.startup_points(8, lr=(1e-4, 1e-2), n_unfrozen=3, seed=6)
+    assert studies.startup_points(2, lr=None, n_unfrozen=None, seed=0) == [{}, {}]
+
+
+def test_searcher_takes_settings_in_turn_and_writes_its_studies(tmp_path):
+    s = _searcher(tmp_path)
+    got = _drain(s)
+    assert s.suggest("late") == s.FINISHED
+    assert [c["setting"] for c in got] == ["a", "b", "a", "b", "a", "b"]
+    assert [c["trial_index"] for c in got] == [0, 0, 1, 1, 2, 2]
+    # 3 trials are all start-up trials: the hypercube points, proposed as planned
+    points = studies.startup_points(3, lr=(1e-4, 1e-2), n_unfrozen=3, seed=0)  # setting a: seed 0 + index 0
+    assert [(c["lr"], c["n_unfrozen"]) for c in got if c["setting"] == "a"] == [
+        (p["lr"], p["n_unfrozen"]) for p in points
+    ]
+    assert all(c["n_unfrozen"] is None for c in got if c["setting"] == "b")
+    # the journal holds a study per setting, with the setting and each trial's Ray id
+    assert sorted(optuna.get_all_study_names(studies.open_storage(str(tmp_path / "optuna.log")))) == [
+        "sw/ft/a", "sw/ft/b",
+    ]  # fmt: skip
+    a = _study(tmp_path, "a")
+    assert a.user_attrs["setting"] == "a" and a.user_attrs["strategy"] == "blocks"
+    assert [t.user_attrs["ray_trial_id"] for t in a.trials] == ["t0", "t2", "t4"]
+    assert [t.number for t in a.trials] == [c[OPTUNA_TRIAL] for c in got if c["setting"] == "a"]
+
+    # outcomes reach the right study: completed with its value, stopped early as pruned, errors as failed
+    s.on_trial_complete("t0", {"val_loss": 0.4, "ltc_completed": True})
+    s.on_trial_complete("t2", {"val_loss": 0.9, "done": True})  # Tune marks a scheduler's stop done=True
+    s.on_trial_complete("t4", error=True)
+    s.on_trial_complete("t1", {"val_loss": 0.7})  # stopped by an interrupt: told when it ends after --resume
+    assert [t.state.name for t in _study(tmp_path, "a").trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert _study(tmp_path, "a").best_value == 0.4
+    assert "t1" in s.live and _study(tmp_path, "b").trials[0].state.name == "RUNNING"
+
+
+def test_model_proposals_wait_for_the_start_up_results(tmp_path):
+    s = _searcher(tmp_path, trials=7, settings=("a",))  # k = 4 hypercube trials, then 3 from TPE
+    first = _drain(s)
+    assert len(first) == 4  # the fixed points run at once; TPE waits for their results
+    assert s.suggest("x") is None
+    for i, c in enumerate(first[:3]):
+        s.on_trial_complete(f"t{i}", {"val_loss": 1.0 + c["lr"], "ltc_completed": True})
+    assert s.suggest("x") is None  # one start-up trial still running
+    s.on_trial_complete("t3", {"val_loss": 1.5, "ltc_completed": True})
+    second = _drain(s, "u")
+    assert len(second) == studies.MAX_MODEL_IN_FLIGHT
+    s.on_trial_complete("u0", {"val_loss": 1.2, "ltc_completed": True})
+    third = _drain(s, "v")
+    assert len(third) == 1 and s.suggest("w") == s.FINISHED
+    trials = _study(tmp_path, "a").trials
+    assert len(trials) == 7 and len({t.params["lr"] for t in trials}) == 7
+
+
+def test_random_sampler_has_no_limit(tmp_path):
+    s = _searcher(tmp_path, trials=6, sampler="random", settings=("a",))
+    assert len(_drain(s)) == 6
+
+
+def test_searcher_state_survives_a_restart_and_fails_orphans(tmp_path):
+    s = _searcher(tmp_path, trials=4)
+    first = [s.suggest(f"t{i}") for i in range(3)]
+    s.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
+    s.save(str(tmp_path / "searcher.pkl"))
+    s.suggest("lost")  # asked after Tune's last snapshot, then the driver died
+    restored = _searcher(tmp_path, trials=4)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    rest = _drain(restored, "u")
+    assert len(first) + len(rest) == 8  # every planned trial exactly once
+    assert len({(c["setting"], c["trial_index"]) for c in first + rest}) == 8
+    restored.on_trial_complete("t1", {"val_loss": 0.2, "ltc_completed": True})  # issued before the save
+    b = _study(tmp_path, "b")
+    assert b.best_value == 0.2
+    orphan = [t for t in b.trials if t.user_attrs.get("ray_trial_id") == "lost"]
+    assert len(orphan) == 1 and orphan[0].state.name == "FAIL"
+    assert pickle.loads(pickle.dumps(restored))._studies == {}  # open studies never go into Tune's pickles
+
+
+def test_database_storage_and_masked_password(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    s = _searcher(tmp_path, trials=2, storage=url)
+    assert len(_drain(s)) == 4
+    assert len(_study(tmp_path, "a", storage=url).trials) == 2
+    masked = studies.register_storage("postgresql://ltc:hunter2@127.0.0.1:5432/sweeps")
+    assert "hunter2" not in masked and masked.startswith("postgresql://ltc:***@")
+    with pytest.raises(ConfigError, match=r"pass --optuna-storage with its password again"):
+        studies.open_storage("postgresql://other:***@127.0.0.1/db")
+
+
+def _tune_trial(setting: str, number: int) -> Trial:
+    return Trial("ltc_trial", config={"setting": setting, OPTUNA_TRIAL: number}, stub=True)
+
+
+def test_early_stopping_judges_each_setting_by_its_own_trials(tmp_path):
+    """Setting b's losses are all ten times setting a's: with one shared pruner every b trial would be cut."""
+    s = _searcher(tmp_path, trials=3, settings=("a", "b"))
+    configs = _drain(s)
+    pruning = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=AshaSpec(2, 2), max_epochs=20)
+    trials = {i: _tune_trial(c["setting"], c[OPTUNA_TRIAL]) for i, c in enumerate(configs)}
+    level = {"a": 1.0, "b": 10.0}
+    decisions = {}
+    # trial order: a0, b0, a1, b1, a2, b2; within a setting the later trials are worse (1.0, 1.5, 2.0 ×)
+    for i, c in enumerate(configs):
+        loss = level[c["setting"]] * (1 + 0.5 * c["trial_index"])
+        for epoch in (1, 2):
+            decisions[i] = pruning.on_trial_result(None, trials[i], {"val_loss": loss, "epoch_count": epoch})
+    by = {(c["setting"], c["trial_index"]): decisions[i] for i, c in enumerate(configs)}
+    # the first trial of each setting reaches the rung first and goes on: b's is never judged against a's
+    assert by[("a", 0)] == by[("b", 0)] == TrialScheduler.CONTINUE
+    assert by[("a", 1)] == by[("b", 1)] == TrialScheduler.STOP  # worse than its own setting's first
+    stored = _study(tmp_path, "b").trials[0]
+    assert stored.intermediate_values == {1: 10.0, 2: 10.0}
+    # a repeated step (a trial resumed from its checkpoint) is not stored twice, the final report not at all
+    pruning2 = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=None, max_epochs=20)
+    assert pruning2.on_trial_result(None, trials[0], {"val_loss": 5.0, "epoch_count": 2}) == TrialScheduler.CONTINUE
+    final = {"val_loss": 0.1, "epoch_count": 20, "ltc_completed": True}
+    assert pruning2.on_trial_result(None, trials[0], final) == TrialScheduler.CONTINUE
+    assert _study(tmp_path, "a").trials[0].intermediate_values == {1: 1.0, 2: 1.0}
