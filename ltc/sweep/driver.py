@@ -143,7 +143,7 @@ def run_sweep(
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
             _claim_results(paths, spec, spec_text, resume)
-            _init_ray(address)
+            init_ray(address)
             _arm()
             return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
         except KeyboardInterrupt:  # before any stage started (validation, Ray's start)
@@ -341,7 +341,9 @@ def make_tuner(
     )
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray (of ``num_cpus``
+    CPUs; default all), with the settings a sweep's Tune runs need."""
     import ray
 
     # A trial's checkpoint can force a snapshot of the experiment (needed for --resume); Tune warns about
@@ -365,4 +367,4 @@ def _init_ray(address: str | None) -> None:
         # a new local cluster of its own, dashboard off, bound to this machine only. address="local": without
         # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
         # another user's sweeps, or a dead one left by a killed driver, which fails `--resume`
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
