@@ -74,3 +74,31 @@ def write_json_gz(path: Path, obj: Any) -> Path:
     with gzip.open(path, "wt") as fh:
         json.dump(obj, fh)
     return path
+
+
+def assert_studies_match(root: Path, trials: Any) -> None:
+    """The sweep's Optuna journal (``root/optuna.log``) holds a study per setting whose trials are the setting's
+    rows (``trials``, the trials table), by Ray trial id, in the same state, with nothing left running. A
+    trial asked for after Tune's last snapshot before a crash is the one extra allowed: failed, on no row."""
+    import optuna
+
+    from ltc.sweep import studies
+
+    storage = studies.open_storage(str(root / studies.JOURNAL_NAME))
+    name = root.name
+    expected = {f"{name}/{r.stage}/{r.setting}" for r in trials.itertuples()}
+    assert set(optuna.get_all_study_names(storage)) == expected
+    state = {"completed": "COMPLETE", "pruned": "PRUNED", "error": "FAIL"}
+    for (stage, setting), rows in trials.groupby(["stage", "setting"]):
+        study = optuna.load_study(study_name=f"{name}/{stage}/{setting}", storage=storage)
+        assert study.user_attrs["setting"] == setting
+        assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+        ids = set(rows.trial_id)
+        told = {t.user_attrs["ray_trial_id"]: t for t in study.trials if t.user_attrs["ray_trial_id"] in ids}
+        assert set(told) == set(rows.trial_id)
+        assert all(t.state.name == "FAIL" for t in study.trials if t.user_attrs["ray_trial_id"] not in told)
+        for r in rows.itertuples():
+            assert told[r.trial_id].state.name == state[r.status]
+            assert told[r.trial_id].params.get("lr", r.lr) == pytest.approx(r.lr)
+            if r.status == "completed":
+                assert told[r.trial_id].value == pytest.approx(r.val_loss)

@@ -3,8 +3,17 @@ sampler, the searcher's turns and limits, its state across a restart, and per-se
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -167,3 +176,33 @@ def test_early_stopping_judges_each_setting_by_its_own_trials(tmp_path):
     final = {"val_loss": 0.1, "epoch_count": 20, "ltc_completed": True}
     assert pruning2.on_trial_result(None, trials[0], final) == TrialScheduler.CONTINUE
     assert _study(tmp_path, "a").trials[0].intermediate_values == {1: 1.0, 2: 1.0}
+
+
+def test_optuna_dashboard_opens_the_journal(tmp_path):
+    """What the README tells users: `optuna-dashboard results/<name>/optuna.log` lists the sweep's studies."""
+    s = _searcher(tmp_path, trials=2)
+    c = s.suggest("t0")
+    s.on_trial_complete("t0", {"val_loss": 0.25, "ltc_completed": True})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    argv = [str(exe), str(tmp_path / "optuna.log"), "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    listed = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # only the server this test started
+        proc.wait(timeout=30)
+    by_name = {st["study_name"]: st for st in listed}
+    assert set(by_name) == {"sw/ft/a"}  # studies open when their setting gets its first trial
+    attrs = {a["key"]: a["value"] for a in by_name[f"sw/ft/{c['setting']}"]["user_attrs"]}
+    assert attrs["setting"] == c["setting"]

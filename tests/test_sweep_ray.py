@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import optuna
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_studies_match
 
-from ltc.sweep import AshaSpec, load_sweep, run_sweep, smoke, studies, summary
+from ltc.sweep import AshaSpec, load_sweep, run_sweep, smoke, summary
 
 pytestmark = pytest.mark.slow
 
@@ -40,26 +39,6 @@ def tiny_quickstart():
             ),
         ],
     )
-
-
-def assert_studies_match(root, trials: pd.DataFrame) -> None:
-    """The sweep's Optuna journal holds exactly its settings' trials, by Ray trial id, in the same state."""
-    storage = studies.open_storage(str(root / studies.JOURNAL_NAME))
-    name = root.name
-    expected = {f"{name}/{r.stage}/{r.setting}" for r in trials.itertuples()}
-    assert set(optuna.get_all_study_names(storage)) == expected
-    state = {"completed": "COMPLETE", "pruned": "PRUNED", "error": "FAIL"}
-    for (stage, setting), rows in trials.groupby(["stage", "setting"]):
-        study = optuna.load_study(study_name=f"{name}/{stage}/{setting}", storage=storage)
-        assert study.user_attrs["setting"] == setting
-        told = {t.user_attrs["ray_trial_id"]: t for t in study.trials if t.state.name != "FAIL" or
-                t.user_attrs["ray_trial_id"] in set(rows.trial_id)}  # fmt: skip
-        assert set(told) == set(rows.trial_id)
-        for r in rows.itertuples():
-            assert told[r.trial_id].state.name == state[r.status]
-            assert told[r.trial_id].params.get("lr", r.lr) == pytest.approx(r.lr)
-            if r.status == "completed":
-                assert told[r.trial_id].value == pytest.approx(r.val_loss)
 
 
 def test_quickstart_end_to_end(local_ray, tmp_path):

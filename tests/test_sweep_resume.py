@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, assert_studies_match
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +172,8 @@ def test_driver_killed_mid_sweep_resume_runs_every_trial_exactly_once(tmp_path):
         row = trials[trials.trial_id == tid].iloc[0]
         assert row.test_mae == pytest.approx(metrics["test_mae"])
         assert row.resumed_from_epoch == 0 and row.epochs_run == metrics["epochs_run"]
+    # the Optuna studies went on where they were: each row's trial told once, none left running
+    assert_studies_match(results / "crash", trials)
 
 
 def test_worker_killed_mid_trial_continues_from_its_checkpoint(tmp_path):
@@ -310,6 +312,7 @@ def test_an_interrupt_loses_nothing_and_resume_finishes_exactly(tmp_path, uninte
     assert trials[trials.stage == stage].resumed_from_epoch.max() > 0  # … from where they were
     # the same numbers as without the interrupt (seeded, deterministic on CPU)
     _assert_same_numbers(trials, uninterrupted)
+    assert_studies_match(results / "intr", trials)
 
 
 def test_a_driver_killed_while_copying_best_checkpoints_leaves_the_stage_unfinished(tmp_path, uninterrupted):

@@ -130,4 +130,4 @@ def study_attrs(config: dict[str, Any]) -> dict[str, Any]:
     """What a setting's study carries (from its trial config): the setting, for the dashboard and notebooks."""
     keys = ("setting", "stage", "kind", "datasets", "size", "max_size", "seed", "fold", "repeat", "strategy",
             "source_key", "lineage")  # fmt: skip
-    return {k: config.get(k) for k in keys}
+    return {k: config[k] for k in keys if config.get(k) is not None}
