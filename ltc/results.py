@@ -560,6 +560,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
                 if key.startswith("test_"):
                     row[key] = None  # a stopped or failed trial has no test metrics
             row["val_loss"] = m.get("val_loss")
+            row["epochs_run"] = m.get("epoch_count")  # epochs trained before it stopped (its last report)
         rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS).astype({c: t for c, t in DTYPES.items()})
     return df.sort_values(["setting", "trial_index"], kind="stable").reset_index(drop=True)

@@ -35,7 +35,8 @@ def tiny_quickstart():
         stages=[
             dataclasses.replace(pt, max_sizes=[150], epochs=3),
             dataclasses.replace(
-                ft, epochs=4, strategies=["blocks"], split=dataclasses.replace(ft.split, folds=3, repeats=1)
+                ft, epochs=4, strategies=["blocks"], split=dataclasses.replace(ft.split, folds=3, repeats=1),
+                report_seconds=0,  # every epoch reported: the pruner sees each rung
             ),
         ],
     )
@@ -69,6 +70,7 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     done = saved[saved.status == "completed"]
     assert done.test_mae.notna().all() and done.test_mae_log10.notna().all() and done.checkpoint.notna().all()
     assert saved[saved.status == "pruned"].test_mae.isna().all()
+    assert saved[saved.status == "pruned"].epochs_run.between(2, 3).all()  # stopped at a rung, before the end
     fine = done[done.kind == "finetune"].iloc[0]
     assert torch.load(fine.checkpoint, weights_only=True)["history"][0]["datasets"] == ["agl"]
     assert fine.n_train + fine.n_val in (63, 64) and fine.n_test in (31, 32) and fine.epochs_run == 4  # of 95

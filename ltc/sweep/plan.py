@@ -459,8 +459,11 @@ def describe(spec: SweepSpec) -> str:
             lines.append(f"    … {len(ss) - 4} more")
     lines.append("")
     lines.append(f"total: {sum(len(v) for v in settings.values())} settings, {total} trials")
+    sampler = "random search" if spec.search.sampler == "random" else "hypercube start, then TPE above 4 trials"
+    lines.append(f"Optuna per setting ({sampler}); studies in <results>/{spec.name}/optuna.log")
     if spec.asha:
         lines.append(
-            f"ASHA per setting: grace {spec.asha.grace_epochs} epochs, reduction factor {spec.asha.reduction_factor:g}"
+            f"early stopping per setting (successive halving): grace {spec.asha.grace_epochs} epochs, "
+            f"reduction factor {spec.asha.reduction_factor}"
         )
     return "\n".join(lines)
