@@ -206,3 +206,20 @@ def test_optuna_dashboard_opens_the_journal(tmp_path):
     assert set(by_name) == {"sw/ft/a"}  # studies open when their setting gets its first trial
     attrs = {a["key"]: a["value"] for a in by_name[f"sw/ft/{c['setting']}"]["user_attrs"]}
     assert attrs["setting"] == c["setting"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"search": {"sampler": "tpe"}}, r"search\.sampler: expected one of 'budget', 'random', got 'tpe'"),
+        ({"asha": {"grace_epochs": 5, "reduction_factor": 1}}, r"reduction_factor=1: need .* reduction_factor >= 2"),
+        ({"asha": {"grace_epochs": 5, "reduction_factor": 2.5}}, r"asha\.reduction_factor"),
+    ],
+)
+def test_search_and_early_stopping_keys_are_checked_at_load(changes, message):
+    from ltc.config import from_dict
+    from ltc.sweep import SweepSpec
+
+    spec = {"name": "x", "stages": [{"name": "pt", "datasets": ["l96"]}], **changes}
+    with pytest.raises(ConfigError, match=message):
+        from_dict(SweepSpec, spec)

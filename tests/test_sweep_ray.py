@@ -35,7 +35,10 @@ def tiny_quickstart():
         stages=[
             dataclasses.replace(pt, max_sizes=[150], epochs=3),
             dataclasses.replace(
-                ft, epochs=4, strategies=["blocks"], split=dataclasses.replace(ft.split, folds=3, repeats=1),
+                ft,
+                epochs=4,
+                strategies=["blocks"],
+                split=dataclasses.replace(ft.split, folds=3, repeats=1),
                 report_seconds=0,  # every epoch reported: the pruner sees each rung
             ),
         ],
