@@ -16,7 +16,7 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 LTC_DATA_HOME ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),$(HOME)/.cache/ltc/data)
 export LTC_DATA_HOME
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-search clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ bench: install
 	$(BIN)/python benchmarks/bench_graphs.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_driver.py
+
+# The search benchmarks train ~1,500 models (about 40 minutes on 2 cores): not part of `make bench`.
+bench-search: install
+	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_early_stop.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
