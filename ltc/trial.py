@@ -5,8 +5,8 @@ driver: ``inputs`` (shard folders, split ids, held-out formulas: ``ltc.inputs.Ru
 starting checkpoint (a path or URI). A trial opens those and nothing else: it never reads raw data,
 hashes files or builds shards, and a path missing on its node is an error that names it.
 
-Every epoch reports ``val_loss`` (for ASHA and Optuna); every ``checkpoint_every`` epochs a resumable
-training state goes with it, so a trial whose worker died continues from there. The last report
+Every epoch reports ``val_loss`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
+epochs a resumable training state goes with it, so a trial whose worker died continues from there. The last report
 carries the test metrics, ``done=True`` and the final checkpoint (``checkpoint.pt``, ``metrics.json``,
 ``predictions.parquet``), marked ``ltc_completed``; a trial restored after it finished re-reports that
 instead of training again. Intermediate checkpoints are taken every ``checkpoint_every`` epochs but at
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Tune reserves "done" (it is True for trials ASHA stopped too): ltc marks a finished training with this.
+# Tune reserves "done" (it is True for trials early stopping stopped too): ltc marks a finished training with this.
 COMPLETED = "ltc_completed"
 
 
@@ -120,7 +120,7 @@ def ltc_trial(config: dict[str, Any]) -> None:
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
         elif now - last["report"] >= report_seconds:
             # each report waits for the driver: short epochs report every few seconds, not every epoch
-            # (ASHA judges a trial at its first report past a rung)
+            # (successive halving judges a trial at its first report past a rung)
             last["report"] = now
             tune.report(report)
 

@@ -148,7 +148,7 @@ class StageSpec:
     resources: ResourcesOverride | None = None  # keys given here override the sweep's resources
     checkpoint_every: int = 5  # epochs between trial checkpoints (resume after a worker dies) …
     checkpoint_seconds: float = 300.0  # … and at least this long between them
-    report_seconds: float = 2.0  # at least this long between epoch reports to Tune (ASHA, Optuna)
+    report_seconds: float = 2.0  # at least this long between epoch reports to Tune (the Optuna study, early stopping)
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -281,7 +281,7 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     """A scaled-down copy of ``spec`` that checks it end to end in minutes on a CPU.
 
     Per stage: the first dataset set that has a starting checkpoint, the first size (at most 64
-    structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no ASHA; a small model.
+    structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no early stopping; a small model.
     A K-fold stage stays K-fold, with its folds but 1 repeat (so the smoke run checks that code path too).
     """
     kept: dict[str, set[str]] = {}

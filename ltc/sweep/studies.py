@@ -106,11 +106,18 @@ def startup_points(
 ) -> list[dict[str, float | int]]:
     """``k`` Latin-hypercube points over the searched values: ``lr`` log-uniform in (low, high), ``n_unfrozen``
     an integer in 0 … ``n_unfrozen``; a value not searched is left out (``{}`` when none is)."""
+    return [dict(p) for p in _points(k, lr, n_unfrozen, seed)]
+
+
+@functools.lru_cache(maxsize=1024)  # the searcher asks once per trial for the same k points
+def _points(
+    k: int, lr: tuple[float, float] | None, n_unfrozen: int | None, seed: int
+) -> tuple[tuple[tuple[str, float | int], ...], ...]:
     from scipy.stats import qmc
 
     dims = int(lr is not None) + int(n_unfrozen is not None)
     if dims == 0:
-        return [{} for _ in range(k)]
+        return tuple(() for _ in range(k))
     # random-cd spreads the points in the plane as well as along each axis (it needs 2 dimensions)
     u = qmc.LatinHypercube(d=dims, seed=seed, optimization="random-cd" if dims > 1 else None).random(k)
     points: list[dict[str, float | int]] = [{} for _ in range(k)]
@@ -123,7 +130,7 @@ def startup_points(
     if n_unfrozen is not None:
         for p, x in zip(points, u[:, col], strict=True):
             p["n_unfrozen"] = min(int(x * (n_unfrozen + 1)), n_unfrozen)
-    return points
+    return tuple(tuple(p.items()) for p in points)
 
 
 def study_attrs(config: dict[str, Any]) -> dict[str, Any]:
