@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ltc.errors import ConfigError, LtcError
-from ltc.graphs import GraphConfig
+from ltc.graphs import CONSTRUCTIONS, GraphConfig
 from ltc.models import MODELS
 from ltc.splits import SPLIT_TESTS, SplitConfig
 from ltc.targets import TRANSFORMS
@@ -21,6 +21,17 @@ log = logging.getLogger("ltc")
 # Defaults and choices come from the library (one source of truth); the help texts quote them.
 _GRAPH, _SPLIT, _TRAIN = GraphConfig(), SplitConfig(), TrainConfig()
 _HEAD_DEFAULT = RunConfig.__dataclass_fields__["head"].default
+
+
+def _construction_help() -> str:
+    """Each graph construction, its line, and the models that train on it by default."""
+    from ltc.train import DEFAULT_GRAPHS
+
+    parts = []
+    for name, text in CONSTRUCTIONS.items():
+        models = [m for m, g in DEFAULT_GRAPHS.items() if g.construction == name]
+        parts.append(f"{name}: {text}" + (f" (default for {', '.join(models)})" if models else ""))
+    return "; ".join(parts)
 
 
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -76,7 +87,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ltc import datasets
     from ltc.shards import prepare, reason_kind, summarize_rejected
 
-    graph = GraphConfig(cutoff=args.cutoff, max_neighbors=args.max_neighbors)
+    graph = GraphConfig(cutoff=args.cutoff, max_neighbors=args.max_neighbors, construction=args.construction)
     names = list(datasets.REGISTRY) if args.all else args.names
     if not names:
         raise ConfigError("name a dataset (see `ltc datasets`) or pass --all")
@@ -150,8 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--n-unfrozen goes with --strategy blocks, not {strategy!r}")
         strategy = "blocks"
     graph = None
-    if args.cutoff is not None or args.max_neighbors is not None:
-        # the flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
+    if args.cutoff is not None or args.max_neighbors is not None or args.construction is not None:
+        # a flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
         from ltc.checkpoints import load_checkpoint
         from ltc.train import DEFAULT_GRAPHS
 
@@ -162,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         graph = GraphConfig(
             cutoff=base.cutoff if args.cutoff is None else args.cutoff,
             max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
+            construction=base.construction if args.construction is None else args.construction,
         )
     stage = RunConfig(
         datasets=tuple(args.dataset),
@@ -412,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_GRAPH.max_neighbors,
         help=f"keep at most this many nearest neighbours per atom (default {_GRAPH.max_neighbors})",
     )
+    sp.add_argument(
+        "--construction",
+        choices=list(CONSTRUCTIONS),
+        default=_GRAPH.construction,
+        help=f"how edges are chosen (default {_GRAPH.construction}). {_construction_help()}",
+    )
     sp.add_argument("--workers", type=int, default=None, help="parallel build processes (default: all CPUs)")
     sp.add_argument("--shard-size", type=int, default=None, help="graphs per shard file (default: automatic)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
@@ -494,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cutoff", type=float, help="graph cutoff in Å (default: the model's, or the checkpoint's)")
     g.add_argument("--max-neighbors", type=int, help="graph neighbours per atom (default: the model's)")
+    g.add_argument(
+        "--construction",
+        choices=list(CONSTRUCTIONS),
+        help=f"how graph edges are chosen (default: the model's, or the checkpoint's). {_construction_help()}",
+    )
     g = sp.add_argument_group("fine-tuning")
     g.add_argument("--init", type=Path, help="checkpoint to start from (a PT or earlier FT stage)")
     g.add_argument(

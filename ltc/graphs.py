@@ -1,14 +1,25 @@
 """Periodic crystal graphs: pymatgen ``Structure`` → atomic numbers, edges, distances, edge vectors.
 
-Each atom is joined to its ``max_neighbors`` nearest periodic images within ``cutoff`` Å (Devi et al.
-use 8 Å and 12, as ALIGNN; MEGNet-style models use 4–5 Å). Neighbours come from pymatgen's vectorised
-``Structure.get_neighbor_list`` (first over a smaller radius that usually holds the nearest k, see
-``_neighbor_list``); the nearest-k selection is a single sort, with no per-site Python loop.
+Two constructions (``GraphConfig.construction``, one of ``CONSTRUCTIONS``):
+
+- ``"knn"``: each atom is joined to its ``max_neighbors`` nearest periodic images within ``cutoff`` Å
+  (CGCNN's rule; MEGNet-style models use 4–5 Å). Exactly k directed edges per atom (fewer if the cutoff
+  holds fewer), none if it holds none (an "isolated atom" error).
+- ``"jarvis"``: the graphs ALIGNN, and so Devi et al., trained on: jarvis-tools'
+  ``nearest_neighbor_edges(use_canonize=True)`` then ``build_undirected_edgedata`` (``jarvis/core/graphs.py``),
+  reproduced edge for edge (see ``_jarvis_graph``; tested against jarvis-tools itself). Every atom keeps
+  every neighbour out to its k-th neighbour's distance, and each kept bond becomes an edge in both
+  directions. An atom with fewer than k neighbours within ``cutoff`` makes jarvis enlarge the cutoff until
+  every atom has k, so the edges do not depend on ``cutoff`` (it is only jarvis's first search radius).
+
+Neighbours come from pymatgen's vectorised ``Structure.get_neighbor_list`` (first over a smaller radius that
+usually holds the nearest k, see ``_neighbor_list``); the selection is array code, with no per-site loop.
 
 Edges follow PyG's ``source_to_target`` flow: ``edge_index[0]`` is the neighbour j, ``edge_index[1]``
 the centre i, and ``vectors[e] = r_j + image - r_i``. Edges are grouped by centre, nearest first; ties
-in distance are broken by the edge vector, so equal environments give equal edges wherever they sit
-(translated copies, supercells).
+in distance are broken by the edge vector, so "knn" gives equal environments equal edges wherever they sit
+(translated copies, supercells). "jarvis" decides ties at the k-th distance as jarvis does, on the last bits
+of its float64 distances, so there a translated copy or a supercell can keep other members of a tied shell.
 """
 
 from __future__ import annotations
@@ -24,23 +35,46 @@ from ltc.errors import ConfigError
 
 MAX_Z = 100  # CGCNN's feature table covers H (1) … Fm (100)
 
+# How edges are chosen (GraphConfig.construction): name → one line for help texts. See the module docstring.
+CONSTRUCTIONS = {
+    "knn": "each atom's max_neighbors nearest within the cutoff, directed",
+    "jarvis": "ALIGNN's graphs (jarvis-tools' k-nearest edges): every neighbour out to the k-th one's distance, "
+    "undirected, the cutoff enlarged where an atom has fewer than k",
+}
+
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """How graphs are built. Part of the shard cache key."""
+    """How graphs are built. Part of the shard cache key.
 
-    cutoff: float = 8.0  # Å
+    ``construction`` defaults to "knn", the construction of every graph ltc built before "jarvis" existed,
+    so settings and checkpoints written without it keep their meaning.
+    """
+
+    cutoff: float = 8.0  # Å; "jarvis": only the first search radius (see the module docstring)
     max_neighbors: int = 12
+    construction: str = "knn"  # one of CONSTRUCTIONS
 
     def __post_init__(self) -> None:
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or not self.cutoff > 0:
             raise ConfigError(f"cutoff={self.cutoff!r} must be a number > 0 (Å)")
         if isinstance(self.max_neighbors, bool) or not isinstance(self.max_neighbors, int) or self.max_neighbors < 1:
             raise ConfigError(f"max_neighbors={self.max_neighbors!r} must be an integer >= 1")
+        if self.construction not in CONSTRUCTIONS:
+            raise ConfigError(f"construction={self.construction!r} must be one of {list(CONSTRUCTIONS)}")
         object.__setattr__(self, "cutoff", float(self.cutoff))
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
+
+    @property
+    def line_graph_backtracking(self) -> bool:
+        """Whether a line graph of these graphs keeps bond pairs a→b→a (back along the same bond).
+
+        The reference does (DGL's ``line_graph(shared=True)`` keeps them by default); ltc's line graph of
+        "knn" graphs has always dropped them, and keeps doing so for the models trained that way.
+        """
+        return self.construction == "jarvis"
 
 
 class GraphError(ValueError):
@@ -99,10 +133,10 @@ def _neighbor_list(structure, config: GraphConfig) -> tuple[np.ndarray, ...]:
 
 
 def structure_to_graph(structure, *, config: GraphConfig = GraphConfig()) -> CrystalGraph:
-    """Build the periodic k-nearest-neighbour graph of a pymatgen ``Structure``.
+    """Build the periodic graph of a pymatgen ``Structure`` by ``config.construction``.
 
-    Raises ``GraphError`` for an empty or disordered structure, an element outside H…Fm, or an atom
-    with no neighbour within ``config.cutoff``.
+    Raises ``GraphError`` for an empty or disordered structure, an element outside H…Fm, and ("knn") an
+    atom with no neighbour within ``config.cutoff`` or ("jarvis") fewer than k within ``JARVIS_MAX_RADIUS``.
     """
     n = len(structure)
     if n == 0:
@@ -117,7 +151,14 @@ def structure_to_graph(structure, *, config: GraphConfig = GraphConfig()) -> Cry
     if z.min() < 1 or z.max() > MAX_Z:
         bad_z = int(z[(z < 1) | (z > MAX_Z)][0])
         raise GraphError(f"element outside H..Fm: Z={bad_z} is not in the CGCNN feature table (1..{MAX_Z})")
+    if config.construction == "jarvis":
+        return _jarvis_graph(structure, z, config)
+    return _knn_graph(structure, z, config)
 
+
+def _knn_graph(structure, z: np.ndarray, config: GraphConfig) -> CrystalGraph:
+    """Each atom's ``max_neighbors`` nearest within the cutoff, as directed edges (``"knn"``)."""
+    n = len(structure)
     centre, nbr, images, dist = _neighbor_list(structure, config)
     cart = structure.cart_coords
     lattice = structure.lattice.matrix
@@ -148,6 +189,117 @@ def structure_to_graph(structure, *, config: GraphConfig = GraphConfig()) -> Cry
         edge_index=np.stack([nbr, centre]).astype(np.int32),
         distances=dist[kept].astype(np.float32),
         vectors=vectors.astype(np.float32),
+    )
+
+
+# jarvis-tools' ``Atoms.get_all_neighbors`` skips pairs closer than its ``bond_tol`` (Å); so does "jarvis".
+JARVIS_BOND_TOL = 0.15
+# jarvis enlarges its cutoff without limit until every atom has k neighbours; ltc stops here (Å), so a
+# structure that is mostly vacuum is a rejected row rather than an endless search.
+JARVIS_MAX_RADIUS = 100.0
+_JARVIS_LATTICE_DECIMALS = 5  # jarvis.core.lattice.Lattice(round_off=5)
+
+
+def _jarvis_candidates(structure, config: GraphConfig) -> tuple[np.ndarray, ...]:
+    """pymatgen's neighbour list over a radius that holds every atom's k nearest (beyond the bond tolerance).
+
+    jarvis enlarges its cutoff (to the longest cell edge, then doubling) while any atom has fewer than k
+    neighbours within it. Once every atom has k, each keeps its neighbours out to its own k-th distance,
+    so the edges are the same for any radius that holds them: ltc searches the smallest it can find.
+    """
+    k, n = config.max_neighbors, len(structure)
+    if PROBE_FACTOR is not None:
+        radius = (3.0 * PROBE_FACTOR * k * structure.volume / n / (4.0 * np.pi)) ** (1.0 / 3.0)
+    else:
+        radius = config.cutoff
+    radius = min(radius, JARVIS_MAX_RADIUS)
+    while True:
+        found = structure.get_neighbor_list(radius)
+        d = found[3]
+        inside = (d > JARVIS_BOND_TOL + _PROBE_MARGIN) & (d < radius - _PROBE_MARGIN)
+        counts = np.bincount(found[0][inside], minlength=n)
+        if counts.min() >= k:
+            return found
+        if radius >= JARVIS_MAX_RADIUS:
+            sparse = np.flatnonzero(counts < k)
+            raise GraphError(
+                f"sparse structure: fewer than {k} neighbours within {JARVIS_MAX_RADIUS:g} Å for "
+                f"{len(sparse)} atom(s), e.g. atom {sparse[0]} ({structure[int(sparse[0])].specie})"
+            )
+        radius = min(2.0 * radius, JARVIS_MAX_RADIUS)
+
+
+def _image_code(images: np.ndarray, span: int) -> np.ndarray:
+    """[E, 3] integer images with |component| <= span // 2 → [E] distinct non-negative integers."""
+    shifted = images + span // 2
+    return (shifted[:, 0] * span + shifted[:, 1]) * span + shifted[:, 2]
+
+
+def _jarvis_graph(structure, z: np.ndarray, config: GraphConfig) -> CrystalGraph:
+    """The reference ALIGNN graph (``"jarvis"``): jarvis-tools' ``nearest_neighbor_edges`` with
+    ``use_canonize=True``, then ``build_undirected_edgedata``, edge for edge, as jarvis builds it from an
+    ``Atoms`` with fractional coordinates (Devi et al.'s JARVIS atoms dicts are fractional).
+
+    1. Every atom i keeps each neighbour (j, image) with ``JARVIS_BOND_TOL < d <= d_k(i)``, d_k(i) its k-th
+       smallest neighbour distance (``get_all_neighbors``, sorted, ``distances[k - 1]``).
+    2. Each kept pair is canonised, (lower index, higher index, image of the higher), and the set of them
+       deduplicated: a bond kept from either end is one bond.
+    3. Each canonical bond becomes two directed edges, one each way, with jarvis's displacement vectors.
+
+    Ties at d_k decide which members of a shell of equal distances are kept, so the distances are computed in
+    jarvis's own arithmetic, to the bit: Cartesian coordinates from the lattice rounded to 5 decimals (jarvis's
+    ``Lattice`` rounds it), periodic shifts ``np.dot(image, lattice)`` from the unrounded matrix
+    (``Atoms.lattice_mat``), ``d = np.sum((shift + r_j - r_i) ** 2, axis=-1) ** 0.5``. A shell that straddles k
+    is then cut exactly where jarvis cuts it: often not whole, as its members' distances differ in the last
+    bits.
+
+    Kept on purpose, as in ALIGNN's DGL graphs: a bond from an atom to its own periodic image is found as both
+    (i, i, I) and (i, i, -I), which canonise differently, so each of its two directed edges appears twice.
+    """
+    k = config.max_neighbors
+    centre, nbr, images, _ = _jarvis_candidates(structure, config)
+    lattice = structure.lattice.matrix
+    rounded = np.around(lattice, decimals=_JARVIS_LATTICE_DECIMALS)
+    frac = structure.frac_coords
+    cart = np.dot(frac, rounded)  # jarvis: Atoms.cart_coords = Lattice.cart_coords(frac)
+    images = np.rint(images).astype(np.int64)
+
+    # get_all_neighbors: coords = np.dot(image, matrix) + cart_coords, one image at a time (a matrix product over
+    # all images rounds differently in ~10 % of them), d = np.sum((coords_j - cart_i) ** 2, axis=-1) ** 0.5
+    span = 2 * int(np.abs(images).max(initial=0)) + 1  # images as one integer each, for fast np.unique
+    _, first, inverse = np.unique(_image_code(images, span), return_index=True, return_inverse=True)
+    shifts = np.array([np.dot(u, lattice) for u in images[first].astype(np.float64)]).reshape(-1, 3)
+    dist = np.sum((shifts[inverse.reshape(-1)] + cart[nbr] - cart[centre]) ** 2, axis=-1) ** 0.5
+
+    ok = dist > JARVIS_BOND_TOL
+    centre, nbr, images, dist = centre[ok], nbr[ok], images[ok], dist[ok]
+    order = np.lexsort((dist, centre))
+    counts = np.bincount(centre, minlength=len(structure))
+    kth = dist[order[np.cumsum(counts) - counts + k - 1]]  # every atom has >= k (see _jarvis_candidates)
+    keep = dist <= kth[centre]
+    centre, nbr, images = centre[keep], nbr[keep], images[keep]
+
+    # canonical bonds: (lower, higher, image of higher relative to lower), each once
+    swap = nbr < centre
+    low, high = np.where(swap, nbr, centre), np.where(swap, centre, nbr)
+    image = np.where(swap[:, None], -images, images)
+    _, first = np.unique((low * len(structure) + high) * span**3 + _image_code(image, span), return_index=True)
+    low, high, image = low[first], high[first], image[first]
+
+    # build_undirected_edgedata: d = Lattice.cart_coords(frac[high] + image - frac[low]), the edge low → high
+    # carries d and high → low carries -d. In ltc's flow (source = neighbour, vector = r_src - r_dst) these are
+    # the edges high → low with vector d and low → high with -d.
+    d = np.dot(frac[high] + image - frac[low], rounded)
+    src, dst = np.concatenate([high, low]), np.concatenate([low, high])
+    vectors = np.concatenate([d, -d])
+    distances = np.linalg.norm(vectors, axis=1)
+    # grouped by centre, nearest first, ties broken by the vector (the sort key of "knn")
+    order = np.lexsort((distances + (vectors @ _TIE_DIRECTION) * _TIE_SCALE, dst))
+    return CrystalGraph(
+        z=z.astype(np.uint8),
+        edge_index=np.stack([src[order], dst[order]]).astype(np.int32),
+        distances=distances[order].astype(np.float32),
+        vectors=vectors[order].astype(np.float32),
     )
 
 

@@ -57,7 +57,9 @@ from ltc.paths import cache_root, data_home
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: file sizes and SHA-256 checksums in the manifest
+# 2: file sizes and SHA-256 checksums in the manifest; 3: the graph construction ("knn" or "jarvis", see
+# ltc.graphs.CONSTRUCTIONS) in the manifest's graph config and so in the cache key
+SCHEMA_VERSION = 3
 
 # One row per graph. Ragged per-graph arrays are Arrow lists; ``vectors`` holds 3 floats per edge.
 SCHEMA = pa.schema(

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 # Graph settings each architecture is usually trained with (a checkpoint's own settings win).
 DEFAULT_GRAPHS = {
     "cgcnn": GraphConfig(cutoff=8.0, max_neighbors=12),
-    "alignn": GraphConfig(cutoff=8.0, max_neighbors=12),  # Devi et al.
+    # Devi et al.: ALIGNN's own graphs (jarvis-tools' k-nearest edges, undirected; 8 Å is its first search radius)
+    "alignn": GraphConfig(cutoff=8.0, max_neighbors=12, construction="jarvis"),
     "megnet": GraphConfig(cutoff=4.0, max_neighbors=24),  # ParAIsite: 4 Å, all neighbours in practice
 }
 
@@ -360,8 +361,12 @@ def _fresh_model(stage: RunConfig, graph: GraphConfig) -> CrystalGNN:
     cls = MODELS[stage.model]  # type: ignore[index]
     defaults: dict[str, Any] = {"n_targets": len(stage.datasets)}
     # the bond-length expansion spans the graph's cutoff (MEGNet: cutoff + 1, as matgl)
-    if "rbf_stop" in {f for f in cls.config_class.__dataclass_fields__}:
+    known = set(cls.config_class.__dataclass_fields__)
+    if "rbf_stop" in known:
         defaults["rbf_stop"] = graph.cutoff + (1.0 if stage.model == "megnet" else 0.0)
+    # the line graph of the graphs' construction (ALIGNN's keeps bond pairs a→b→a on the reference graphs)
+    if "backtracking" in known:
+        defaults["backtracking"] = graph.line_graph_backtracking
     torch.manual_seed(stage.train.seed)
     return build_model(stage.model, {**defaults, **stage.model_config})  # type: ignore[arg-type]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from conftest import REPO
 
 from ltc import datasets
 from ltc.cli import main
+from ltc.graphs import CONSTRUCTIONS
 
 
 def test_datasets_lists_every_dataset_as_present(capsys, data_home):
@@ -57,6 +59,14 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+def test_graph_construction_choices_are_the_librarys(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "l96", "--construction", "alignn"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'alignn'" in err and all(name in err for name in CONSTRUCTIONS)
+
+
 def test_missing_data_is_a_clear_error(capsys, tmp_path):
     assert main(["prepare", "l96", "--data-home", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -67,8 +77,10 @@ def test_console_script_help_explains_commands():
     out = subprocess.run(
         [sys.executable, "-m", "ltc.cli", "prepare", "--help"], capture_output=True, text=True, cwd=REPO, check=True
     ).stdout
-    for option in ("--cutoff", "--max-neighbors", "--workers", "--cache", "--data-home", "--all"):
+    for option in ("--cutoff", "--max-neighbors", "--construction", "--workers", "--cache", "--data-home", "--all"):
         assert option in out
+    for name in CONSTRUCTIONS:  # the choices and their lines come from the library
+        assert f"{name}: {CONSTRUCTIONS[name].split()[0]}" in " ".join(out.split())
     assert "rejected.parquet" in out
 
 
@@ -133,7 +145,7 @@ def test_cli_three_stage_chain(tmp_path, capsys):
     assert [h["datasets"] for h in ckpt["history"]] == [["pz"], ["mix"], ["hh143"]]
     assert ckpt["model"]["config"]["head_hidden"] == [45, 35, 35]
     m = json.loads((ft2 / "metrics.json").read_text())
-    assert m["graph"] == {"cutoff": 4.0, "max_neighbors": 24}  # MEGNet's default graphs, kept down the chain
+    assert m["graph"] == {"cutoff": 4.0, "max_neighbors": 24, "construction": "knn"}  # MEGNet's, kept down the chain
 
 
 @pytest.mark.parametrize(
@@ -160,7 +172,32 @@ def test_cli_one_graph_flag_keeps_the_other(pretrained, tmp_path):
     assert main([*args, "--max-neighbors", "12", "--out", str(tmp_path / "a")]) == 0
     args = ["train", "--dataset", "l96", "--model", "megnet", "--model-config", *SMALL_ARGS["megnet"], "--epochs", "1"]
     assert main([*args, "--max-neighbors", "16", "--out", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["graph"] == {"cutoff": 4.0, "max_neighbors": 16}
+    graph = json.loads((tmp_path / "b" / "metrics.json").read_text())["graph"]
+    assert graph == {"cutoff": 4.0, "max_neighbors": 16, "construction": "knn"}
+
+
+def test_cli_alignn_trains_on_the_reference_graphs(pretrained, tmp_path):
+    # alignn's default graphs are ALIGNN's own ("jarvis"), with the line graph that keeps a->b->a pairs;
+    # --cutoff alone kept the construction; the other models keep "knn"
+    import torch
+
+    ckpt = torch.load(pretrained["alignn"], weights_only=True)
+    assert ckpt["graph"] == {"cutoff": 6.0, "max_neighbors": 12, "construction": "jarvis"}
+    assert ckpt["model"]["config"]["backtracking"] is True
+    assert torch.load(pretrained["cgcnn"], weights_only=True)["graph"]["construction"] == "knn"
+    # an explicit --construction knn gives the old graphs and line graph
+    args = ["train", "--dataset", "l96", "--model", "alignn", "--model-config", *SMALL_ARGS["alignn"], "--epochs", "1"]
+    assert main([*args, "--construction", "knn", "--out", str(tmp_path / "knn")]) == 0
+    ckpt = torch.load(tmp_path / "knn" / "checkpoint.pt", weights_only=True)
+    assert ckpt["graph"]["construction"] == "knn" and ckpt["model"]["config"]["backtracking"] is False
+
+
+def test_prepare_builds_the_reference_graphs(capsys, tmp_path):
+    assert main(["prepare", "hh143", "-q", "--cache", str(tmp_path), "--construction", "jarvis"]) == 0
+    out = capsys.readouterr().out
+    assert "hh143: 143 rows" in out
+    per_atom = float(re.search(r"and ([\d.]+) edges per atom", out).group(1))
+    assert per_atom > 12  # every neighbour out to the 12th's distance, both ways (knn: exactly 12)
 
 
 def test_cli_train_damaged_checkpoint(tmp_path, capsys):

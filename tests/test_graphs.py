@@ -8,9 +8,19 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from ltc import datasets
-from ltc.graphs import MAX_Z, GraphConfig, GraphError, cgcnn_atom_features, structure_to_graph
+from ltc.graphs import (
+    CONSTRUCTIONS,
+    JARVIS_BOND_TOL,
+    MAX_Z,
+    GraphConfig,
+    GraphError,
+    cgcnn_atom_features,
+    structure_to_graph,
+)
 
 A_NACL = 5.64  # Å
+A_CU = 3.61  # Å
+JARVIS = GraphConfig(construction="jarvis")
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +67,17 @@ def test_rock_salt_default_graph_keeps_12_nearest(nacl):
         np.testing.assert_allclose(d[6:], A_NACL / np.sqrt(2), atol=1e-5)  # 6 of the 12 Na at a/sqrt2
 
 
-def test_edges_are_consistent(real_structures):
+@pytest.mark.parametrize("config", [GraphConfig(), JARVIS], ids=list(CONSTRUCTIONS))
+def test_edges_are_consistent(real_structures, config):
     for s in real_structures:
-        g = structure_to_graph(s)
+        g = structure_to_graph(s, config=config)
         np.testing.assert_allclose(np.linalg.norm(g.vectors, axis=1), g.distances, rtol=1e-5)
         # grouped by centre, nearest first
         assert (np.diff(g.edge_index[1]) >= 0).all()
         for i in range(g.num_nodes):
             d = g.distances[g.edge_index[1] == i]
-            assert (np.diff(d) >= -1e-6).all() and len(d) <= 12
+            assert (np.diff(d) >= -1e-6).all()
+            assert len(d) <= 12 if config.construction == "knn" else len(d) >= 12
         assert g.z.tolist() == [site.specie.Z for site in s]
         assert g.edge_index.dtype == np.int32 and g.vectors.dtype == np.float32
         # vector = r_j + lattice image - r_i: its fractional form differs from the frac difference by integers
@@ -96,12 +108,17 @@ def test_supercell_and_translation_keep_environments(nacl, real_structures, conf
 
 def test_graph_config_validation():
     assert GraphConfig(cutoff=5, max_neighbors=8).cutoff == 5.0
+    # settings written before constructions existed mean "knn"
+    assert GraphConfig(**{"cutoff": 8.0, "max_neighbors": 12}).construction == "knn"
+    assert JARVIS.to_dict() == {"cutoff": 8.0, "max_neighbors": 12, "construction": "jarvis"}
+    assert JARVIS.line_graph_backtracking and not GraphConfig().line_graph_backtracking
     for bad, match in [
         (dict(cutoff=0), "cutoff=0 must be a number > 0"),
         (dict(cutoff=-1.5), "cutoff=-1.5 must be"),
         (dict(cutoff="8"), "cutoff='8' must be"),
         (dict(max_neighbors=0), "max_neighbors=0 must be an integer >= 1"),
         (dict(max_neighbors=2.5), "max_neighbors=2.5 must be"),
+        (dict(construction="alignn"), r"construction='alignn' must be one of \['knn', 'jarvis'\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             GraphConfig(**bad)
@@ -148,6 +165,7 @@ def test_probe_radius_gives_exactly_the_full_cutoff_graph(real_structures, nacl,
     twod = [datasets.parse_structure(r.fmt, r.payload) for r in datasets.read("jarvis2d").records[:8]]
     lonely = Structure(Lattice.cubic(20.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     configs = [GraphConfig(), GraphConfig(cutoff=5.0, max_neighbors=12), GraphConfig(cutoff=8.0, max_neighbors=4)]
+    configs += [JARVIS, GraphConfig(cutoff=3.0, max_neighbors=12, construction="jarvis")]
     for config in configs:
         for s in [nacl, *real_structures, *twod, lonely]:
             monkeypatch.setattr(graphs, "PROBE_FACTOR", 2.0)
@@ -169,3 +187,68 @@ def test_probe_radius_gives_exactly_the_full_cutoff_graph(real_structures, nacl,
                 strict=True,
             ):
                 np.testing.assert_array_equal(a, b)
+
+
+# --- the reference construction ("jarvis"); tests/test_jarvis_reference.py checks it against jarvis-tools --------
+
+
+def _edge_multiset(g, sign: float = 1.0) -> list[tuple]:
+    """(centre, neighbour, vector rounded to 1e-4 Å) of every edge, sorted; ``sign=-1``: each edge reversed."""
+    centre, nbr = (g.edge_index[1], g.edge_index[0]) if sign > 0 else (g.edge_index[0], g.edge_index[1])
+    vectors = np.round(sign * g.vectors.astype(np.float64), 4) + 0.0  # + 0.0: no -0.0
+    return sorted((int(i), int(j), *v.tolist()) for i, j, v in zip(centre, nbr, vectors, strict=True))
+
+
+def test_jarvis_graph_is_undirected(real_structures, nacl):
+    # every edge j → i with vector v has its reverse i → j with -v (as many times)
+    for s in [nacl, *real_structures]:
+        g = structure_to_graph(s, config=JARVIS)
+        assert _edge_multiset(g) == _edge_multiset(g, sign=-1.0)
+
+
+def test_jarvis_equals_knn_when_the_kth_neighbour_closes_a_shell(nacl):
+    # rock salt, k = 6: the 6 Cl at a/2 are exactly the first shell (the next, 12 Na, is at a/sqrt2)
+    knn = structure_to_graph(nacl, config=GraphConfig(cutoff=3.0, max_neighbors=6))
+    ref = structure_to_graph(nacl, config=GraphConfig(cutoff=3.0, max_neighbors=6, construction="jarvis"))
+    assert ref.num_edges == knn.num_edges == 8 * 6
+    assert _edge_multiset(ref) == _edge_multiset(knn)
+
+
+def test_jarvis_bonds_to_an_atoms_own_image_appear_twice():
+    # fcc Cu, one atom per cell: its 12 nearest neighbours are all images of itself. jarvis canonises
+    # (0, 0, I) and (0, 0, -I) as two bonds and writes each both ways: 24 edges, each vector twice.
+    half = A_CU / 2
+    cu = Structure(Lattice([[0, half, half], [half, 0, half], [half, half, 0]]), ["Cu"], [[0, 0, 0]])
+    assert structure_to_graph(cu).num_edges == 12
+    g = structure_to_graph(cu, config=JARVIS)
+    assert g.num_edges == 24
+    np.testing.assert_allclose(g.distances, A_CU / np.sqrt(2), rtol=1e-6)
+    vectors, counts = np.unique(np.round(g.vectors, 4), axis=0, return_counts=True)
+    assert len(vectors) == 12 and (counts == 2).all()
+
+
+def test_jarvis_enlarges_the_cutoff_where_an_atom_has_fewer_than_k(nacl):
+    # no neighbour within 2 Å: "knn" has nothing to keep; jarvis searches further and builds the same graph
+    # as at 8 Å (its edges never depend on the cutoff)
+    with pytest.raises(GraphError, match="isolated atom"):
+        structure_to_graph(nacl, config=GraphConfig(cutoff=2.0))
+    small = structure_to_graph(nacl, config=GraphConfig(cutoff=2.0, construction="jarvis"))
+    full = structure_to_graph(nacl, config=JARVIS)
+    for field in ("edge_index", "distances", "vectors"):
+        np.testing.assert_array_equal(getattr(small, field), getattr(full, field))
+    # two atoms in a 20 Å box: every neighbour lies beyond 8 Å, and each atom still gets >= 12
+    lonely = Structure(Lattice.cubic(20.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    g = structure_to_graph(lonely, config=JARVIS)
+    assert np.bincount(g.edge_index[1]).min() >= 12
+    assert g.distances.min() == pytest.approx(10 * np.sqrt(3), rel=1e-6)
+    # the search stops at JARVIS_MAX_RADIUS: beyond it a structure is a rejected row, not an endless search
+    with pytest.raises(GraphError, match=r"sparse structure: fewer than 12 neighbours within 100 Å for 1 atom"):
+        structure_to_graph(Structure(Lattice.cubic(150.0), ["Na"], [[0, 0, 0]]), config=JARVIS)
+
+
+def test_jarvis_skips_pairs_closer_than_its_bond_tolerance():
+    # jarvis's get_all_neighbors ignores pairs within bond_tol = 0.15 Å (overlapping sites)
+    s = Structure(Lattice.cubic(4.0), ["Na", "Na"], [[0, 0, 0], [0.025, 0, 0]])  # 0.1 Å apart
+    assert structure_to_graph(s).distances.min() == pytest.approx(0.1, rel=1e-5)
+    g = structure_to_graph(s, config=JARVIS)
+    assert g.distances.min() > JARVIS_BOND_TOL

@@ -67,15 +67,41 @@ def test_reset_parameters_reinitialises(ph):
     assert changed > len(before) // 2
 
 
-def test_line_graph_of_rock_salt():
+@pytest.mark.parametrize("construction", ["knn", "jarvis"])
+def test_line_graph_of_rock_salt(construction):
+    # 6 nearest: the Cl octahedron closes the first shell, so both constructions give the same 48 bonds
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    batch = collate_graphs([structure_to_graph(nacl, config=GraphConfig(cutoff=3.0))])
+    config = GraphConfig(cutoff=3.0, max_neighbors=6, construction=construction)
+    batch = collate_graphs([structure_to_graph(nacl, config=config)])
+    # backtracking=False (ltc's "knn" line graph): each bond continues through its end atom along the 5 others
     index, cos = line_graph(batch.edge_index, batch.edge_vec, batch.z.shape[0])
-    # 48 bonds; each continues through its end atom along the 5 other octahedral bonds
     assert index.shape == (2, 48 * 5)
     assert (batch.edge_index[1, index[0]] == batch.edge_index[0, index[1]]).all()  # bonds share an atom
     values, counts = torch.unique(cos.round(decimals=5), return_counts=True)
     assert values.tolist() == [-1.0, 0.0] and counts.tolist() == [48, 192]  # 180° once, 90° four times
+    # backtracking=True (DGL's line_graph(shared=True), ALIGNN's): also back along the same bond, at 0°
+    index, cos = line_graph(batch.edge_index, batch.edge_vec, batch.z.shape[0], backtracking=True)
+    assert index.shape == (2, 48 * 6)
+    values, counts = torch.unique(cos.round(decimals=5), return_counts=True)
+    assert values.tolist() == [-1.0, 0.0, 1.0] and counts.tolist() == [48, 192, 48]
+    back = index[:, cos > 0.99999]
+    assert (batch.edge_index[0, back[0]] == batch.edge_index[1, back[1]]).all()  # c = a
+
+
+def test_alignn_consumes_the_line_graph_it_is_configured_for():
+    # the same weights on the same reference graphs: keeping the a->b->a pairs changes the three-body messages
+    graphs = [structure_to_graph(s, config=GraphConfig(construction="jarvis")) for s in _structures()]
+    batch = collate_graphs(graphs)
+    torch.manual_seed(0)
+    ref = build_model("alignn", {**SMALL["alignn"], "backtracking": True})
+    old = build_model("alignn", {**SMALL["alignn"], "backtracking": False})
+    old.load_state_dict(ref.state_dict())
+    # train mode: BatchNorm on batch statistics (in eval mode a fresh model's updates are too small to see)
+    out_ref, out_old = ref(batch), old(batch)
+    assert torch.isfinite(out_ref).all() and (out_ref - out_old).abs().max() > 1e-3
+    assert "backtracking=True" in repr(ref)
+    with pytest.raises(ValueError, match="backtracking='yes' must be true or false"):
+        build_model("alignn", {"backtracking": "yes"})
 
 
 def _structures(n: int = 4) -> list[Structure]:

@@ -36,7 +36,7 @@ def test_prepare_writes_manifest_and_shards(ph, shared_cache):
     assert ph.path.parent == shared_cache / "shards"
     assert ph.path.name == f"ph-{shard_key('ph', m['fingerprint'], GraphConfig())}"
     assert m["schema_version"] == SCHEMA_VERSION and m["dataset"] == "ph"
-    assert m["graph"] == {"cutoff": 8.0, "max_neighbors": 12}
+    assert m["graph"] == {"cutoff": 8.0, "max_neighbors": 12, "construction": "knn"}
     assert m["n_input"] == m["n_graphs"] == 1265 and m["n_rejected"] == 0
     assert sum(s["n_graphs"] for s in m["shards"]) == 1265
     assert m["fingerprint"] == datasets.locate("ph").fingerprint
@@ -56,6 +56,13 @@ def test_prepare_again_does_nothing_and_new_settings_make_a_new_key(ph, tmp_path
     assert other.path != first.path and other.built and first.built
     assert other.manifest["graph"]["cutoff"] == 5.0
     assert (other.path / "manifest.json").is_file()  # the first build was not overwritten
+    # the construction is a graph setting like any other: its own key, its own folder
+    reference = prepare("l96", graph=GraphConfig(construction="jarvis"), cache=tmp_path)
+    assert reference.built and reference.path not in (first.path, other.path)
+    assert reference.manifest["graph"] == {"cutoff": 8.0, "max_neighbors": 12, "construction": "jarvis"}
+    assert ShardSet(reference.path).graph == GraphConfig(construction="jarvis")
+    edges = [sum(s["n_edges"] for s in r.manifest["shards"]) for r in (first, reference)]
+    assert edges[0] == 12 * sum(s["n_nodes"] for s in first.manifest["shards"]) < edges[1]  # k per atom; more
 
 
 def test_shard_contents_round_trip(ph):
@@ -195,9 +202,10 @@ def test_opening_damaged_or_foreign_folders_fails_clearly(tmp_path, ph):
     manifest = json.loads((ph.path / "manifest.json").read_text())
     copy = tmp_path / "old"
     copy.mkdir()
-    (copy / "manifest.json").write_text(json.dumps(dict(manifest, schema_version=0)))
-    with pytest.raises(ShardError, match="schema version 0"):
-        ShardSet(copy)
+    for old in (0, SCHEMA_VERSION - 1):  # e.g. 2: built before the graph construction was a setting
+        (copy / "manifest.json").write_text(json.dumps(dict(manifest, schema_version=old)))
+        with pytest.raises(ShardError, match=f"schema version {old}, this ltc reads {SCHEMA_VERSION}"):
+            ShardSet(copy)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=r"shard file shard-00000\.arrow is missing"):
         ShardSet(copy)

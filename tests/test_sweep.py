@@ -12,7 +12,9 @@ from conftest import REPO
 
 from ltc.cli import main
 from ltc.config import ConfigError, from_dict
+from ltc.graphs import GraphConfig
 from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke
+from ltc.train import DEFAULT_GRAPHS
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 MINIMAL = {"name": "t", "stages": [{"name": "pt", "datasets": ["l96"]}]}
@@ -60,10 +62,24 @@ def test_paper_sweeps_have_the_papers_shape():
 
     para = load_sweep(REPO / "sweeps/paraisite_ltc.yaml")
     assert para.model == "megnet" and para.model_config["head_hidden"] == [450, 350, 350]
+    assert para.graph_config.construction == "knn"
     steps = plan(para)
     assert next(s.start.label for s in steps["step3"] if s.start) == "fe:all>agl:all[all]"  # step III chain
     assert {s.datasets[0] for s in steps["step2"]} == {"l96", "hh143", "mix"}
     assert sum(s.kind == "scratch" for s in steps["step3"]) == 3 * 9  # step I
+
+
+def test_devi_sweeps_train_alignn_on_its_reference_graphs(capsys):
+    for path in sorted((REPO / "sweeps").glob("devi_*.yaml")):
+        spec = load_sweep(path)
+        assert spec.model == "alignn" and spec.graph_config == DEFAULT_GRAPHS["alignn"], path.name
+        assert spec.graph_config == GraphConfig(cutoff=8.0, max_neighbors=12, construction="jarvis")
+    assert main(["sweep", str(REPO / "sweeps/devi_pairwise.yaml"), "--dry-run"]) == 0
+    assert "graphs jarvis 8 Å, 12 neighbours" in capsys.readouterr().out
+    # sweep files written before the construction was a setting keep their graphs: "knn"
+    old = from_dict(SweepSpec, _spec(model="alignn", graph={"cutoff": 8.0, "max_neighbors": 12}))
+    assert old.graph_config.construction == "knn"
+    assert from_dict(SweepSpec, _spec(model="alignn")).graph_config.construction == "jarvis"  # no graph: alignn's
 
 
 @pytest.mark.parametrize(
@@ -97,6 +113,7 @@ def test_paper_sweeps_have_the_papers_shape():
         (_spec(resources={"cpu": 1, "gpu": 1.5}), "above 1 it must be a whole number"),
         (_spec(model_config={"hiden": 3}), r"unknown CGCNNConfig field\(s\) \['hiden'\]"),
         (_spec(graph={"cutoff": -2}), "cutoff=-2"),
+        (_spec(graph={"construction": "dgl"}), "construction='dgl' must be one of"),
         ({"stages": []}, "missing key 'name'"),
     ],
 )

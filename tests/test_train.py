@@ -232,7 +232,8 @@ def test_run_stage_writes_metrics_checkpoint_predictions(pt_run):
     assert len(saved["history"]) == 3
     ckpt = load_checkpoint(out / "checkpoint.pt", model="cgcnn")
     assert ckpt["targets"][0]["dataset"] == "ph" and ckpt["targets"][0]["scaler"]["kind"] == "minmax"
-    assert ckpt["history"][0]["datasets"] == ["ph"] and ckpt["graph"] == {"cutoff": 8.0, "max_neighbors": 12}
+    assert ckpt["history"][0]["datasets"] == ["ph"]
+    assert ckpt["graph"] == {"cutoff": 8.0, "max_neighbors": 12, "construction": "knn"}
     preds = pq.read_table(out / "predictions.parquet").to_pandas()
     assert (preds["split"] == "test").sum() == 127 and (preds["split"] == "val").sum() == saved["n_val"]
     test = preds[preds.split == "test"]

@@ -4,7 +4,9 @@ et al. (2024) used: 4 ALIGNN layers then 4 edge-gated GCN layers, hidden 256, CG
 
 Bonds start from an RBF of their length (80 bins, 0–8 Å), angles from an RBF of their cosine (40 bins,
 -1…1); both through two dense layers (64, then hidden). The line graph (bond pairs sharing an atom)
-and its angles are built per batch from the shard's edge vectors, on the batch's device.
+and its angles are built per batch from the shard's edge vectors, on the batch's device. On the reference
+("jarvis") graphs it is DGL's ``line_graph(shared=True)``, as ALIGNN builds it: every pair a→b, b→c,
+including c = a (``backtracking``); ``ltc.train`` sets ``backtracking`` from the graphs' construction.
 
 An ALIGNN layer updates bonds on the line graph with angles as its edges (``edge_update``: three-body),
 then atoms on the crystal graph with the new bonds (``node_update``: two-body). A GCN layer is a
@@ -34,6 +36,9 @@ class ALIGNNConfig(ModelConfig):
     edge_bins: int = 80
     angle_bins: int = 40
     rbf_stop: float = 8.0  # Å
+    # line graph keeps bond pairs a→b→a, as ALIGNN's; ltc.train sets it from GraphConfig.line_graph_backtracking.
+    # False by default: the line graph of the "knn" graphs, and of every checkpoint made before this field.
+    backtracking: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,6 +49,8 @@ class ALIGNNConfig(ModelConfig):
                 raise ConfigError(f"{name}={v!r} must be an integer >= 0")
         if self.alignn_layers + self.gcn_layers < 1:
             raise ConfigError("ALIGNN needs at least one layer (alignn_layers + gcn_layers >= 1)")
+        if not isinstance(self.backtracking, bool):
+            raise ConfigError(f"backtracking={self.backtracking!r} must be true or false")
 
 
 def _dense(a: int, b: int) -> nn.Sequential:
@@ -101,13 +108,17 @@ class ALIGNNLayer(nn.Module):
         return x, y, z
 
 
-def line_graph(edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def line_graph(
+    edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int, *, backtracking: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bond pairs (a→b, b→c) sharing atom b, and the cosine of the angle a-b-c.
 
     Returns ``line_index`` [2, T] (bond → bond; PyG flow, source first) and ``cos`` [T]. With shard
     vectors ``v = r_src - r_dst``, the bond a→b points from b to a (``v1``) and b→c points from c to b,
-    so the angle at b is between ``v1`` and ``-v2``. Pairs that return along the same bond (c = a,
-    same image) are dropped, as DGL's ``line_graph(backtracking=False)``.
+    so the angle at b is between ``v1`` and ``-v2`` (ALIGNN's ``compute_bond_cosines``).
+
+    ``backtracking``: keep pairs that return along the same bond (c = a, same image; cosine 1), as DGL's
+    ``line_graph(shared=True)`` that ALIGNN calls; False drops them (ltc's line graph of "knn" graphs).
     """
     src, dst = edge_index
     n_edges = src.shape[0]
@@ -122,9 +133,11 @@ def line_graph(edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int)
     rank = torch.arange(e1.shape[0], device=src.device) - first
     e2 = order[out_start[dst[e1]] + rank]
     v1, v2 = edge_vec[e1], -edge_vec[e2]
-    cos = (v1 * v2).sum(-1) / (v1.norm(dim=-1) * v2.norm(dim=-1)).clamp_min(1e-12)
+    cos = ((v1 * v2).sum(-1) / (v1.norm(dim=-1) * v2.norm(dim=-1)).clamp_min(1e-12)).clamp(-1.0, 1.0)
+    if backtracking:
+        return torch.stack([e1, e2]), cos
     keep = ~((dst[e2] == src[e1]) & ((v1 - v2).abs().amax(-1) < 1e-4))
-    return torch.stack([e1[keep], e2[keep]]), cos[keep].clamp(-1.0, 1.0)
+    return torch.stack([e1[keep], e2[keep]]), cos[keep]
 
 
 class ALIGNN(CrystalGNN):
@@ -160,7 +173,9 @@ class ALIGNN(CrystalGNN):
         x = self.embedding["atom"](self.atom_table[batch.z])
         y = self.embedding["bond"](batch.edge_dist)
         if self.config.alignn_layers:
-            line_index, cos = line_graph(batch.edge_index, batch.edge_vec, x.shape[0])
+            line_index, cos = line_graph(
+                batch.edge_index, batch.edge_vec, x.shape[0], backtracking=self.config.backtracking
+            )
             z = self.embedding["angle"](cos)
         for block in self.blocks:
             if isinstance(block, ALIGNNLayer):
@@ -179,4 +194,7 @@ class ALIGNN(CrystalGNN):
 
     def extra_summary(self) -> str:
         c = self.config
-        return f"hidden={c.hidden}, alignn_layers={c.alignn_layers}, gcn_layers={c.gcn_layers}"
+        return (
+            f"hidden={c.hidden}, alignn_layers={c.alignn_layers}, gcn_layers={c.gcn_layers}, "
+            f"backtracking={c.backtracking}"
+        )

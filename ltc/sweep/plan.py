@@ -405,7 +405,7 @@ def describe(spec: SweepSpec) -> str:
     overrides = f" {json.dumps(spec.model_config)}" if spec.model_config else ""
     lines.append(
         f"model {spec.model} ({n_blocks(spec)} blocks){overrides}; "
-        f"graphs {g.cutoff:g} Å, {g.max_neighbors} neighbours; test split {spec.split.test}"
+        f"graphs {g.construction} {g.cutoff:g} Å, {g.max_neighbors} neighbours; test split {spec.split.test}"
     )
     total = 0
     for stage in spec.stages:
