@@ -313,12 +313,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _resume_argv(args: argparse.Namespace) -> list[str]:
     argv = ["sweep", str(args.file), "--resume"]
-    from ltc.sweep.studies import register_storage
+    from ltc.sweep.studies import MASK, register_storage
 
     for flag in ("results", "storage", "address", "cache", "data_home", "optuna_storage"):
         value = getattr(args, flag, None)
-        if flag == "optuna_storage" and value is not None:
-            value = register_storage(value)  # a database password is never printed
+        if flag == "optuna_storage" and value is not None:  # a database password is never printed
+            value = register_storage(value).replace(MASK, "PASSWORD")
         if value is not None and not (flag == "results" and str(value) == "results"):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     return argv + (["--smoke"] if args.smoke else [])

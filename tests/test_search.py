@@ -3,6 +3,7 @@ sampler, the searcher's turns and limits, its state across a restart, and per-se
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +174,10 @@ def test_early_stopping_judges_each_setting_by_its_own_trials(tmp_path):
     assert stored.intermediate_values == {1: 10.0, 2: 10.0}
     # a repeated step (a trial resumed from its checkpoint) is not stored twice, the final report not at all
     pruning2 = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=None, max_epochs=20)
-    assert pruning2.on_trial_result(None, trials[0], {"val_loss": 5.0, "epoch_count": 2}) == TrialScheduler.CONTINUE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns when a step is reported twice: it must not be asked to
+        again = pruning2.on_trial_result(None, trials[0], {"val_loss": 5.0, "epoch_count": 2})
+    assert again == TrialScheduler.CONTINUE
     final = {"val_loss": 0.1, "epoch_count": 20, "ltc_completed": True}
     assert pruning2.on_trial_result(None, trials[0], final) == TrialScheduler.CONTINUE
     assert _study(tmp_path, "a").trials[0].intermediate_values == {1: 1.0, 2: 1.0}
@@ -223,3 +228,60 @@ def test_search_and_early_stopping_keys_are_checked_at_load(changes, message):
     spec = {"name": "x", "stages": [{"name": "pt", "datasets": ["l96"]}], **changes}
     with pytest.raises(ConfigError, match=message):
         from_dict(SweepSpec, spec)
+
+
+def test_a_trial_that_ended_in_its_study_is_never_reported_into_again(tmp_path):
+    """After a restart Tune may run on a trial whose Optuna trial ended: errored for good (Tune resumes errored
+    trials) or pruned just before the driver died. Its reports are not written; a pruned one stops again, and
+    an errored one that then finishes is added to its study, so the study agrees with the trials table."""
+    s = _searcher(tmp_path, trials=2, settings=("a",))
+    first, second = _drain(s)
+    s.on_trial_complete("t0", error=True)
+    pruning = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=AshaSpec(2, 2), max_epochs=20)
+    errored = _tune_trial("a", first[OPTUNA_TRIAL])
+    assert pruning.on_trial_result(None, errored, {"val_loss": 1.0, "epoch_count": 3}) == TrialScheduler.CONTINUE
+    study = _study(tmp_path, "a")
+    study.tell(second[OPTUNA_TRIAL], state=optuna.trial.TrialState.PRUNED)
+    pruned = _tune_trial("a", second[OPTUNA_TRIAL])
+    assert pruning.on_trial_result(None, pruned, {"val_loss": 1.0, "epoch_count": 3}) == TrialScheduler.STOP
+    s.on_trial_complete("t0", {"val_loss": 0.5, "ltc_completed": True})  # the errored trial, resumed, finished
+    trials = _study(tmp_path, "a").trials
+    assert [t.state.name for t in trials] == ["FAIL", "PRUNED", "COMPLETE"]
+    assert trials[0].intermediate_values == {} and trials[2].value == 0.5
+    assert trials[2].params == trials[0].params and trials[2].user_attrs["ray_trial_id"] == "t0"
+
+
+def test_open_trials_of_a_crashed_run_are_failed_when_their_study_is_opened_again(tmp_path):
+    """A driver killed between Optuna's enqueue and ask, or after asking but before Tune's snapshot, leaves
+    trials open. A searcher opening the study again (Tune restarted the stage, or restored an older
+    snapshot) fails them; restore itself does no I/O (Tune would swallow its errors)."""
+    s = _searcher(tmp_path, trials=3, settings=("a",))
+    s.suggest("t0")
+    s.save(str(tmp_path / "searcher.pkl"))
+    s.suggest("lost")
+    _study(tmp_path, "a").enqueue_trial({"lr": 1e-3}, user_attrs={"ray_trial_id": "never asked"})
+    restored = _searcher(tmp_path, trials=3, settings=("a",))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored._studies == {}  # nothing opened yet
+    rest = _drain(restored, "u")
+    assert [c["trial_index"] for c in rest] == [1, 2]
+    by_id = {t.user_attrs["ray_trial_id"]: t.state.name for t in _study(tmp_path, "a").trials}
+    assert by_id == {"t0": "RUNNING", "lost": "FAIL", "never asked": "FAIL", "u0": "RUNNING", "u1": "RUNNING"}
+
+
+def test_a_database_password_is_kept_out_of_what_ltc_writes(tmp_path):
+    from ltc.cli import _resume_argv
+
+    url = "postgresql://ltc:hunter2@127.0.0.1:5432/sweeps?sslmode=require&sslpassword=opensesame"
+    s = _searcher(tmp_path, storage=url)  # never opened: nothing to connect to here
+    s.save(str(tmp_path / "searcher.pkl"))
+    written = pickle.dumps(s) + (tmp_path / "searcher.pkl").read_bytes()
+    pruning = pickle.dumps(StudyPruning(storage=s.storage, prefix=PREFIX, asha=None, max_epochs=3))
+    args = argparse.Namespace(file="sweep.yaml", results="results", storage=None, address=None, cache=None,
+                              data_home=None, optuna_storage=url, smoke=False)  # fmt: skip
+    hint = " ".join(_resume_argv(args))
+    for secret in ("hunter2", "opensesame"):
+        assert secret.encode() not in written + pruning and secret not in hint
+    assert "postgresql://ltc:PASSWORD@127.0.0.1:5432/sweeps" in hint
+    with pytest.raises(ConfigError, match="the password is masked; give the real one"):
+        studies.register_storage("postgresql://ltc:***@127.0.0.1:5432/sweeps")

@@ -17,6 +17,7 @@ from collections import Counter, deque
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
@@ -61,6 +62,7 @@ class SettingSearch(Searcher):
         self.ready: deque[str] = deque(configs)  # settings that may be given a trial now, in turn
         self.waiting: set[str] = set()  # settings whose next trial waits for one of theirs to end
         self.live: dict[str, tuple[str, int]] = {}  # Tune trial id → (setting, Optuna trial number)
+        self.failed: dict[str, tuple[str, int]] = {}  # errored for good (Tune may resume them after a restart)
         self._studies: dict[str, Any] = {}  # opened lazily; not saved
 
     @property
@@ -98,11 +100,13 @@ class SettingSearch(Searcher):
         return None if self.waiting else self.FINISHED
 
     # -- Optuna ------------------------------------------------------------------------------------------
-    def _study(self, key: str):
+    def _study(self, key: str) -> Any:
         study = self._studies.get(key)
         if study is None:
             import optuna
 
+            # Optuna logs every trial it is told at INFO: that would bury the progress bar (process-wide, as
+            # Optuna's logging is; the driver is ltc's process)
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             spec = self.search[key]
             name = st.study_name(self.prefix, key)
@@ -116,6 +120,8 @@ class SettingSearch(Searcher):
             if not study.user_attrs:
                 for attr, value in st.study_attrs(self.configs[key]).items():
                     study.set_user_attr(attr, value)
+            else:  # opened again (after --resume or a restarted stage): nothing may stay open by mistake
+                self._fail_orphans(key, study)
             self._studies[key] = study
         return study
 
@@ -148,56 +154,88 @@ class SettingSearch(Searcher):
         return {**base, "lr": lr, "n_unfrozen": n_unfrozen, "trial_index": i, OPTUNA_TRIAL: trial.number}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        import optuna
-
+        result = result or {}
+        if trial_id in self.failed and result.get(COMPLETED):
+            self._tell_again(trial_id, result)
+            return
         if trial_id not in self.live:
             return
-        result = result or {}
         if not error and not result.get(COMPLETED) and not result.get("done"):
             return  # stopped by an interrupt, not by the scheduler: it resumes later and is told then
         key, number = self.live.pop(trial_id)
-        study = self._study(key)
+        try:
+            self._tell(key, number, result, error)
+            if error:
+                self.failed[trial_id] = (key, number)
+        finally:  # counted even if the storage failed, so the setting's next trials are never held back
+            self.ended[key] += 1
+            if key in self.waiting and self._may_issue(key):
+                self.waiting.discard(key)
+                self.ready.append(key)
+
+    def _tell(self, key: str, number: int, result: dict[str, Any], error: bool) -> None:
+        import optuna
+
+        study, state = self._study(key), optuna.trial.TrialState
         value = result.get(self.metric)
-        state = optuna.trial.TrialState
         if error or value is None or not math.isfinite(value):
             study.tell(number, state=state.FAIL, skip_if_finished=True)
         elif result.get(COMPLETED):
             study.tell(number, value, skip_if_finished=True)
         else:  # stopped early by the pruner (Tune marks the scheduler's stops done=True)
             study.tell(number, state=state.PRUNED, skip_if_finished=True)
-        self.ended[key] += 1
-        if key in self.waiting and self._may_issue(key):
-            self.waiting.discard(key)
-            self.ready.append(key)
+
+    def _tell_again(self, trial_id: str, result: dict[str, Any]) -> None:
+        """A trial that had failed for good, then finished after ``--resume`` (Tune resumes errored trials):
+        its Optuna trial stays failed (Optuna cannot reopen it), and its result is added as a new trial with
+        the same values and Ray trial id, so the study agrees with the trials table."""
+        import optuna
+
+        key, number = self.failed.pop(trial_id)
+        study = self._study(key)
+        old = study.trials[number]
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=old.params, distributions=old.distributions, value=value,
+                user_attrs={**old.user_attrs, "retry_of": number},
+            )
+        )  # fmt: skip
 
     # -- Tune's snapshot (for --resume) --------------------------------------------------------------------
+    _STATIC = ("configs", "search", "max_blocks", "storage", "prefix", "index", "_studies")
+
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k != "_studies"}
+        # counters and ids only: the settings' configs are in Tune's tuner.pkl already, and stay there
+        state = {k: v for k, v in self.__dict__.items() if k not in self._STATIC}
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
+        # no I/O here: Tune swallows an error raised in restore and silently starts the stage again
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))
         self._studies = {}
-        self._fail_orphans()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_studies": {}}
 
-    def _fail_orphans(self) -> None:
-        """Optuna trials asked after Tune's last snapshot belong to no Tune trial: marked failed, so the
-        study holds no trial that runs forever (their settings ask again, as the snapshot says)."""
+    def _fail_orphans(self, key: str, study: Any) -> None:
+        """Trials of ``study`` still open that belong to no live Tune trial (asked after Tune's last snapshot,
+        or by a run Tune restarted from scratch) are failed, so that none runs forever in the study and TPE's
+        constant liar does not count them. Their settings ask again, as Tune's snapshot says."""
         import optuna
 
-        live = {(key, number) for key, number in self.live.values()}
-        open_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-        for key in [k for k in self.configs if self.issued[k]]:
-            study = self._study(key)
-            for t in study.get_trials(deepcopy=False, states=open_states):
-                if (key, t.number) not in live:
-                    study.set_user_attr(f"orphan_{t.number}", "asked after Tune's last snapshot; failed on resume")
-                    study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        state = optuna.trial.TrialState
+        live = {number for k, number in self.live.values() if k == key}
+        for t in study.get_trials(deepcopy=False, states=(state.RUNNING, state.WAITING)):
+            if t.number in live:
+                continue
+            if t.state == state.WAITING:  # enqueued, never asked: only an asked trial can be told
+                study.ask()
+            study.tell(t.number, state=state.FAIL, skip_if_finished=True)
 
 
 class StudyPruning(FIFOScheduler):
@@ -211,12 +249,12 @@ class StudyPruning(FIFOScheduler):
         super().__init__()
         self.storage, self.prefix, self.asha, self.max_epochs = storage, prefix, asha, max_epochs
         self.stopped = 0
-        self._trials: dict[str, tuple[Any, int]] = {}  # Tune trial id → (Optuna trial, last step stored)
+        self._trials: dict[str, tuple[Any, int, str | None]] = {}  # Tune trial id → see _optuna_trial
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_trials": {}}
 
-    def _pruner(self):
+    def _pruner(self) -> Any:
         import optuna
 
         if self.asha is None:
@@ -225,45 +263,53 @@ class StudyPruning(FIFOScheduler):
             min_resource=min(self.asha.grace_epochs, self.max_epochs), reduction_factor=self.asha.reduction_factor
         )
 
-    def _optuna_trial(self, trial) -> tuple[Any, int]:
+    def _optuna_trial(self, trial: Trial) -> tuple[Any, int, str | None]:
+        """(Optuna trial, last step stored, its state if it has ended already) of a Tune trial."""
         known = self._trials.get(trial.trial_id)
         if known is None:
             import optuna
 
             storage = st.open_storage(self.storage)
             name = st.study_name(self.prefix, trial.config["setting"])
-            study = optuna.load_study(study_name=name, storage=storage, pruner=self._pruner())
+            # the sampler is the searcher's business; a seeded random one here does no work when a Trial is made
+            study = optuna.load_study(
+                study_name=name, storage=storage, pruner=self._pruner(), sampler=optuna.samplers.RandomSampler(0)
+            )
             tid = st.trial_id(storage, name, trial.config[OPTUNA_TRIAL])
-            # a trial resumed from a checkpoint reports its epochs after that checkpoint again: once is enough
-            steps = storage.get_trial(tid).intermediate_values
-            known = (optuna.trial.Trial(study, tid), max(steps, default=-1))
+            stored = storage.get_trial(tid)
+            # a trial resumed from a checkpoint reports its epochs after that checkpoint again: once is enough.
+            # One whose Optuna trial has ended (pruned or failed before a restart) is never reported into again.
+            ended = stored.state.name if stored.state.is_finished() else None
+            known = (optuna.trial.Trial(study, tid), max(stored.intermediate_values, default=-1), ended)
+            self._trials[trial.trial_id] = known
         return known
 
-    def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         value, step = result.get(METRIC), result.get(STEP)
         if result.get(COMPLETED) or OPTUNA_TRIAL not in trial.config or value is None or step is None:
             return TrialScheduler.CONTINUE  # the final report: its val_loss is the best epoch's, told by the searcher
         if not math.isfinite(value):
             return TrialScheduler.CONTINUE
-        optuna_trial, last = self._optuna_trial(trial)
+        optuna_trial, last, ended = self._optuna_trial(trial)
+        if ended is not None:
+            return TrialScheduler.STOP if ended == "PRUNED" else TrialScheduler.CONTINUE
         step = int(step)
         if step <= last:
-            self._trials[trial.trial_id] = (optuna_trial, last)
             return TrialScheduler.CONTINUE
         optuna_trial.report(float(value), step)
-        self._trials[trial.trial_id] = (optuna_trial, step)
+        self._trials[trial.trial_id] = (optuna_trial, step, None)
         if self.asha is not None and optuna_trial.should_prune():
             self.stopped += 1
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
-    def on_trial_complete(self, tune_controller, trial, result) -> None:
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
         self._trials.pop(trial.trial_id, None)
 
-    def on_trial_remove(self, tune_controller, trial) -> None:
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         self._trials.pop(trial.trial_id, None)
 
-    def on_trial_error(self, tune_controller, trial) -> None:
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         self._trials.pop(trial.trial_id, None)
 
     def debug_string(self) -> str:

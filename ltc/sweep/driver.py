@@ -100,7 +100,7 @@ def _test_pause(where: str) -> None:
 class SweepPaths:
     root: Path  # <results>/<sweep name>
     storage: str  # Ray storage path (local folder or URI)
-    optuna: str = ""  # Optuna storage reference (ltc.sweep.studies.register_storage); default root/optuna.log
+    optuna: str  # Optuna storage reference (ltc.sweep.studies.register_storage): root/optuna.log or a masked URL
 
     @property
     def trials(self) -> Path:

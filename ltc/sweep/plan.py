@@ -28,6 +28,7 @@ from ltc.errors import ConfigError, LtcError
 from ltc.inputs import RunInputs
 from ltc.splits import SplitConfig
 from ltc.sweep.spec import Range, StageSpec, SweepSpec
+from ltc.sweep.studies import JOURNAL_NAME
 
 Kind = Literal["pretrain", "finetune", "scratch"]
 
@@ -460,7 +461,7 @@ def describe(spec: SweepSpec) -> str:
     lines.append("")
     lines.append(f"total: {sum(len(v) for v in settings.values())} settings, {total} trials")
     sampler = "random search" if spec.search.sampler == "random" else "hypercube start, then TPE above 4 trials"
-    lines.append(f"Optuna per setting ({sampler}); studies in <results>/{spec.name}/optuna.log")
+    lines.append(f"Optuna per setting ({sampler}); studies in <results>/{spec.name}/{JOURNAL_NAME}")
     if spec.asha:
         lines.append(
             f"early stopping per setting (successive halving): grace {spec.asha.grace_epochs} epochs, "

@@ -11,27 +11,30 @@ space-filling points: a Latin hypercube over (log lr, n_unfrozen), so ``k`` tria
 ``k`` equal strata instead of clustering as random draws do. These are fixed in advance, so all ``k``
 may run at once. Only when all ``k`` have ended does multivariate TPE (with ``constant_liar``) propose
 the remaining ``n - k``, at most ``MAX_MODEL_IN_FLIGHT`` of one setting at a time, so each proposal
-sees nearly every result before it. At ``n <= 4`` (every shipped sweep) the search is the hypercube
-alone: a model fitted on 1–3 points has nothing to offer. ``random`` draws every trial independently
-(the baseline ``benchmarks/bench_search.py`` compares against).
+sees nearly every result before it. (A start-up trial that failed does not count for TPE, which then
+draws at random until k trials have completed or been pruned.) At ``n <= 4`` (every shipped sweep) the
+search is the hypercube alone: a model fitted on 1–3 points has nothing to offer. ``random`` draws every
+trial independently (the baseline ``benchmarks/bench_search.py`` compares against).
 
-**Secrets.** A database URL can hold a password. What ltc keeps (Tune's state, ``sweep.json``) holds the
-URL with the password masked; the full URL lives only in this process (``register_storage``), so a
-resumed sweep must be given ``--optuna-storage`` again.
+**Secrets.** A database URL can hold a password. What ltc keeps (Tune's state, ``sweep.json``, the resume
+hint it prints) holds the URL with the password masked; the full URL lives only in this process
+(``register_storage``), so a resumed sweep must be given ``--optuna-storage`` again. A password on the
+command line is still visible to ``ps`` (and Ray records the driver's command line): prefer a URL without
+one and the database's own mechanism (``PGPASSWORD``, ``~/.pgpass``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from ltc.errors import ConfigError
 
 Sampler = Literal["budget", "random"]
-SAMPLERS: tuple[str, ...] = ("budget", "random")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 MAX_MODEL_IN_FLIGHT = 2  # TPE proposals of one setting running at once (constant_liar covers the other)
 JOURNAL_NAME = "optuna.log"  # in results/<sweep name>/
 
@@ -43,27 +46,37 @@ def startup_trials(n: int) -> int:
     return n if n <= 4 else max(4, n // 2)
 
 
+MASK = "***"
+_SECRET_QUERY_KEYS = ("pass", "secret", "token", "key")  # ?password=, ?passwd=, ?sslkey=… are masked too
+
+
 def is_url(storage: str) -> bool:
+    """A database URL (``scheme://…``), as opposed to a journal file path."""
     return "://" in storage
 
 
 def register_storage(storage: str) -> str:
-    """The reference kept for ``storage`` (a journal path, or a URL with its password masked)."""
+    """The reference kept for ``storage``: a journal path as it is, a database URL with its password (and
+    any secret-looking query value) masked. The full URL is kept in this process only."""
     if not is_url(storage):
         return storage
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        masked = make_url(storage).render_as_string(hide_password=True)
+        url = make_url(storage)
     except ArgumentError as err:
         raise ConfigError(f"--optuna-storage {storage.split('://')[0]}://…: not a database URL ({err})") from None
+    if url.password == MASK or MASK in url.query.values():
+        raise ConfigError(f"--optuna-storage {url.render_as_string()}: the password is masked; give the real one")
+    secret = {k: MASK for k in url.query if any(word in k.lower() for word in _SECRET_QUERY_KEYS)}
+    masked = url.set(query={**url.query, **secret}).render_as_string(hide_password=True)
     _FULL_URLS[masked] = storage
     return masked
 
 
 @functools.lru_cache(maxsize=8)
-def _open(storage: str):
+def _open(storage: str) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -72,9 +85,9 @@ def _open(storage: str):
     return JournalStorage(JournalFileBackend(storage))
 
 
-def open_storage(ref: str):
+def open_storage(ref: str) -> Any:
     """The Optuna storage behind ``ref`` (one object per storage and process)."""
-    if is_url(ref) and "***" in ref and ref not in _FULL_URLS:
+    if is_url(ref) and (MASK in ref or "%2A%2A%2A" in ref) and ref not in _FULL_URLS:
         raise ConfigError(f"the Optuna studies are in {ref}: pass --optuna-storage with its password again")
     return _open(_FULL_URLS.get(ref, ref))
 
@@ -84,12 +97,13 @@ def study_name(prefix: str, setting: str) -> str:
     return f"{prefix}/{setting}"
 
 
-def trial_id(storage, name: str, number: int) -> int:
-    """Optuna's storage id of trial ``number`` of study ``name`` (public storage API)."""
+def trial_id(storage: Any, name: str, number: int) -> int:
+    """Optuna's storage id of trial ``number`` of study ``name``. Optuna's storage methods, not its user-facing
+    API (Optuna has none for reopening a trial by number): kept working by the Optuna pin and the tests."""
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(name), number)
 
 
-def make_sampler(sampler: Sampler, n: int, seed: int):
+def make_sampler(sampler: Sampler, n: int, seed: int) -> Any:
     """The Optuna sampler of one setting of ``n`` trials (see the module docstring)."""
     import optuna
 
