@@ -102,7 +102,7 @@ def _train(f: Family, unit: int, init: str, inputs, lr: float, n_unfrozen: int |
     return {"val_loss": m["val_loss"], "test": m[f.metric], "epochs": m["epochs_run"]}
 
 
-def _blocks(init: str) -> int:
+def _blocks() -> int:
     from ltc.models import build_model
 
     return build_model("cgcnn", {}).n_blocks  # the pre-trained model's (default CGCNN)
@@ -118,7 +118,7 @@ def search(f: Family, unit: int, repeat: int, sampler: str, budget: int, init: s
     base = {"setting": "s", "strategy": f.strategy}
     journal = tmp / f"{f.name}-{unit}-{repeat}-{sampler}-{budget}.log"
     ref = studies.register_storage(str(journal))
-    s = SettingSearch({"s": base}, {"s": spec}, max_blocks=_blocks(init), storage=ref, prefix="bench")
+    s = SettingSearch({"s": base}, {"s": spec}, max_blocks=_blocks(), storage=ref, prefix="bench")
     running: deque[tuple[str, dict]] = deque()
     done: list[dict] = []
     asked = 0

@@ -73,6 +73,7 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     done = saved[saved.status == "completed"]
     assert done.test_mae.notna().all() and done.test_mae_log10.notna().all() and done.checkpoint.notna().all()
     assert saved[saved.status == "pruned"].test_mae.isna().all()
+    # which trials are stopped depends on which reaches a rung first (timing), so there may be none
     assert saved[saved.status == "pruned"].epochs_run.between(2, 3).all()  # stopped at a rung, before the end
     fine = done[done.kind == "finetune"].iloc[0]
     assert torch.load(fine.checkpoint, weights_only=True)["history"][0]["datasets"] == ["agl"]
