@@ -263,10 +263,12 @@ def test_open_trials_of_a_crashed_run_are_failed_when_their_study_is_opened_agai
     restored = _searcher(tmp_path, trials=3, settings=("a",))
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored._studies == {}  # nothing opened yet
+    # the first thing after the restart: a live trial ends (it opens the study; it is no orphan)
+    restored.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
     rest = _drain(restored, "u")
     assert [c["trial_index"] for c in rest] == [1, 2]
     by_id = {t.user_attrs["ray_trial_id"]: t.state.name for t in _study(tmp_path, "a").trials}
-    assert by_id == {"t0": "RUNNING", "lost": "FAIL", "never asked": "FAIL", "u0": "RUNNING", "u1": "RUNNING"}
+    assert by_id == {"t0": "COMPLETE", "lost": "FAIL", "never asked": "FAIL", "u0": "RUNNING", "u1": "RUNNING"}
 
 
 def test_a_database_password_is_kept_out_of_what_ltc_writes(tmp_path):

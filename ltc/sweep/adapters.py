@@ -162,12 +162,14 @@ class SettingSearch(Searcher):
             return
         if not error and not result.get(COMPLETED) and not result.get("done"):
             return  # stopped by an interrupt, not by the scheduler: it resumes later and is told then
-        key, number = self.live.pop(trial_id)
+        key, number = self.live[trial_id]
         try:
+            self._study(key)  # opened (its orphans failed) while this trial still counts as live
             self._tell(key, number, result, error)
             if error:
                 self.failed[trial_id] = (key, number)
         finally:  # counted even if the storage failed, so the setting's next trials are never held back
+            del self.live[trial_id]
             self.ended[key] += 1
             if key in self.waiting and self._may_issue(key):
                 self.waiting.discard(key)
