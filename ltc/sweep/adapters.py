@@ -56,7 +56,7 @@ class SettingSearch(Searcher):
         self.search = search  # setting key → its SearchSpec
         self.max_blocks = max_blocks
         self.storage, self.prefix = storage, prefix
-        self.index = {key: i for i, key in enumerate(configs)}  # seeds: sampler_seed + index
+        self.index = {key: i for i, key in enumerate(configs)}  # seeds: sampler_seed + index (_seed)
         self.issued: Counter[str] = Counter()
         self.ended: Counter[str] = Counter()
         self.ready: deque[str] = deque(configs)  # settings that may be given a trial now, in turn
@@ -70,6 +70,10 @@ class SettingSearch(Searcher):
         return sum(self.search[k].trials for k in self.configs)
 
     # -- which setting next --------------------------------------------------------------------------
+    def _seed(self, key: str) -> int:
+        """The setting's seed for its sampler and its hypercube points."""
+        return self.search[key].sampler_seed + self.index[key]
+
     def _startup(self, key: str) -> int:
         spec = self.search[key]
         return spec.trials if spec.sampler == "random" else st.startup_trials(spec.trials)
@@ -86,16 +90,13 @@ class SettingSearch(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         while self.ready:
             key = self.ready.popleft()
-            if not self._may_issue(key):
-                if self.issued[key] < self.search[key].trials:
-                    self.waiting.add(key)
-                continue
-            config = self._issue(key, trial_id)
+            config = self._issue(key, trial_id) if self._may_issue(key) else None
             if self._may_issue(key):
                 self.ready.append(key)
             elif self.issued[key] < self.search[key].trials:
                 self.waiting.add(key)
-            return config
+            if config is not None:
+                return config
         # None: nothing to start now (a waiting setting gets its next trial when one of its trials ends)
         return None if self.waiting else self.FINISHED
 
@@ -113,7 +114,7 @@ class SettingSearch(Searcher):
             study = optuna.create_study(
                 study_name=name,
                 storage=st.open_storage(self.storage),
-                sampler=st.make_sampler(spec.sampler, spec.trials, spec.sampler_seed + self.index[key]),
+                sampler=st.make_sampler(spec.sampler, spec.trials, self._seed(key)),
                 direction="minimize" if self.mode == "min" else "maximize",
                 load_if_exists=True,
             )
@@ -131,10 +132,9 @@ class SettingSearch(Searcher):
         searched_blocks = self.max_blocks if base["strategy"] == "blocks" and spec.n_unfrozen == "search" else None
         lr_range = (spec.lr.low, spec.lr.high) if isinstance(spec.lr, Range) else None
         attrs = {"ray_trial_id": trial_id, "trial_index": i}
-        if spec.sampler == "budget" and i < self._startup(key):
-            point = st.startup_points(
-                self._startup(key), lr=lr_range, n_unfrozen=searched_blocks, seed=spec.sampler_seed + self.index[key]
-            )[i]
+        k = self._startup(key)
+        if spec.sampler == "budget" and i < k:
+            point = st.startup_points(k, lr=lr_range, n_unfrozen=searched_blocks, seed=self._seed(key))[i]
             study.enqueue_trial(point, user_attrs=attrs)
             trial = study.ask()
         else:

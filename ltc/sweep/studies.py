@@ -39,15 +39,13 @@ MAX_MODEL_IN_FLIGHT = 2  # TPE proposals of one setting running at once (constan
 JOURNAL_NAME = "optuna.log"  # in results/<sweep name>/
 
 _FULL_URLS: dict[str, str] = {}  # masked URL → the URL given (with its password): this process only
+MASK = "***"
+_SECRET_QUERY_KEYS = ("pass", "secret", "token", "key")  # ?password=, ?passwd=, ?sslkey=… are masked too
 
 
 def startup_trials(n: int) -> int:
     """Space-filling trials before TPE, for a setting of ``n`` trials: all of them up to 4, then half."""
     return n if n <= 4 else max(4, n // 2)
-
-
-MASK = "***"
-_SECRET_QUERY_KEYS = ("pass", "secret", "token", "key")  # ?password=, ?passwd=, ?sslkey=… are masked too
 
 
 def is_url(storage: str) -> bool:
