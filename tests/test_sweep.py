@@ -14,6 +14,7 @@ from ltc.cli import main
 from ltc.config import ConfigError, from_dict
 from ltc.graphs import GraphConfig
 from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke
+from ltc.sweep.plan import describe, plan_starts, select_starts
 from ltc.train import DEFAULT_GRAPHS
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -167,6 +168,69 @@ def test_plan_sources_and_baselines():
     assert resolve_holdout(spec, spec.stages[2]) == []
     pairwise = load_sweep(REPO / "sweeps/devi_pairwise.yaml")
     assert set(resolve_holdout(pairwise, pairwise.stages[0])) == {"pz", "dc", "ph", "ebg", "gv", "bg", "fe"}
+
+
+def test_a_stage_can_start_from_several_stages():
+    # ParAIsite's steps II and III in one stage: from the fe model and from fe -> agl, beside scratch, so
+    # all three are compared on the same folds in one report
+    spec = from_dict(SweepSpec, {
+        "name": "p",
+        "stages": [
+            {"name": "pt_fe", "datasets": ["fe"], "max_sizes": [100]},
+            {"name": "ft_agl", "datasets": ["agl"], "max_sizes": [50], "start_from": {"stage": "pt_fe"}},
+            {"name": "ft", "datasets": ["l96", "hh143"], "scratch": True,
+             "start_from": [{"stage": "pt_fe"}, {"stage": "ft_agl", "skip_seen": True}],
+             "split": {"test": "kfold", "folds": 3, "repeats": 1}},
+        ],
+    })  # fmt: skip
+    ft = plan(spec)["ft"]
+    starts = sorted({(s.start.stage, s.start.label) for s in ft if s.start})
+    assert starts == [("ft_agl", "fe:max100>agl:max50[all]"), ("pt_fe", "fe:max100")]
+    # 2 datasets x 3 folds, each from both starts and from scratch, on the same units
+    assert len(ft) == 2 * 3 * 3
+    units = {k: {(s.fold, s.repeat) for s in ft if s.kind == k} for k in ("finetune", "scratch")}
+    assert units["finetune"] == units["scratch"] == {(f, 0) for f in range(3)}
+    summary = describe(spec)
+    assert "stage ft [from pt_fe (best), ft_agl (best)]" in summary
+    # each start takes its checkpoint from its own stage's table
+    import pandas as pd
+
+    def table(stage, key, ckpt):
+        return pd.DataFrame({"status": ["completed"], "checkpoint": [ckpt], "kind": ["pretrain"],
+                             "source_key": [key], "seed": [0], "val_loss": [0.1], "stage": [stage]})  # fmt: skip
+
+    tables = {
+        "pt_fe": table("pt_fe", "fe:max100", "/a.pt"),
+        "ft_agl": table("ft_agl", "fe:max100>agl:max50[all]", "/b.pt"),
+    }
+    chosen = {s.stage: s.checkpoint for s in select_starts(plan_starts(spec.stages[2], plan(spec)), tables)}
+    assert chosen == {"pt_fe": "/a.pt", "ft_agl": "/b.pt"}
+
+
+@pytest.mark.parametrize(
+    ("start_from", "match"),
+    [
+        ([], r"start_from lists each source stage once, got \[\]"),
+        ([{"stage": "pt"}, {"stage": "pt"}], r"start_from lists each source stage once, got \['pt', 'pt'\]"),
+        ([{"stage": "pt"}, {"stage": "later"}], "starts from 'later', which is not an earlier stage"),
+    ],
+)
+def test_several_starts_are_checked_at_load(start_from, match):
+    data = _spec(
+        stages=[{"name": "pt", "datasets": ["l96"]}, {"name": "ft", "datasets": ["hh143"], "start_from": start_from}]
+    )
+    with pytest.raises(ConfigError, match=match):
+        from_dict(SweepSpec, data)
+
+
+def test_two_starts_with_one_label_are_refused():
+    spec = from_dict(SweepSpec, _spec(stages=[
+        {"name": "a", "datasets": ["l96"]},
+        {"name": "b", "datasets": ["l96"]},
+        {"name": "ft", "datasets": ["hh143"], "start_from": [{"stage": "a"}, {"stage": "b"}]},
+    ]))  # fmt: skip
+    with pytest.raises(ConfigError, match="stages 'a' and 'b' both produce source 'l96:all'"):
+        plan(spec)
 
 
 def test_smoke_keeps_one_setting_per_stage():

@@ -124,8 +124,8 @@ def test_paper_sweep_scaled_down(local_ray, tmp_path, name):
     assert list(dict.fromkeys(trials.stage)) == [s.name for s in spec.stages]
     for stage in spec.stages:
         rows = trials[trials.stage == stage.name]
-        if stage.start_from is not None:
-            source = trials[trials.stage == stage.start_from.stage]
+        if stage.sources:
+            source = trials[trials.stage.isin([src.stage for src in stage.sources])]
             assert set(rows[rows.kind == "finetune"].init) <= set(source.checkpoint)
         single = rows[~rows.dataset.str.contains(r"\+")]
         assert single.test_mae.notna().all() and single.test_r2.notna().all()

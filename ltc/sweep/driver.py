@@ -185,9 +185,8 @@ def _run_or_read_stage(
 
     _arm()
     starts = None
-    if stage.start_from is not None:
-        planned = plan_starts(spec, stage, settings_by_stage[stage.start_from.stage])
-        starts = select_starts(planned, tables[stage.start_from.stage])
+    if stage.sources:
+        starts = select_starts(plan_starts(stage, settings_by_stage), tables)
     settings = plan_stage(spec, stage, starts)
     settings_by_stage[stage.name] = settings
     done_table = paths.stage_table(stage.name)
@@ -196,7 +195,8 @@ def _run_or_read_stage(
         print(f"stage {stage.name}: finished earlier ({len(table)} trials)")
         return table
     if not settings:
-        raise ConfigError(f"stage {stage.name}: nothing to run (no starting checkpoints survived {stage.start_from})")
+        origins = [src.stage for src in stage.sources]
+        raise ConfigError(f"stage {stage.name}: nothing to run (no starting checkpoint survived in {origins})")
     # once per stage, here: shards built or verified, split ids and held-out formulas written; trials
     # open these paths and nothing else
     names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))

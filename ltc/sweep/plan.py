@@ -46,6 +46,7 @@ class Start:
     size: int | None
     seed: int | None = None
     checkpoint: str | None = None  # known once the source stage has run
+    stage: str = ""  # the source stage (a stage may start from several)
 
     @property
     def label(self) -> str:
@@ -122,16 +123,25 @@ def holdout_splits(spec: SweepSpec, stage: StageSpec) -> dict[str, SplitConfig]:
     return out
 
 
-def plan_starts(spec: SweepSpec, stage: StageSpec, source_settings: list[Setting]) -> list[Start]:
-    """The starts of ``stage``: one per source key of the source stage, or per (source key, seed)."""
-    assert stage.start_from is not None
-    every = stage.start_from.select == "every"
-    starts: dict[tuple[str, int | None], Start] = {}
-    for s in source_settings:
-        if s.kind == "scratch":
-            continue  # baselines are not sources
-        seed = s.seed if every else None
-        starts.setdefault((s.source_key, seed), Start(s.source_key, s.datasets, s.size or s.max_size, seed))
+def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[Start]:
+    """The starts of ``stage``: per source stage in ``start_from``, one per source key of that stage, or per
+    (source key, seed) with ``select: every``. ``settings``: the earlier stages' settings by stage name."""
+    starts: dict[tuple[str, str, int | None], Start] = {}
+    for src in stage.sources:
+        for s in settings[src.stage]:
+            if s.kind == "scratch":
+                continue  # baselines are not sources
+            seed = s.seed if src.select == "every" else None
+            twin = next((t for (t, k, sd) in starts if (k, sd) == (s.source_key, seed) and t != src.stage), None)
+            if twin is not None:  # one label (the setting keys' from=…) would name two different checkpoints
+                raise ConfigError(
+                    f"stage {stage.name!r}: start_from stages {twin!r} and {src.stage!r} both produce source "
+                    f"{s.source_key!r}; start from one of them"
+                )
+            starts.setdefault(
+                (src.stage, s.source_key, seed),
+                Start(s.source_key, s.datasets, s.size or s.max_size, seed, stage=src.stage),
+            )
     return list(starts.values())
 
 
@@ -161,7 +171,7 @@ def plan_stage(spec: SweepSpec, stage: StageSpec, starts: list[Start] | None) ->
             out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all", **common))
             continue
         for start, strategy in itertools.product(starts or [], stage.strategies):
-            if stage.start_from.skip_seen and set(group) & set(start.datasets):
+            if stage.source(start.stage).skip_seen and set(group) & set(start.datasets):
                 continue
             key = f"{stage.name}|from={start.label}|{label}|{strategy}|{unit}"
             out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start, **common))
@@ -175,7 +185,7 @@ def plan(spec: SweepSpec) -> dict[str, list[Setting]]:
     """Every stage's settings, with placeholder starts (no checkpoints yet): what ``--dry-run`` shows."""
     settings: dict[str, list[Setting]] = {}
     for stage in spec.stages:
-        starts = plan_starts(spec, stage, settings[stage.start_from.stage]) if stage.start_from else None
+        starts = plan_starts(stage, settings) if stage.sources else None
         settings[stage.name] = plan_stage(spec, stage, starts)
     return settings
 
@@ -233,18 +243,19 @@ def trial_config(spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInput
     }
 
 
-def select_starts(planned: list[Start], table: Any) -> list[Start]:
+def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
     """Attach to each planned start the checkpoint of its source's best completed trial (lowest val_loss).
 
-    ``table``: the source stage's trials (``ltc.results`` columns). A start without a completed trial
-    is dropped, with a warning.
+    ``tables``: the source stages' trials (``ltc.results`` columns) by stage name. A start without a
+    completed trial is dropped, with a warning.
     """
     import logging
 
-    key_col = "source_key" if "source_key" in table.columns else "group"  # results written before 0.2
-    done = table[(table.status == "completed") & table.checkpoint.notna() & (table.kind != "scratch")]
     out = []
     for start in planned:
+        table = tables[start.stage]
+        key_col = "source_key" if "source_key" in table.columns else "group"  # results written before 0.2
+        done = table[(table.status == "completed") & table.checkpoint.notna() & (table.kind != "scratch")]
         rows = done[done[key_col] == start.source_key]
         if start.seed is not None:
             rows = rows[rows.seed == start.seed]
@@ -416,7 +427,11 @@ def describe(spec: SweepSpec) -> str:
         n_trials = len(ss) * search.trials
         total += n_trials
         kinds = Counter(s.kind for s in ss)
-        origin = f"from {stage.start_from.stage} ({stage.start_from.select})" if stage.start_from else "from scratch"
+        origin = (
+            "from " + ", ".join(f"{src.stage} ({src.select})" for src in stage.sources)
+            if stage.sources
+            else "from scratch"
+        )
         lines.append("")
         lines.append(
             f"stage {stage.name} [{origin}]: {len(ss)} settings ({', '.join(f'{v} {k}' for k, v in kinds.items())}) "
@@ -441,7 +456,7 @@ def describe(spec: SweepSpec) -> str:
             + f", loss {stage.loss}; Optuna lr {lr}"
             + (f", n_unfrozen {nu} (0..{n_blocks(spec)})" if "blocks" in stage.strategies else "")
         )
-        if stage.start_from:
+        if stage.sources:
             starts = sorted({s.start.label for s in ss if s.start})
             lines.append(
                 f"  starting checkpoints: {len(starts)} ({', '.join(starts[:6])}{', …' if len(starts) > 6 else ''})"

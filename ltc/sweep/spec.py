@@ -131,7 +131,9 @@ class Source:
 class StageSpec:
     name: str
     datasets: list[str | list[str]]  # an inner list is one multi-property set (one head each)
-    start_from: Source | None = None  # None: from scratch (pre-training)
+    # None: from scratch (pre-training); a list: several sources in one stage (ParAIsite's step II beside
+    # step III), so every start and the scratch baselines are compared on the same units in one report
+    start_from: Source | list[Source] | None = None
     sizes: list[int | None] | None = None  # exact train+val sizes (FT); null = all
     max_sizes: list[int] | None = None  # caps (PT size scans)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -166,6 +168,10 @@ class StageSpec:
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(f"stage {self.name!r}: strategy {s!r} must be one of {STRATEGIES}")
+        if isinstance(self.start_from, list):
+            stages = [src.stage for src in self.start_from]
+            if not stages or len(set(stages)) != len(stages):
+                raise ConfigError(f"stage {self.name!r}: start_from lists each source stage once, got {stages}")
         if self.start_from is None and self.strategies != ["all"]:
             raise ConfigError(f"stage {self.name!r}: strategies need start_from (a stage to fine-tune from)")
         if self.start_from is None and self.scratch:
@@ -184,6 +190,17 @@ class StageSpec:
                     datasets.spec(name)
                 except datasets.UnknownDatasetError as err:
                     raise ConfigError(f"stage {self.name!r}: holdout: {err}") from None
+
+    @property
+    def sources(self) -> list[Source]:
+        """``start_from`` as a list (empty for a stage from scratch)."""
+        if self.start_from is None:
+            return []
+        return list(self.start_from) if isinstance(self.start_from, list) else [self.start_from]
+
+    def source(self, stage: str) -> Source:
+        """The entry of ``start_from`` naming ``stage``."""
+        return next(src for src in self.sources if src.stage == stage)
 
     @property
     def dataset_sets(self) -> list[tuple[str, ...]]:
@@ -231,10 +248,9 @@ class SweepSpec:
                     f"stages[{i}].seeds={st.seeds} with a kfold split: its repeats (split.repeats) are the seeds "
                     "(repeat r uses seed seeds[0] + r); give one seed"
                 )
-            if st.start_from is not None and st.start_from.stage not in names[:i]:
-                raise ConfigError(
-                    f"stage {st.name!r} starts from {st.start_from.stage!r}, which is not an earlier stage"
-                )
+            for src in st.sources:
+                if src.stage not in names[:i]:
+                    raise ConfigError(f"stage {st.name!r} starts from {src.stage!r}, which is not an earlier stage")
         from ltc.models import build_model
 
         try:
@@ -290,8 +306,8 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     stages = []
     for st in spec.stages:
         sets = st.dataset_sets
-        if st.start_from is not None and st.start_from.skip_seen:
-            seen = kept[st.start_from.stage]
+        seen = set().union(*(kept[src.stage] for src in st.sources if src.skip_seen))
+        if seen:
             sets = [g for g in sets if not set(g) & seen] or sets
         group = sets[0]
         kept[st.name] = set(group)
