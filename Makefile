@@ -16,7 +16,7 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 LTC_DATA_HOME ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),$(HOME)/.cache/ltc/data)
 export LTC_DATA_HOME
 
-.PHONY: install demo test lint format bench bench-search clean
+.PHONY: install demo test lint format bench bench-search reproduce clean
 
 install: $(VENV)/.installed
 
@@ -37,12 +37,12 @@ test: install lint
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check ltc tests benchmarks
-	$(BIN)/ruff format --check ltc tests benchmarks
+	$(BIN)/ruff check ltc tests benchmarks reproduce
+	$(BIN)/ruff format --check ltc tests benchmarks reproduce
 
 format: install
-	$(BIN)/ruff check --fix ltc tests benchmarks
-	$(BIN)/ruff format ltc tests benchmarks
+	$(BIN)/ruff check --fix ltc tests benchmarks reproduce
+	$(BIN)/ruff format ltc tests benchmarks reproduce
 
 bench: install
 	$(BIN)/python benchmarks/bench_graphs.py
@@ -54,6 +54,20 @@ bench: install
 bench-search: install
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_early_stop.py
+
+# The papers at laptop scale (about 25 minutes each on 2 cores; not part of CI): each sweep, its report, and a
+# copy with the papers' numbers beside ltc's in results/reference/<name>/ (committed). --resume: a rerun after
+# an interrupt finishes what is left; remove results/<name>/ to start over.
+REPRODUCE ?= paraisite_laptop devi_laptop
+
+reproduce: install
+	@set -e; for name in $(REPRODUCE); do \
+	  start=$$(date +%s); \
+	  $(BIN)/ltc sweep sweeps/$$name.yaml --results results --resume; \
+	  wall=$$(( $$(date +%s) - start )); echo "$$name: $$wall s"; \
+	  $(BIN)/ltc report results/$$name; \
+	  $(BIN)/python reproduce/paper_tables.py $$name results/$$name results/reference/$$name --wall-seconds $$wall; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -150,9 +150,12 @@ def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
     return table.sort_values("start", key=lambda s: s != SCRATCH, kind="stable").reset_index(drop=True)
 
 
-def compare_cells(rows: pd.DataFrame, a: tuple[str, str], b: tuple[str, str]) -> PairedResult:
-    """Cell ``a`` against cell ``b`` (each (start, strategy)) on the units both have, by the headline metric."""
-    h = headline(rows.ft_dataset.iloc[0])
+def compare_cells(
+    rows: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], metric: Headline | None = None
+) -> PairedResult:
+    """Cell ``a`` against cell ``b`` (each (start, strategy)) on the units both have, by ``metric`` (default:
+    the dataset's headline; e.g. ``Headline("mape", False, "MAPE")`` to judge kappa as ParAIsite did)."""
+    h = metric or headline(rows.ft_dataset.iloc[0])
     units = unit_columns(rows)
     col = f"test_{h.metric}"
 
