@@ -132,3 +132,35 @@ def test_paper_sweep_scaled_down(local_ray, tmp_path, name):
     multi = trials[trials.dataset.str.contains(r"\+")]
     for _, row in multi.iterrows():  # multi-property PT: metrics per property
         assert set(pd.read_json(pd.io.common.StringIO(row.task_metrics)).columns) == set(row.dataset.split("+"))
+
+
+@pytest.mark.parametrize("name", ["paraisite_laptop", "devi_laptop"])
+def test_reproductions_scaled_down_with_their_paper_tables(local_ray, tmp_path, name):
+    # what `make reproduce` runs, smoke-sized: the sweep, its report, and the table beside the paper's numbers
+    import subprocess
+    import sys
+
+    from ltc.results import write_report
+
+    spec = smoke(load_sweep(REPO / "sweeps" / f"{name}.yaml"))
+    trials = run_sweep(spec, results=tmp_path)
+    assert (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    folder = tmp_path / spec.name
+    write_report(folder)
+    out = tmp_path / "reference" / name
+    script = REPO / "reproduce" / "paper_tables.py"
+    done = subprocess.run([sys.executable, str(script), name, str(folder), str(out), "--wall-seconds", "90"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert {"report.md", "papers.md", "trials.parquet", "sweep.yaml"} <= {p.name for p in out.iterdir()}
+    text = (out / "papers.md").read_text()
+    assert "in 1.5 minutes" in text and "## What differs from the paper" in text
+    ft = trials[trials.kind != "pretrain"]
+    if name == "paraisite_laptop":
+        # steps I, II, III of the one smoke dataset, each beside the paper's MAPE, and three paired rows
+        assert "| l96 | I (scratch) | scratch | 54 |" in text and "| l96 | III (fe → agl) |" in text
+        assert text.count("| l96 | step ") == 3
+        assert set(ft.start) == {"scratch", "fe:max64", "fe:max64>agl:max64[all]"}
+    else:
+        # smoke size 64 is not one of the paper's sizes: its R² is "–", and one subset cannot be judged
+        assert "| pz | 64 | scratch | – |" in text and "cannot be judged (1 pairs)" in text
