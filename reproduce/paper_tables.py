@@ -30,10 +30,10 @@ PARAISITE_MAPE = {"l96": (54, 51, 29), "hh143": (38, 37, 69), "mix": (74, 71, 62
 STEPS = ("I (scratch)", "II (from fe)", "III (fe → agl)")
 
 
-def _interval(r: PairedResult) -> str:
+def _interval(r: PairedResult, digits: int = 3) -> str:
     if r.ci_low is None:
         return "–"
-    return f"{format_diff(r.mean_diff)} [{format_diff(r.ci_low)}, {format_diff(r.ci_high)}]"
+    return f"{format_diff(r.mean_diff, digits)} [{format_diff(r.ci_low, digits)}, {format_diff(r.ci_high, digits)}]"
 
 
 def _verdict(r: PairedResult, a: str, b: str) -> str:
@@ -80,7 +80,7 @@ def paraisite(best: pd.DataFrame) -> list[str]:
             by_mape = compare_cells(rows, a, b, MAPE)
             by_log = compare_cells(rows, a, b, headline(dataset))
             pairs.append({"set": dataset, "A − B": f"{names[0]} − {names[1]}",
-                          "paper ΔMAPE": f"{paper[i] - paper[j]:+d}", "ltc ΔMAPE [95 %]": _interval(by_mape),
+                          "paper ΔMAPE": f"{paper[i] - paper[j]:+d}", "ltc ΔMAPE [95 %]": _interval(by_mape, 1),
                           "A better (MAPE)": f"{by_mape.wins} of {by_mape.n_pairs}",
                           "ltc ΔMAE log10 κ [95 %]": _interval(by_log),
                           "verdict (MAE log10 κ)": _verdict(by_log, *names)})  # fmt: skip
