@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ltc.errors import ConfigError, LtcError
 from ltc.graphs import CONSTRUCTIONS, GraphConfig
-from ltc.models import MODELS
+from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SPLIT_TESTS, SplitConfig
 from ltc.targets import TRANSFORMS
 from ltc.train import HEADS, LOSSES, SCHEDULES, RunConfig, TrainConfig
@@ -32,6 +32,13 @@ def _construction_help() -> str:
         models = [m for m, g in DEFAULT_GRAPHS.items() if g.construction == name]
         parts.append(f"{name}: {text}" + (f" (default for {', '.join(models)})" if models else ""))
     return "; ".join(parts)
+
+
+def _construction_graph(construction: str) -> GraphConfig:
+    """The usual graphs of a construction: those of the first model that trains on it by default, else ltc's."""
+    from ltc.train import DEFAULT_GRAPHS
+
+    return next((g for g in DEFAULT_GRAPHS.values() if g.construction == construction), _GRAPH)
 
 
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -87,7 +94,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ltc import datasets
     from ltc.shards import prepare, reason_kind, summarize_rejected
 
-    graph = GraphConfig(cutoff=args.cutoff, max_neighbors=args.max_neighbors, construction=args.construction)
+    base = _construction_graph(args.construction)  # knn and jarvis: 8 Å, 12; chgnet: CHGNet's 6 Å
+    graph = GraphConfig(
+        cutoff=base.cutoff if args.cutoff is None else args.cutoff,
+        max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
+        construction=args.construction,
+    )
     names = list(datasets.REGISTRY) if args.all else args.names
     if not names:
         raise ConfigError("name a dataset (see `ltc datasets`) or pass --all")
@@ -163,17 +175,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     graph = None
     if args.cutoff is not None or args.max_neighbors is not None or args.construction is not None:
         # a flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
-        from ltc.checkpoints import load_checkpoint
         from ltc.train import DEFAULT_GRAPHS
+        from ltc.transfer import load_init
 
         if args.init:
-            base = GraphConfig(**load_checkpoint(args.init)["graph"])
+            base = GraphConfig(**load_init(args.init)["graph"])
         else:
             base = DEFAULT_GRAPHS.get(args.model or "", _GRAPH)
+        construction = base.construction if args.construction is None else args.construction
         graph = GraphConfig(
             cutoff=base.cutoff if args.cutoff is None else args.cutoff,
             max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
-            construction=base.construction if args.construction is None else args.construction,
+            construction=construction,
+            bond_cutoff=base.bond_cutoff if construction == base.construction else None,  # chgnet's, kept
         )
     stage = RunConfig(
         datasets=tuple(args.dataset),
@@ -415,14 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("names", nargs="*", metavar="NAME", help="dataset name(s), see `ltc datasets`")
     sp.add_argument("--all", action="store_true", help="prepare every dataset in the registry")
+    chgnet = _construction_graph("chgnet")
     sp.add_argument(
-        "--cutoff", type=float, default=_GRAPH.cutoff, help=f"neighbour cutoff radius in Å (default {_GRAPH.cutoff:g})"
+        "--cutoff",
+        type=float,
+        help=f"neighbour cutoff radius in Å (default {_GRAPH.cutoff:g}; chgnet: {chgnet.cutoff:g}, CHGNet's)",
     )
     sp.add_argument(
         "--max-neighbors",
         type=int,
-        default=_GRAPH.max_neighbors,
-        help=f"keep at most this many nearest neighbours per atom (default {_GRAPH.max_neighbors})",
+        help=f"keep at most this many nearest neighbours per atom (default {_GRAPH.max_neighbors}; not for chgnet)",
     )
     sp.add_argument(
         "--construction",
@@ -441,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train one model: pre-train from scratch, or fine-tune a checkpoint",
         "Train a crystal graph model on one dataset (several names: multi-property training, one head each) "
         "and write OUT/metrics.json (test and validation metrics in raw units, epochs, times, parameter counts), "
-        "OUT/checkpoint.pt and OUT/predictions.parquet. With --init it fine-tunes a checkpoint: --strategy "
-        f"chooses what trains ({', '.join(s for s in STRATEGIES if s != 'blocks')}) or --n-unfrozen K trains the "
-        "last K blocks plus readout and head.",
+        "OUT/checkpoint.pt and OUT/predictions.parquet. With --init it fine-tunes a checkpoint, or a pretrained "
+        f"model by name ({', '.join(PRETRAINED)}): --strategy chooses what trains "
+        f"({', '.join(s for s in STRATEGIES if s != 'blocks')}) or --n-unfrozen K trains the last K blocks plus "
+        "readout and head.",
     )
     sp.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="dataset name(s), see `ltc datasets`")
     sp.add_argument("--out", type=Path, required=True, help="output folder")
@@ -518,7 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how graph edges are chosen (default: the model's, or the checkpoint's). {_construction_help()}",
     )
     g = sp.add_argument_group("fine-tuning")
-    g.add_argument("--init", type=Path, help="checkpoint to start from (a PT or earlier FT stage)")
+    g.add_argument(
+        "--init",
+        metavar="CKPT_OR_NAME",
+        help="checkpoint to start from (a PT or earlier FT stage), or a pretrained model by name (a fresh head is "
+        "put on): " + "; ".join(f"{name}: {p.description}" for name, p in PRETRAINED.items()),
+    )
     g.add_argument(
         "--strategy",
         choices=list(STRATEGIES),

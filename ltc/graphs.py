@@ -1,6 +1,6 @@
 """Periodic crystal graphs: pymatgen ``Structure`` → atomic numbers, edges, distances, edge vectors.
 
-Two constructions (``GraphConfig.construction``, one of ``CONSTRUCTIONS``):
+Three constructions (``GraphConfig.construction``, one of ``CONSTRUCTIONS``):
 
 - ``"knn"``: each atom is joined to its ``max_neighbors`` nearest periodic images within ``cutoff`` Å
   (CGCNN's rule; MEGNet-style models use 4–5 Å). Exactly k directed edges per atom (fewer if the cutoff
@@ -11,19 +11,26 @@ Two constructions (``GraphConfig.construction``, one of ``CONSTRUCTIONS``):
   every neighbour out to its k-th neighbour's distance, and each kept bond becomes an edge in both
   directions. An atom with fewer than k neighbours within ``cutoff`` makes jarvis enlarge the cutoff until
   every atom has k, so the edges do not depend on ``cutoff`` (it is only jarvis's first search radius).
+- ``"chgnet"``: CHGNet's own graphs, built by its ``CrystalGraphConverter`` (the ``chgnet`` package): every
+  neighbour within ``cutoff`` (CHGNet 0.3.0: 6 Å), each bond in both directions, plus CHGNet's bond graph: the
+  angles between bonds shorter than ``bond_cutoff`` (3 Å) that share an atom (``CrystalGraph.angle_edges``) and
+  the map from directed edges to bonds (``CrystalGraph.directed2undirected``). ``max_neighbors`` does not apply.
 
 Neighbours come from pymatgen's vectorised ``Structure.get_neighbor_list`` (first over a smaller radius that
 usually holds the nearest k, see ``_neighbor_list``); the selection is array code, with no per-site loop.
+("chgnet": CHGNet's converter calls the same neighbour list, then builds its bond graph in its own code.)
 
 Edges follow PyG's ``source_to_target`` flow: ``edge_index[0]`` is the neighbour j, ``edge_index[1]``
-the centre i, and ``vectors[e] = r_j + image - r_i``. Edges are grouped by centre, nearest first; ties
-in distance are broken by the edge vector, so "knn" gives equal environments equal edges wherever they sit
-(translated copies, supercells). "jarvis" decides ties at the k-th distance as jarvis does, on the last bits
-of its float64 distances, so there a translated copy or a supercell can keep other members of a tied shell.
+the centre i, and ``vectors[e] = r_j + image - r_i``. Edges are grouped by centre, nearest first ("chgnet": in
+the converter's order, which its bond graph indexes); ties in distance are broken by the edge vector, so "knn"
+gives equal environments equal edges wherever they sit (translated copies, supercells). "jarvis" decides ties at
+the k-th distance as jarvis does, on the last bits of its float64 distances, so there a translated copy or a
+supercell can keep other members of a tied shell.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -40,7 +47,13 @@ CONSTRUCTIONS = {
     "knn": "each atom's max_neighbors nearest within the cutoff, directed",
     "jarvis": "ALIGNN's graphs (jarvis-tools' k-nearest edges): every neighbour out to the k-th one's distance, "
     "undirected, the cutoff enlarged where an atom has fewer than k",
+    "chgnet": "CHGNet's graphs (its CrystalGraphConverter): every neighbour within the cutoff, undirected, and the "
+    "angles between bonds shorter than the bond cutoff (needs the chgnet package)",
 }
+# CHGNet's bond graph joins bonds shorter than this (Å; chgnet's ``bond_graph_cutoff``, 3 Å in every released model)
+CHGNET_BOND_CUTOFF = 3.0
+# CHGNet's atom embedding covers H (1) … Pu (94)
+CHGNET_MAX_Z = 94
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,15 @@ class GraphConfig:
     """How graphs are built. Part of the shard cache key.
 
     ``construction`` defaults to "knn", the construction of every graph ltc built before "jarvis" existed,
-    so settings and checkpoints written without it keep their meaning.
+    so settings and checkpoints written without it keep their meaning. ``bond_cutoff`` belongs to "chgnet"
+    only (default ``CHGNET_BOND_CUTOFF``) and is left out of ``to_dict`` elsewhere, so the settings, and the
+    shard keys, of "knn" and "jarvis" graphs are what they were before it existed.
     """
 
     cutoff: float = 8.0  # Å; "jarvis": only the first search radius (see the module docstring)
-    max_neighbors: int = 12
+    max_neighbors: int = 12  # "chgnet": does not apply (every neighbour within the cutoff), must stay 12
     construction: str = "knn"  # one of CONSTRUCTIONS
+    bond_cutoff: float | None = None  # Å, "chgnet" only: bonds shorter than this form CHGNet's bond graph
 
     def __post_init__(self) -> None:
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, (int, float)) or not self.cutoff > 0:
@@ -63,9 +79,26 @@ class GraphConfig:
         if self.construction not in CONSTRUCTIONS:
             raise ConfigError(f"construction={self.construction!r} must be one of {list(CONSTRUCTIONS)}")
         object.__setattr__(self, "cutoff", float(self.cutoff))
+        if self.construction != "chgnet":
+            if self.bond_cutoff is not None:
+                raise ConfigError(f"bond_cutoff={self.bond_cutoff!r} goes with construction 'chgnet' only")
+            return
+        default = GraphConfig.__dataclass_fields__["max_neighbors"].default
+        if self.max_neighbors != default:
+            raise ConfigError(
+                f"max_neighbors={self.max_neighbors!r} does not apply to construction 'chgnet', which keeps every "
+                f"neighbour within the cutoff; leave it at {default}"
+            )
+        bond = CHGNET_BOND_CUTOFF if self.bond_cutoff is None else self.bond_cutoff
+        if isinstance(bond, bool) or not isinstance(bond, (int, float)) or not 0 < bond <= self.cutoff:
+            raise ConfigError(f"bond_cutoff={bond!r} must be a number > 0 and <= cutoff={self.cutoff} (Å)")
+        object.__setattr__(self, "bond_cutoff", float(bond))
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+        out = asdict(self)
+        if out["bond_cutoff"] is None:  # not a setting of this construction (and not in old keys)
+            del out["bond_cutoff"]
+        return out
 
     @property
     def line_graph_backtracking(self) -> bool:
@@ -83,12 +116,15 @@ class GraphError(ValueError):
 
 @dataclass(frozen=True)
 class CrystalGraph:
-    """One crystal graph as numpy arrays (n atoms, E edges)."""
+    """One crystal graph as numpy arrays (n atoms, E edges; "chgnet": U = E / 2 bonds, A angles)."""
 
     z: np.ndarray  # [n] uint8 atomic numbers
     edge_index: np.ndarray  # [2, E] int32: row 0 neighbour j (source), row 1 centre i (target)
     distances: np.ndarray  # [E] float32, Å
     vectors: np.ndarray  # [E, 3] float32, Å, r_j + image - r_i
+    # "chgnet" only (None otherwise): CHGNet's bond graph, in its own indexing
+    directed2undirected: np.ndarray | None = None  # [E] int32: the bond (0 … U-1) of each directed edge
+    angle_edges: np.ndarray | None = None  # [A, 2] int32: the two directed edges of an angle, both from its centre
 
     @property
     def num_nodes(self) -> int:
@@ -153,7 +189,18 @@ def structure_to_graph(structure, *, config: GraphConfig = GraphConfig()) -> Cry
         raise GraphError(f"element outside H..Fm: Z={bad_z} is not in the CGCNN feature table (1..{MAX_Z})")
     if config.construction == "jarvis":
         return _jarvis_graph(structure, z, config)
+    if config.construction == "chgnet":
+        return _chgnet_graph(structure, z, config)
     return _knn_graph(structure, z, config)
+
+
+def check_construction(config: GraphConfig) -> None:
+    """Raise ConfigError if ``config.construction`` needs a package that is not installed.
+
+    Called before graphs are built, so a missing package is one error, not a rejected row per structure.
+    """
+    if config.construction == "chgnet" and importlib.util.find_spec("chgnet") is None:
+        raise ConfigError("construction 'chgnet' needs the chgnet package: pip install 'ltc[chgnet]'")
 
 
 def _knn_graph(structure, z: np.ndarray, config: GraphConfig) -> CrystalGraph:
@@ -300,6 +347,52 @@ def _jarvis_graph(structure, z: np.ndarray, config: GraphConfig) -> CrystalGraph
         edge_index=np.stack([src[order], dst[order]]).astype(np.int32),
         distances=distances[order].astype(np.float32),
         vectors=vectors[order].astype(np.float32),
+    )
+
+
+@lru_cache(maxsize=4)
+def _chgnet_converter(cutoff: float, bond_cutoff: float):
+    from chgnet.graph import CrystalGraphConverter
+
+    # isolated atoms are checked here, to reject them with ltc's reason
+    return CrystalGraphConverter(
+        atom_graph_cutoff=cutoff, bond_graph_cutoff=bond_cutoff, algorithm="fast", on_isolated_atoms="ignore"
+    )
+
+
+def _chgnet_graph(structure, z: np.ndarray, config: GraphConfig) -> CrystalGraph:
+    """CHGNet's graph (``"chgnet"``), as its ``CrystalGraphConverter`` builds it, in ltc's arrays.
+
+    The converter's directed edges (centre, neighbour, image), in its order, become ltc's edges (neighbour →
+    centre, ``vectors = r_j + image - r_i`` in float64, then float32); its ``directed2undirected`` is kept, and
+    its bond graph rows (atom, bond, directed edge, bond, directed edge) become ``angle_edges`` (the two directed
+    edges): the atom is their common centre and the bonds follow from ``directed2undirected``, so nothing is lost.
+    """
+    if z.max() > CHGNET_MAX_Z:
+        bad_z = int(z[z > CHGNET_MAX_Z][0])
+        raise GraphError(f"element outside H..Pu: Z={bad_z} is not in CHGNet's atom embedding (1..{CHGNET_MAX_Z})")
+    assert config.bond_cutoff is not None  # set by GraphConfig for "chgnet"
+    g = _chgnet_converter(config.cutoff, config.bond_cutoff)(structure)
+    n = len(structure)
+    pairs = g.atom_graph.numpy().reshape(-1, 2).astype(np.int64)  # [E, 2] centre, neighbour
+    counts = np.bincount(pairs[:, 0], minlength=n)
+    if (counts == 0).any():
+        lonely = np.flatnonzero(counts == 0)
+        names = ", ".join(f"{i} ({structure[int(i)].specie})" for i in lonely[:5])
+        more = f" and {len(lonely) - 5} more" if len(lonely) > 5 else ""
+        raise GraphError(f"isolated atom: no neighbour within cutoff={config.cutoff} Å for atom {names}{more}")
+    centre, nbr = pairs[:, 0], pairs[:, 1]
+    images = g.neighbor_image.numpy().astype(np.float64)
+    cart = structure.cart_coords
+    vectors = cart[nbr] + images @ structure.lattice.matrix - cart[centre]
+    bond_graph = g.bond_graph.numpy().reshape(-1, 5)
+    return CrystalGraph(
+        z=z.astype(np.uint8),
+        edge_index=np.stack([nbr, centre]).astype(np.int32),
+        distances=np.linalg.norm(vectors, axis=1).astype(np.float32),
+        vectors=vectors.astype(np.float32),
+        directed2undirected=g.directed2undirected.numpy().astype(np.int32),
+        angle_edges=np.ascontiguousarray(bond_graph[:, [2, 4]], dtype=np.int32),
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from ltc import datasets
 from ltc.checkpoints import CheckpointError, load_checkpoint
 from ltc.errors import ConfigError, MissingFileError
-from ltc.graphs import GraphConfig, GraphError, structure_to_graph
+from ltc.graphs import GraphConfig, GraphError, check_construction, structure_to_graph
 from ltc.models import CrystalGNN, build_model
 from ltc.shards import ShardSet, collate_graphs
 from ltc.targets import TargetScaler
@@ -199,6 +199,8 @@ def predict(
     dev = resolve_device(device)
     models = load_models(list(checkpoints), device=dev)
     configs = list(dict.fromkeys(m.graph for m in models))
+    for c in configs:
+        check_construction(c)  # a missing package is one error, not an error row per structure
     path = Path(input)
     if path.exists():
         files = structure_files(path) if path.is_dir() else [path]

@@ -51,14 +51,16 @@ import pyarrow.parquet as pq
 
 from ltc import __version__, datasets
 from ltc.errors import DataError, MissingFileError
-from ltc.graphs import CrystalGraph, GraphConfig, GraphError, structure_to_graph
+from ltc.graphs import CrystalGraph, GraphConfig, GraphError, check_construction, structure_to_graph
 from ltc.io import write_json_atomic
 from ltc.paths import cache_root, data_home
 
 log = logging.getLogger(__name__)
 
 # 2: file sizes and SHA-256 checksums in the manifest; 3: the graph construction ("knn" or "jarvis", see
-# ltc.graphs.CONSTRUCTIONS) in the manifest's graph config and so in the cache key
+# ltc.graphs.CONSTRUCTIONS) in the manifest's graph config and so in the cache key. Construction "chgnet" came
+# later without a bump: its shards add columns (EXTRA_COLUMNS) under a graph config, and so keys, of its own;
+# the files and keys of "knn" and "jarvis" shards are unchanged.
 SCHEMA_VERSION = 3
 
 # One row per graph. Ragged per-graph arrays are Arrow lists; ``vectors`` holds 3 floats per edge.
@@ -78,6 +80,21 @@ SCHEMA = pa.schema(
     metadata={"ltc_schema_version": str(SCHEMA_VERSION)},
 )
 _RAGGED = ("z", "edge_src", "edge_dst", "distances", "vectors")
+# Constructions whose graphs carry more than the common columns: CHGNet's bond graph (see ltc.graphs.CrystalGraph).
+EXTRA_COLUMNS: dict[str, list[pa.Field]] = {
+    "chgnet": [
+        pa.field("directed2undirected", pa.list_(pa.int32())),  # [E] bond of each directed edge (local)
+        pa.field("angle_edges", pa.list_(pa.int32())),  # [2A] the two directed edges of each angle, row-major
+    ]
+}
+
+
+def schema_for(graph: GraphConfig) -> pa.Schema:
+    """The Arrow schema of shards of ``graph``: ``SCHEMA``, plus ``EXTRA_COLUMNS`` of its construction."""
+    extra = EXTRA_COLUMNS.get(graph.construction, [])
+    return pa.schema([*SCHEMA, *extra], metadata=SCHEMA.metadata) if extra else SCHEMA
+
+
 # Below this much work (in JSON-structure units), building in-process beats starting worker processes.
 PARALLEL_MIN_COST = 4096
 _PARSE_COST = {"cif": 20, "poscar": 5}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
@@ -162,6 +179,7 @@ def prepare(
         _discard(final)
         repaired = problems
 
+    check_construction(graph)  # a missing package is one error, not a rejected row per structure
     raw = datasets.read(file)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root, f"{name}-{key}")
@@ -323,7 +341,8 @@ def build_shard(
     Returns the shard entry for the manifest and the rows rejected (unparsable structure, empty
     structure, atom without neighbour …), each with its reason.
     """
-    cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    schema = schema_for(graph)
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     rejected: list[datasets.Rejected] = []
     for rec in records:
         try:
@@ -350,16 +369,19 @@ def build_shard(
                 cols["edge_dst"].append(g.edge_index[1])
                 cols["distances"].append(g.distances)
                 cols["vectors"].append(g.vectors.reshape(-1))
+                if "angle_edges" in cols:
+                    cols["directed2undirected"].append(g.directed2undirected)
+                    cols["angle_edges"].append(g.angle_edges.reshape(-1))
         if on_record is not None:
             on_record(1)
     arrays = []
-    for field in SCHEMA:
-        if field.name in _RAGGED:
+    for field in schema:
+        if pa.types.is_list(field.type):
             arrays.append(_list_array(cols[field.name], field.type))
         else:
             arrays.append(pa.array(cols[field.name], type=field.type))
-    table = pa.Table.from_arrays(arrays, schema=SCHEMA)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         # One record batch per file: each column is one contiguous buffer, gathered without joins.
         writer.write_table(table, max_chunksize=max(1, table.num_rows))
     size, digest = _size_and_digest(path)  # here, in the worker: hashing is spread over the pool
@@ -494,17 +516,17 @@ class _Shard:
     values: dict[str, np.ndarray]  # flat values per ragged column
 
 
-def _open_shard(path: Path) -> _Shard:
+def _open_shard(path: Path, schema: pa.Schema = SCHEMA) -> _Shard:
     source = pa.memory_map(str(path), "r")
     table = pa.ipc.open_file(source).read_all()
-    if not table.schema.equals(SCHEMA):
-        raise ValueError(f"columns {table.schema.names} are not those of a shard")
+    if not table.schema.equals(schema):
+        raise ValueError(f"columns {table.schema.names} are not those of a shard of these graphs ({schema.names})")
     offsets, values = {}, {}
-    for name in _RAGGED:
+    for name in (f.name for f in schema if pa.types.is_list(f.type)):
         col = table.column(name)
         if col.num_chunks != 1:
             col = pa.chunked_array([pa.concat_arrays(col.chunks)]) if col.num_chunks else col
-        arr = col.chunk(0) if col.num_chunks else pa.array([], type=SCHEMA.field(name).type)
+        arr = col.chunk(0) if col.num_chunks else pa.array([], type=schema.field(name).type)
         offsets[name] = arr.offsets.to_numpy(zero_copy_only=True)
         values[name] = arr.values.to_numpy(zero_copy_only=True)
     return _Shard(table, offsets, values)
@@ -530,6 +552,12 @@ def _reorder(cat: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarr
     for name in ("edge_src", "edge_dst", "distances"):
         out[name] = cat[name][epos]
     out["vectors"] = cat["vectors"].reshape(-1, 3)[epos].reshape(-1)
+    if "angle_edges" in cat:
+        out["directed2undirected"] = cat["directed2undirected"][epos]
+        angle_off = np.concatenate([[0], np.cumsum(cat["a"])])
+        apos, _ = _ragged_gather(angle_off, rows)
+        out["angle_edges"] = cat["angle_edges"].reshape(-1, 2)[apos].reshape(-1)
+        out["a"] = cat["a"][rows]
     return out
 
 
@@ -550,7 +578,25 @@ def _to_batch(cat: dict[str, np.ndarray], idx: np.ndarray):
         idx=torch.from_numpy(np.asarray(idx, dtype=np.int64)),
         batch=torch.from_numpy(np.repeat(np.arange(len(n)), n)),
         ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(n)])),
+        **(_bond_graph(cat) if "angle_edges" in cat else {}),
     )
+
+
+def _bond_graph(cat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """CHGNet's bond graph of a batch, indices offset per graph (fields as ``ShardSet.batch`` documents)."""
+    import torch
+
+    e, a = cat["e"], cat["a"]
+    bonds = e // 2  # every bond is two directed edges
+    d2u = cat["directed2undirected"].astype(np.int64) + np.repeat(np.cumsum(bonds) - bonds, e)
+    angles = cat["angle_edges"].astype(np.int64).reshape(-1, 2) + np.repeat(np.cumsum(e) - e, a)[:, None]
+    # CHGNet's undirected2directed: each bond's first directed edge
+    u2d = np.unique(d2u, return_index=True)[1]
+    return {
+        "directed2undirected": torch.from_numpy(d2u),
+        "undirected2directed": torch.from_numpy(u2d.astype(np.int64)),
+        "angle_edges": torch.from_numpy(angles),
+    }
 
 
 def collate_graphs(graphs: Sequence[CrystalGraph], y: Sequence[float] | None = None):
@@ -560,6 +606,9 @@ def collate_graphs(graphs: Sequence[CrystalGraph], y: Sequence[float] | None = N
     """
     if not graphs:
         raise ValueError("no graphs to collate")
+    chgnet = [g.angle_edges is not None for g in graphs]
+    if any(chgnet) and not all(chgnet):
+        raise ValueError("cannot collate graphs with and without CHGNet's bond graph")
     cat = {
         "n": np.asarray([g.num_nodes for g in graphs], dtype=np.int64),
         "e": np.asarray([g.num_edges for g in graphs], dtype=np.int64),
@@ -570,6 +619,10 @@ def collate_graphs(graphs: Sequence[CrystalGraph], y: Sequence[float] | None = N
         "vectors": np.concatenate([g.vectors.reshape(-1) for g in graphs]),
         "y": np.full(len(graphs), np.nan) if y is None else np.asarray(y, dtype=np.float64),
     }
+    if all(chgnet):
+        cat["directed2undirected"] = np.concatenate([g.directed2undirected for g in graphs])
+        cat["angle_edges"] = np.concatenate([g.angle_edges.reshape(-1) for g in graphs])
+        cat["a"] = np.asarray([len(g.angle_edges) for g in graphs], dtype=np.int64)
     return _to_batch(cat, np.arange(len(graphs)))
 
 
@@ -584,6 +637,9 @@ class ShardSet:
         if not self.path.is_dir():
             raise MissingFileError(f"shard folder {self.path} does not exist; run `ltc prepare <dataset>` to build it")
         self.manifest = read_manifest(self.path)
+        self.graph = GraphConfig(**self.manifest["graph"])
+        self._schema = schema_for(self.graph)
+        self._bond_graph = "angle_edges" in self._schema.names  # CHGNet's, carried into every batch
         # Cheap checks only (stat, footer, row count): hashing is the driver's job, once per stage.
         repair = f"run `ltc prepare {self.manifest.get('dataset', '<dataset>')}` to verify and rebuild the set"
         self._shards: list[_Shard] = []
@@ -595,7 +651,7 @@ class ShardSet:
             if "bytes" in entry and size != entry["bytes"]:
                 raise ShardError(f"{file}: {size} bytes, manifest says {entry['bytes']} (truncated?); {repair}")
             try:
-                shard = _open_shard(file)
+                shard = _open_shard(file, self._schema)
             except (pa.ArrowException, OSError, ValueError, KeyError, IndexError) as err:
                 raise ShardError(f"{file}: unreadable shard file ({type(err).__name__}: {err}); {repair}") from err
             if shard.table.num_rows != entry["n_graphs"]:
@@ -603,7 +659,6 @@ class ShardSet:
             self._shards.append(shard)
         counts = [s.table.num_rows for s in self._shards]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.graph = GraphConfig(**self.manifest["graph"])
         self.name: str = self.manifest["dataset"]
 
     @classmethod
@@ -683,6 +738,10 @@ class ShardSet:
             o = s.offsets[name]
             return s.values[name][o[row] : o[row + 1]]
 
+        extra = {}
+        if self._bond_graph:  # local indices, as stored
+            extra["directed2undirected"] = torch.from_numpy(view("directed2undirected").astype(np.int64))
+            extra["angle_edges"] = torch.from_numpy(view("angle_edges").astype(np.int64)).view(-1, 2)
         with warnings.catch_warnings():
             # the mapped buffers are read-only; the tensors are only read
             warnings.simplefilter("ignore", UserWarning)
@@ -694,6 +753,7 @@ class ShardSet:
                 y=torch.tensor([float(s.table.column("y")[row].as_py())], dtype=torch.float64),
                 num_nodes=int(view("z").shape[0]),
                 idx=torch.tensor([i]),
+                **extra,
             )
 
     def batch(self, indices: Sequence[int] | np.ndarray):
@@ -701,10 +761,14 @@ class ShardSet:
 
         Fields: ``z`` [N] long, ``edge_index`` [2, E] long, ``edge_dist`` [E] float32 (Å),
         ``edge_vec`` [E, 3] float32 (Å), ``y`` [B] float64 (raw units), ``idx`` [B] positions in this set.
+        "chgnet" graphs add CHGNet's bond graph (long, indices into the batch): ``directed2undirected`` [E]
+        (the bond of each directed edge), ``undirected2directed`` [U] (each bond's first directed edge) and
+        ``angle_edges`` [A, 2] (the two directed edges of each angle, both from its centre atom).
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         shard_of = self._locate(idx)
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_RAGGED, "y", "n", "e")}
+        extra = ("directed2undirected", "angle_edges", "a") if self._bond_graph else ()
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*_RAGGED, "y", "n", "e", *extra)}
         order = np.argsort(shard_of, kind="stable")
         for shard_no in np.unique(shard_of):
             s = self._shards[int(shard_no)]
@@ -718,6 +782,11 @@ class ShardSet:
             parts["e"].append(e)
             vpos = (pos[:, None] * 3 + np.arange(3)).reshape(-1)
             parts["vectors"].append(s.values["vectors"][vpos])
+            if self._bond_graph:
+                parts["directed2undirected"].append(s.values["directed2undirected"][pos])
+                apos, two_a = _ragged_gather(s.offsets["angle_edges"], rows)
+                parts["angle_edges"].append(s.values["angle_edges"][apos])
+                parts["a"].append(two_a // 2)
             parts["y"].append(s.table.column("y").chunk(0).to_numpy()[rows])
         cat = {k: np.concatenate(v) for k, v in parts.items()}
         if len(parts["n"]) > 1:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ltc import datasets
-from ltc.checkpoints import load_checkpoint, save_checkpoint
+from ltc.checkpoints import save_checkpoint
 from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
 from ltc.inputs import RunInputs, resolve_inputs
@@ -37,7 +37,7 @@ from ltc.models import MODELS, CrystalGNN, build_model
 from ltc.shards import ShardSet
 from ltc.splits import Split, SplitConfig, make_split
 from ltc.targets import TRANSFORMS, TargetScaler, regression_metrics
-from ltc.transfer import check_strategy, freeze, model_from_checkpoint
+from ltc.transfer import check_strategy, freeze, load_init, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ DEFAULT_GRAPHS = {
     # Devi et al.: ALIGNN's own graphs (jarvis-tools' k-nearest edges, undirected; 8 Å is its first search radius)
     "alignn": GraphConfig(cutoff=8.0, max_neighbors=12, construction="jarvis"),
     "megnet": GraphConfig(cutoff=4.0, max_neighbors=24),  # ParAIsite: 4 Å, all neighbours in practice
+    # CHGNet 0.3.0's own graphs: every neighbour within 6 Å, and its bond graph of bonds shorter than 3 Å
+    "chgnet": GraphConfig(cutoff=6.0, construction="chgnet"),
 }
 
 
@@ -302,7 +304,8 @@ def fit(
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One PT or FT training run. ``init`` (a checkpoint path) makes it a fine-tuning run."""
+    """One PT or FT training run. ``init`` (a checkpoint path, or a name in ``ltc.models.PRETRAINED``) makes it
+    a fine-tuning run."""
 
     datasets: tuple[str, ...]
     model: str | None = None  # from the checkpoint when fine-tuning
@@ -354,7 +357,11 @@ def graph_for(stage: RunConfig, ckpt: dict[str, Any] | None, model_name: str) ->
         if stage.graph is not None and stage.graph != trained:
             raise ConfigError(f"the checkpoint was trained on graphs {trained}; this run asks for {stage.graph}")
         return trained
-    return stage.graph or DEFAULT_GRAPHS[model_name]
+    graph = stage.graph or DEFAULT_GRAPHS[model_name]
+    readable = MODELS[model_name].constructions
+    if readable is not None and graph.construction not in readable:
+        raise ConfigError(f"model {model_name} needs graphs of construction {' or '.join(readable)}, not {graph}")
+    return graph
 
 
 def _fresh_model(stage: RunConfig, graph: GraphConfig) -> CrystalGNN:
@@ -367,6 +374,9 @@ def _fresh_model(stage: RunConfig, graph: GraphConfig) -> CrystalGNN:
     # the line graph of the graphs' construction (ALIGNN's keeps bond pairs a→b→a on the reference graphs)
     if "backtracking" in known:
         defaults["backtracking"] = graph.line_graph_backtracking
+    # CHGNet's bond bases reach zero at the graphs' cutoffs
+    if "atom_graph_cutoff" in known:
+        defaults.update(atom_graph_cutoff=graph.cutoff, bond_graph_cutoff=graph.bond_cutoff)
     torch.manual_seed(stage.train.seed)
     return build_model(stage.model, {**defaults, **stage.model_config})  # type: ignore[arg-type]
 
@@ -379,7 +389,7 @@ def run_inputs(
     progress: bool = False,
 ) -> RunInputs:
     """Resolve what ``stage`` reads (shards built or verified, split ids, held-out formulas), once."""
-    ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
+    ckpt = load_init(stage.init, model=stage.model) if stage.init else None
     graph = graph_for(stage, ckpt, ckpt["model"]["name"] if ckpt else stage.model)  # type: ignore[arg-type]
     return resolve_inputs(
         stage.datasets, holdout=stage.holdout, graph=graph, split=stage.split, home=home, cache=cache,
@@ -406,7 +416,7 @@ def train_run(
     out = Path(out_dir)
     if stage.split.kfold and (stage.fold is None or stage.repeat is None):
         raise ConfigError("a kfold run needs fold and repeat (train_kfold runs them all)")
-    ckpt = load_checkpoint(stage.init, model=stage.model) if stage.init else None
+    ckpt = load_init(stage.init, model=stage.model) if stage.init else None
     model_name = ckpt["model"]["name"] if ckpt else stage.model
     assert model_name is not None
     graph = graph_for(stage, ckpt, model_name)

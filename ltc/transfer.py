@@ -1,4 +1,8 @@
-"""Fine-tuning: start a model from a checkpoint, choose what trains, freeze the rest.
+"""Fine-tuning: start a model from a checkpoint or a pretrained name, choose what trains, freeze the rest.
+
+Where a fine-tuning run starts (``load_init``): an ltc checkpoint file, or a name in ``ltc.models.PRETRAINED``
+(e.g. ``chgnet-0.3.0``), whose weights come from an installed package and which has no property head yet: it
+always gets fresh heads (``head="keep"`` is an error).
 
 What trains (``freeze(model, strategy=…, n_unfrozen=…)``):
 
@@ -11,14 +15,16 @@ What trains (``freeze(model, strategy=…, n_unfrozen=…)``):
 ``new_head``      a fresh head ``readout_dim → 64 → 1`` (two Linears, no activation, as Devi's code),
                   everything else frozen
 ``two_body``      pair-interaction updates + the last layer. alignn: each ALIGNN layer's
-                  ``node_update`` and every GCN layer (Devi's "2b"); cgcnn and megnet: every block
-                  (all their message passing is two-body)
+                  ``node_update`` and every GCN layer (Devi's "2b"); chgnet: every block's atom
+                  convolution; cgcnn and megnet: every block (all their message passing is two-body)
 ``three_body``    bond-angle updates + the last layer. alignn: each ALIGNN layer's line-graph
-                  ``edge_update`` (Devi's "3b"); cgcnn and megnet have none: an error
+                  ``edge_update`` (Devi's "3b"); chgnet: the bond convolutions and angle updates on its
+                  bond graph; cgcnn and megnet have none: an error
 ================  =====================================================================================
 
 Freezing uses ``param.requires_grad_(False)`` (setting ``module.requires_grad`` freezes nothing), and
-``CrystalGNN.train`` keeps the BatchNorm of frozen parts in eval mode, so their statistics stay too.
+``CrystalGNN.train`` keeps the BatchNorm of frozen parts in eval mode, so their statistics stay too. A model's
+``inert_modules`` (off the property path, e.g. CHGNet's energy head) stay frozen whatever the strategy.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from typing import Any
 
 from torch import nn
 
-from ltc.checkpoints import CheckpointError
+from ltc.checkpoints import CheckpointError, load_checkpoint
 from ltc.errors import ConfigError
-from ltc.models import CrystalGNN, Head, build_model
+from ltc.models import PRETRAINED, CrystalGNN, Head, build_model
 
 STRATEGIES = ("all", "blocks", "last_layer", "new_head", "two_body", "three_body")
 NEW_HEAD_HIDDEN = (64,)  # Devi et al.: Linear(256, 64) → Linear(64, 1)
@@ -52,8 +58,8 @@ def check_strategy(model: CrystalGNN, strategy: str, n_unfrozen: int | None) -> 
         raise ConfigError(f"n_unfrozen={n_unfrozen} only goes with strategy 'blocks', not {strategy!r}")
     if strategy == "three_body" and not model.three_body_modules():
         raise ConfigError(
-            f"three_body needs model alignn: {model.name} has no three-body (bond-angle) updates; "
-            "use alignn, or two_body / last_layer / new_head / blocks / all"
+            f"three_body needs model alignn or chgnet: {model.name} has no three-body (bond-angle) updates; "
+            "use alignn or chgnet, or two_body / last_layer / new_head / blocks / all"
         )
 
 
@@ -80,13 +86,19 @@ def trainable_modules(model: CrystalGNN, strategy: str = "all", n_unfrozen: int 
 
 
 def freeze(model: CrystalGNN, *, strategy: str = "all", n_unfrozen: int | None = None) -> CrystalGNN:
-    """Make only what ``strategy`` trains require gradients (in place); returns ``model``."""
+    """Make only what ``strategy`` trains require gradients (in place); returns ``model``.
+
+    The model's ``inert_modules`` stay frozen whatever the strategy ("all" included).
+    """
     modules = trainable_modules(model, strategy, n_unfrozen)
     for p in model.parameters():
         p.requires_grad_(False)
     for module in modules:
         for p in module.parameters():
             p.requires_grad_(True)
+    for module in model.inert_modules():
+        for p in module.parameters():
+            p.requires_grad_(False)
     model.train(model.training)  # re-apply the frozen-BatchNorm rule
     return model
 
@@ -116,7 +128,8 @@ def model_from_checkpoint(
     ``head``: ``keep`` the trained head(s) (needs the same number of targets), ``new`` (fresh heads of
     the same shape), or ``auto``: keep when the number of targets matches, else new (a multi-property
     model fine-tuned on one property gets a fresh head). Strategy ``new_head`` always puts Devi's new
-    head on.
+    head on. A checkpoint with no targets (a pretrained model, see ``pretrained_checkpoint``) has no head
+    worth keeping: it always gets fresh ones.
     """
     if head not in ("auto", "keep", "new"):
         raise ConfigError(f"head={head!r} must be 'auto', 'keep' or 'new'")
@@ -127,10 +140,45 @@ def model_from_checkpoint(
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not fit a {spec['name']} with its own config: {err}") from err
     same = model.config.n_targets == n_targets
+    headless = "targets" in ckpt and not ckpt["targets"]  # trained on no property: its head is random
+    if head == "keep" and headless:
+        raise ConfigError(f"head='keep': the {spec['name']} model to start from has no property head to keep")
     if head == "keep" and not same:
         raise ConfigError(f"head='keep' needs {model.config.n_targets} target(s) as in the checkpoint, got {n_targets}")
     if strategy == "new_head":
         replace_heads(model, n_targets, hidden=NEW_HEAD_HIDDEN, activation="none")
-    elif head == "new" or not same:
+    elif head == "new" or not same or headless:
         replace_heads(model, n_targets, hidden=model.config.head_hidden, activation=model.config.head_activation)
     return model
+
+
+def pretrained_checkpoint(name: str) -> dict[str, Any]:
+    """Pretrained model ``name`` (a key of ``ltc.models.PRETRAINED``) as an in-memory checkpoint dict.
+
+    Its fields are those of a checkpoint file (``ltc.checkpoints``), with no ``targets`` (no property head
+    was trained) and one ``history`` entry naming the weights it was loaded from.
+    """
+    try:
+        entry = PRETRAINED[name]
+    except KeyError:
+        raise ConfigError(f"unknown pretrained model {name!r}; known: {', '.join(PRETRAINED)}") from None
+    model, graph, source = entry.load()
+    return {
+        "model": {"name": model.name, "config": model.config.to_dict()},
+        "state_dict": model.state_dict(),
+        "graph": graph.to_dict(),
+        "targets": [],
+        "history": [{"stage": 0, "pretrained": name, "datasets": [], "init": None, **source}],
+        "metrics": {},
+    }
+
+
+def load_init(init: str, *, model: str | None = None) -> dict[str, Any]:
+    """Where a fine-tuning run starts: a pretrained name (``ltc.models.PRETRAINED``; these win over a file of
+    the same name, which ``./NAME`` reaches) or a checkpoint file. ``model`` checks the architecture."""
+    if str(init) not in PRETRAINED:
+        return load_checkpoint(init, model=model)
+    ckpt = pretrained_checkpoint(str(init))
+    if model is not None and ckpt["model"]["name"] != model:
+        raise CheckpointError(f"{init} is a pretrained {ckpt['model']['name']} model, not {model}")
+    return ckpt

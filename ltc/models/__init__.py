@@ -2,27 +2,57 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ltc.errors import ConfigError
+from ltc.graphs import GraphConfig
 from ltc.models.alignn import ALIGNN, ALIGNNConfig
 from ltc.models.base import CrystalGNN, Head, ModelConfig
 from ltc.models.cgcnn import CGCNN, CGCNNConfig
+from ltc.models.chgnet import CHGNet, CHGNetConfig, load_pretrained
 from ltc.models.megnet import MEGNet, MEGNetConfig
 
-MODELS: dict[str, type[CrystalGNN]] = {"cgcnn": CGCNN, "megnet": MEGNet, "alignn": ALIGNN}
+MODELS: dict[str, type[CrystalGNN]] = {"cgcnn": CGCNN, "megnet": MEGNet, "alignn": ALIGNN, "chgnet": CHGNet}
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model ltc can start from by name (``ltc train --init NAME``), with no property head."""
+
+    model: str  # a name in MODELS
+    description: str  # one line, for help texts
+    # () -> (model with a fresh head, the graphs it was trained on, {where the weights came from})
+    load: Callable[[], tuple[CrystalGNN, GraphConfig, dict[str, Any]]]
+
+
+# Pretrained names → how to load them; weights come from installed packages, never from the network.
+PRETRAINED: dict[str, Pretrained] = {
+    "chgnet-0.3.0": Pretrained(
+        "chgnet",
+        "CHGNet 0.3.0 (Deng et al. 2023), trained on MPtrj energies, forces, stresses and magmoms; "
+        "weights from the chgnet wheel (pip install 'ltc[chgnet]')",
+        functools.partial(load_pretrained, "0.3.0"),
+    ),
+}
 
 __all__ = [
     "ALIGNN",
     "CGCNN",
     "MODELS",
+    "PRETRAINED",
     "ALIGNNConfig",
     "CGCNNConfig",
+    "CHGNet",
+    "CHGNetConfig",
     "CrystalGNN",
     "Head",
     "MEGNet",
     "MEGNetConfig",
     "ModelConfig",
+    "Pretrained",
     "build_model",
 ]
 

@@ -140,6 +140,8 @@ class CrystalGNN(nn.Module):
 
     name: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
+    # the graph constructions (ltc.graphs.CONSTRUCTIONS) the model can read; None: any
+    constructions: ClassVar[tuple[str, ...] | None] = None
     readout_dim: int
 
     embedding: nn.Module
@@ -176,6 +178,10 @@ class CrystalGNN(nn.Module):
 
     def three_body_modules(self) -> list[nn.Module]:
         """Modules updated by bond-angle (triplet) interactions: Devi's "3-body" strategy."""
+        return []
+
+    def inert_modules(self) -> list[nn.Module]:
+        """Modules off the property path (e.g. CHGNet's energy head): no fine-tuning strategy trains them."""
         return []
 
     def reset_parameters(self) -> None:
