@@ -1,31 +1,74 @@
-"""Training throughput per model, and the share of each step spent outside the model.
+"""Training throughput and peak memory per model, and the share of each step spent outside the model.
 
-    python benchmarks/bench_train.py [--models cgcnn megnet alignn] [--batch-size 64] [--batches 18]
+    python benchmarks/bench_train.py [--models cgcnn megnet alignn chgnet] [--batch-size 64] [--batches 18]
                                      [--device auto] [--threads N]
 
-On the phonons shards (training split), for each model it runs optimisation steps two ways in this
-process, with the same model and batches of the same graphs:
+On the phonons shards (training split) built with each model's default graphs (``ltc.train.DEFAULT_GRAPHS``:
+chgnet reads CHGNet's own graphs, with its bond graph), for each model it runs optimisation steps two ways in
+this process, with the same model and batches of the same graphs:
 
 - ``ltc``: ``ShardSet.batch`` gathers each batch from the memory-mapped shards;
 - ``pyg``: the usual PyG path, a ``DataLoader`` over in-memory ``Data`` objects (``Batch.from_data_list``).
 
-It prints graphs/s and the share of wall time spent building batches and moving them to the device
-(aim: under 10 % for ltc). ALIGNN runs at the paper's size (hidden 256, 4+4 layers) on fewer batches.
+It prints graphs/s, seconds per epoch of the 1,012-graph split, the share of wall time spent building batches
+and moving them to the device (aim: under 10 % for ltc), and the peak memory of training: on a GPU
+``torch.cuda.max_memory_allocated``, on the CPU the process's peak RSS above its RSS before the model was built
+(sampled every 5 ms). Ratios are against megnet, run in the same process. ALIGNN runs at the paper's size
+(hidden 256, 4+4 layers) on fewer batches; chgnet at CHGNet 0.3.0's size (its pretrained weights; a
+fine-tuning run trains the same network).
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
 
-from ltc.models import build_model
+from ltc.models import PRETRAINED, build_model
 from ltc.shards import ShardSet
 from ltc.splits import make_split
-from ltc.train import resolve_device
+from ltc.train import DEFAULT_GRAPHS, resolve_device
+
+BASELINE = "megnet"  # ratios are against this model (ParAIsite's backbone)
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a callable giving the peak memory (MB) of the block: CUDA allocations, or CPU RSS growth."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield lambda: torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: (peak[0] - base) / 2**20
+    finally:
+        done.set()
+        thread.join()
+
+
+def make_model(name: str) -> torch.nn.Module:
+    """A fresh model; chgnet with CHGNet 0.3.0's pretrained weights (what a fine-tuning run trains)."""
+    pretrained = [p for p in PRETRAINED.values() if p.model == name]
+    return pretrained[0].load()[0] if pretrained else build_model(name)
 
 
 def sync(device: torch.device) -> None:
@@ -63,7 +106,7 @@ def run(model, batches, y_of, device, opt) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["cgcnn", "megnet", "alignn"])
+    ap.add_argument("--models", nargs="+", default=["cgcnn", "megnet", "alignn", "chgnet"])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=18, help="batches per timing (18 = one epoch of the split)")
     ap.add_argument("--alignn-batches", type=int, default=4, help="batches for paper-size ALIGNN")
@@ -74,34 +117,50 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    shards = ShardSet.open("ph")
-    train = make_split(shards, size=None, seed=0).train
-    y = torch.from_numpy(((shards.y - shards.y.mean()) / shards.y.std()).astype(np.float32))
-    print(f"ph training split: {len(train)} graphs; batch {args.batch_size}; device {device}; "
-          f"{torch.get_num_threads()} CPU threads")  # fmt: skip
-    print(f"{'model':8s} {'params':>10s} {'path':5s} {'graphs/s':>10s} {'outside model':>14s}")
+    epoch: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    print(f"batch {args.batch_size}; device {device}; {torch.get_num_threads()} CPU threads")
+    head = ("model", "params", "path", "graphs/s", "s/epoch", "outside model", "peak MB")
+    print("{:8s} {:>10s} {:5s} {:>10s} {:>8s} {:>14s} {:>8s}".format(*head))
     for name in args.models:
+        shards = ShardSet.open("ph", graph=DEFAULT_GRAPHS[name])
+        train = make_split(shards, size=None, seed=0).train
+        y = torch.from_numpy(((shards.y - shards.y.mean()) / shards.y.std()).astype(np.float32))
+
+        def y_of(b, y=y):
+            return y[b.idx]
+
         n_batches = args.alignn_batches if name == "alignn" else args.batches
         idx = np.random.default_rng(0).permutation(train)[: n_batches * args.batch_size]
         chunks = [idx[i : i + args.batch_size] for i in range(0, len(idx), args.batch_size)]
-        torch.manual_seed(0)
-        model = build_model(name).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        # warm-up step (allocator, lazy init) outside the timings
-        run(model, [shards.batch(chunks[0])], lambda b: y[b.idx], device, opt)
-
-        data_list = [shards.get(int(i)) for i in idx]
-        loader = DataLoader(data_list, batch_size=args.batch_size, shuffle=False)
-        # alternate the two paths and keep each one's best run: this machine's load varies
-        runs: dict[str, list[tuple[float, float, int]]] = {"ltc": [], "pyg": []}
-        for _ in range(args.repeat):
-            runs["ltc"].append(run(model, (shards.batch(c) for c in chunks), lambda b: y[b.idx], device, opt))
-            runs["pyg"].append(run(model, loader, lambda b: y[b.idx], device, opt))
+        with peak_memory(device) as peak:
+            torch.manual_seed(0)
+            model = make_model(name).to(device)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            # warm-up step (allocator, lazy init) outside the timings
+            run(model, [shards.batch(chunks[0])], y_of, device, opt)
+            data_list = [shards.get(int(i)) for i in idx]
+            loader = DataLoader(data_list, batch_size=args.batch_size, shuffle=False)
+            # alternate the two paths and keep each one's best run: this machine's load varies
+            runs: dict[str, list[tuple[float, float, int]]] = {"ltc": [], "pyg": []}
+            for _ in range(args.repeat):
+                runs["ltc"].append(run(model, (shards.batch(c) for c in chunks), y_of, device, opt))
+                runs["pyg"].append(run(model, loader, y_of, device, opt))
+            memory[name] = peak()
         ltc, pyg = (min(runs[k], key=lambda r: r[0]) for k in ("ltc", "pyg"))
+        epoch[name] = len(train) * ltc[0] / ltc[2]
         for label, (total, data, graphs) in (("ltc", ltc), ("pyg", pyg)):
             rate, share = graphs / total, 100 * data / total
-            print(f"{name:8s} {model.num_parameters():>10,} {label:5s} {rate:10,.1f} {share:13.1f}%")
+            mb = f"{memory[name]:8.0f}" if label == "ltc" else ""
+            print(f"{name:8s} {model.num_parameters():>10,} {label:5s} {rate:10,.1f} {len(train) / rate:8.2f} "
+                  f"{share:13.1f}% {mb}")  # fmt: skip
         print(f"{'':8s} {'':>10s} ltc batches built {pyg[1] / max(ltc[1], 1e-12):.1f}x faster than PyG's collate")
+    if BASELINE in epoch:
+        for name in epoch:
+            print(
+                f"{name}: {epoch[name] / epoch[BASELINE]:.2f}x {BASELINE}'s seconds per epoch, "
+                f"{memory[name] / max(memory[BASELINE], 1e-9):.2f}x its peak memory"
+            )
 
 
 if __name__ == "__main__":
