@@ -34,7 +34,27 @@ log = logging.getLogger(__name__)
 
 MISSING = "–"  # what a table shows for a value the sweep did not (yet) produce: never zero
 CELL = ["start", "strategy"]  # within one (stage, ft_dataset, ft_size)
-SCRATCH = "scratch"
+SCRATCH = "scratch"  # a stage of one architecture; beside several, scratch[<model>] each
+
+
+def is_scratch(start: Any) -> bool:
+    """Whether a ``start`` names a scratch baseline (``scratch``, or ``scratch[<model>]``)."""
+    return isinstance(start, str) and (start == SCRATCH or start.startswith(f"{SCRATCH}["))
+
+
+def cell_arch(rows: pd.DataFrame, cell: tuple[str, str]) -> str | None:
+    """The architecture (model) a cell trained, when the rows record it (results since schema 3)."""
+    if "arch" not in rows.columns:
+        return None
+    archs = rows[(rows.start == cell[0]) & (rows.strategy == cell[1])].arch.dropna()
+    return str(archs.iloc[0]) if not archs.empty else None
+
+
+def scratch_for(rows: pd.DataFrame, cell: tuple[str, str], scratch: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The scratch cells ``cell`` is judged against: those of its own architecture (all, when not recorded)."""
+    arch = cell_arch(rows, cell)
+    same = [s for s in scratch if arch is not None and cell_arch(rows, s) == arch]
+    return same if same else (scratch if arch is None or len(scratch) == 1 else [])
 
 
 def is_kappa(name: str) -> bool:
@@ -147,7 +167,7 @@ def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
         row["val_loss"] = float(g.val_loss.astype(float).mean())
         out.append(row)
     table = pd.DataFrame(out)
-    return table.sort_values("start", key=lambda s: s != SCRATCH, kind="stable").reset_index(drop=True)
+    return table.sort_values("start", key=lambda s: ~s.map(is_scratch), kind="stable").reset_index(drop=True)
 
 
 def compare_cells(
@@ -175,13 +195,16 @@ def compare_cells(
 
 
 def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each start against scratch, then starts against each other; one row per comparison."""
+    """Each start against the scratch of its architecture, then starts against each other (and, beside several
+    architectures, the scratch baselines against each other); one row per comparison, all on the same units."""
     if rows.empty:
         return pd.DataFrame()
     cells = list(dict.fromkeys(zip(rows.start, rows.strategy, strict=True)))
-    scratch = [c for c in cells if c[0] == SCRATCH]
-    tuned = [c for c in cells if c[0] != SCRATCH]
-    pairs = [(c, s) for s in scratch for c in tuned] + list(itertools.combinations(tuned, 2))
+    scratch = [c for c in cells if is_scratch(c[0])]
+    tuned = [c for c in cells if not is_scratch(c[0])]
+    against = {c: scratch_for(rows, c, scratch) for c in tuned}
+    pairs = [(c, s) for s in scratch for c in tuned if s in against[c]]
+    pairs += list(itertools.combinations(tuned, 2)) + list(itertools.combinations(scratch, 2))
     h = headline(rows.ft_dataset.iloc[0])
     out = []
     for a, b in pairs:
@@ -205,7 +228,7 @@ def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _cell_name(cell: tuple[str, str]) -> str:
     start, strategy = cell
-    return SCRATCH if start == SCRATCH else f"{start} [{strategy}]"
+    return start if is_scratch(start) else f"{start} [{strategy}]"
 
 
 def _verdict(r: PairedResult, a: tuple[str, str], b: tuple[str, str]) -> str:
@@ -268,13 +291,16 @@ def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool
         column = f"{stage}:{dataset}" if dataset in shared else dataset
         sizes = all_rows.ft_size.dropna()
         rows = all_rows[all_rows.ft_size == sizes.max()] if not sizes.empty else all_rows
-        scratch = rows[rows.start == SCRATCH]
+        scratch = rows[rows.start.map(is_scratch)]
         if scratch.empty:
             continue
-        s_cell = (SCRATCH, scratch.strategy.iloc[0])
+        s_cells = list(dict.fromkeys(zip(scratch.start, scratch.strategy, strict=True)))
         for start, g in rows[rows.kind == "finetune"].groupby("start"):
             strategy = g.groupby("strategy").val_loss.mean().idxmin()
-            r = compare_cells(rows, (start, strategy), s_cell)
+            own = scratch_for(rows, (start, strategy), s_cells)  # the scratch of its own architecture
+            if not own:
+                continue
+            r = compare_cells(rows, (start, strategy), own[0])
             cells[(start, column)] = (
                 r.mean_diff if r.mean_diff is not None else float("nan"),
                 r.significant,

@@ -11,9 +11,11 @@ path that does not exist is an error that names it. The sweep driver resolves on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,3 +128,48 @@ def resolve_inputs(
             formulas |= test_formulas(opened[name], held_split, ids[name])
         held = _store(root, "holdout", "-".join(sorted(held_splits))[:60], sorted(formulas))
     return RunInputs(shards, splits, held, tuple(held_splits)).subset(list(dict.fromkeys([*names])))
+
+
+def resolve_inputs_by_graph(
+    names: list[str] | tuple[str, ...],
+    *,
+    graphs: Sequence[GraphConfig],
+    holdout: list[str] | tuple[str, ...] | dict[str, SplitConfig] = (),
+    split: SplitConfig,
+    home: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    progress: bool = False,
+) -> dict[GraphConfig, RunInputs]:
+    """``resolve_inputs`` once per graph config of a stage that trains several architectures, kept paired.
+
+    Two graph kinds of one dataset can reject different structures (chgnet's: an atom alone within 6 Å, Z > 94),
+    and folds and test sets are dealt over a shard set's own graphs. So with several graph kinds each dataset's
+    split ids get the ids every kind has (``SplitIds.universe``): folds, seeded test sets and training subsets
+    are then the same structures for every kind, and a structure one kind rejected is used by none. The
+    held-out formulas are the union over the kinds. With one graph config this is ``resolve_inputs``.
+    """
+    graphs = list(dict.fromkeys(graphs))
+    home_path = data_home(home).resolve()
+    root = cache_root(cache, home=home_path).resolve()
+    common = {"holdout": holdout, "split": split, "home": home_path, "cache": root, "verify": verify}
+    out = {g: resolve_inputs(names, graph=g, progress=progress, **common) for g in graphs}  # type: ignore[arg-type]
+    if len(out) < 2:
+        return out
+    universe = {
+        name: sorted(set.intersection(*(set(inputs.open_shards(name).ids) for inputs in out.values())))
+        for name in names
+    }
+    held = None
+    first = next(iter(out.values()))
+    if first.holdout is not None:
+        formulas = set().union(*(inputs.holdout_formulas() for inputs in out.values()))
+        held = _store(root, "holdout", "-".join(sorted(first.holdout_datasets))[:60], sorted(formulas))
+    aligned = {}
+    for graph, inputs in out.items():
+        splits = {}
+        for name in names:
+            ids = dataclasses.replace(inputs.split_ids(name), universe=tuple(universe[name]))
+            splits[name] = _store(root, "splits", name, ids.to_dict())
+        aligned[graph] = RunInputs(dict(inputs.shards), splits, held, inputs.holdout_datasets)
+    return aligned

@@ -51,8 +51,12 @@ def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_start(trials: pd.DataFrame) -> pd.DataFrame:
-    """``trials`` with ``start``: where each trial started from (source lineage, with its PT size), or its kind."""
-    return trials.assign(start=trials.lineage.where(trials.lineage.notna(), trials.kind))
+    """``trials`` with ``start``: where each trial started from (source lineage, with its PT size), or its kind;
+    a stage that mixes architectures names its baselines ``scratch[<model>]`` (the trials' own ``start``)."""
+    start = trials.lineage.where(trials.lineage.notna(), trials.kind)
+    if "start" in trials.columns:  # written since schema 3
+        start = trials.start.where(trials.start.notna(), start)
+    return trials.assign(start=start)
 
 
 def best_per_setting(trials: pd.DataFrame) -> pd.DataFrame:
@@ -206,7 +210,7 @@ def fig_strategies(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         metric = compare.headline(dataset)
         stats = g.groupby("strategy")[f"test_{metric.metric}"].agg(["mean", "std"])
         ax.bar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), capsize=3,
-               color=["#999999" if s == "scratch" else "#4477aa" for s in stats.index])  # fmt: skip
+               color=["#999999" if compare.is_scratch(s) else "#4477aa" for s in stats.index])  # fmt: skip
         ax.set_ylabel(f"test {metric.label}")
         ax.set_title(dataset)
         ax.tick_params(axis="x", rotation=45)
@@ -392,7 +396,7 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
                 _markdown(gaps),
                 "",
             ]
-        tuned = cells[cells.start != "scratch"] if not cells.empty else cells
+        tuned = cells[~cells.start.map(compare.is_scratch)] if not cells.empty else cells
         if not tuned.empty:
             top = tuned.loc[tuned.val_loss.idxmin()]
             lines += [f"Lowest validation loss: start `{top.start}`, strategy `{top.strategy}`.", ""]
@@ -472,11 +476,13 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
 # --------------------------------------------------------------------------------------------------
 # The trials table: one flat row per trial (``results/README.md``), built from a stage's ResultGrid.
 
-RESULTS_SCHEMA_VERSION = 2  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
+RESULTS_SCHEMA_VERSION = 3  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
+# 3: arch (the model trained) and start (the start's label, or scratch[<model>] beside several architectures)
 
 COLUMNS = [
-    "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage",
-    "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat", "n_folds",
+    "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "arch",
+    "start", "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat",
+    "n_folds",
     "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10",
     "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds",
     "wall_seconds", "params_trainable", "params_total", "checkpoint", "init", "task_metrics",
@@ -531,6 +537,8 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             else ("+".join(cfg["pt_datasets"]) if cfg.get("pt_datasets") else None),
             "pt_size": size if kind == "pretrain" else cfg.get("pt_size"),
             "lineage": cfg.get("lineage"),
+            "arch": cfg.get("arch"),
+            "start": cfg.get("start"),
             "ft_dataset": None if kind == "pretrain" else datasets_,
             "ft_size": None if kind == "pretrain" else size,
             "dataset": datasets_,

@@ -99,40 +99,63 @@ class SplitIds:
     """What a split of one dataset needs from outside its shards, resolved once (``resolve_split_ids``).
 
     ``paper_test``: Devi et al.'s test ids (None: the seeded test set, computed from the shards);
-    ``paper_subsets``: their trial subsets, ``"<trial>:<size>"`` → ids (only with their test set).
+    ``paper_subsets``: their trial subsets, ``"<trial>:<size>"`` → ids (only with their test set);
+    ``universe``: the only ids the split may use (None: every graph of the shards). Several graph kinds of one
+    dataset in one sweep stage (e.g. cgcnn's and chgnet's, which reject different structures) get the ids they
+    all have, so their folds, test sets and training subsets are the same structures (paired comparisons).
     A trial reads this from a small JSON file; it never opens the raw data files itself.
     """
 
     dataset: str
     paper_test: tuple[str, ...] | None = None
     paper_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    universe: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "dataset": self.dataset,
             "paper_test": list(self.paper_test) if self.paper_test is not None else None,
             "paper_subsets": {k: list(v) for k, v in sorted(self.paper_subsets.items())},
         }
+        if self.universe is not None:  # absent otherwise: split files of one graph kind stay what they were
+            out["universe"] = sorted(self.universe)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitIds:
         test = d.get("paper_test")
+        universe = d.get("universe")
         return cls(
             d["dataset"],
             tuple(test) if test is not None else None,
             {k: tuple(v) for k, v in (d.get("paper_subsets") or {}).items()},
+            tuple(universe) if universe is not None else None,
         )
 
 
-def fold_of(shards: ShardSet, config: SplitConfig, repeat: int) -> np.ndarray:
+def _in_universe(shards: ShardSet, ids: SplitIds | None) -> np.ndarray | None:
+    """[n] bool: which graphs the split may use (None: all of them)."""
+    if ids is None or ids.universe is None:
+        return None
+    inside = np.zeros(len(shards), dtype=bool)
+    inside[shards.indices_of(ids.universe, missing="skip")] = True
+    return inside
+
+
+def fold_of(shards: ShardSet, config: SplitConfig, repeat: int, ids: SplitIds | None = None) -> np.ndarray:
     """[n] the fold (0 … folds-1) of each graph in repeat ``repeat``: a seeded, balanced partition.
 
     Ranked by a stable hash of (split_seed, dataset, repeat, id), then dealt round-robin, so fold sizes
-    differ by at most one and a structure's fold depends on the ids alone (not on row order or graphs).
+    differ by at most one and a structure's fold depends on the ids dealt alone (not on row order or graphs).
+    With ``ids.universe`` only those ids are dealt (the same folds for every graph kind that has them all);
+    the other graphs get -1 (in no fold, never trained on).
     """
-    order = _hash_rank(shards.ids, config.split_seed, shards.name, "kfold", repeat)
-    folds = np.empty(len(shards), dtype=np.int64)
-    folds[order] = np.arange(len(shards)) % config.folds
+    inside = _in_universe(shards, ids)
+    members = np.arange(len(shards)) if inside is None else np.flatnonzero(inside)
+    all_ids = shards.ids
+    order = _hash_rank([all_ids[i] for i in members], config.split_seed, shards.name, "kfold", repeat)
+    folds = np.full(len(shards), -1, dtype=np.int64)
+    folds[members[order]] = np.arange(len(members)) % config.folds
     return folds
 
 
@@ -189,7 +212,7 @@ def test_indices(
         if fold is None or repeat is None:
             raise ConfigError("a kfold split needs fold and repeat")
         _check_fold(config, fold, repeat)
-        return np.flatnonzero(fold_of(shards, config, repeat) == fold)
+        return np.flatnonzero(fold_of(shards, config, repeat, ids) == fold)
     if fold is not None or repeat is not None:
         raise ConfigError(f"fold={fold}, repeat={repeat} given, but the split is {config.test!r}, not kfold")
     wanted = test_ids(shards, config, ids)
@@ -198,6 +221,9 @@ def test_indices(
         log.info(
             "%s: %d of %d test ids have no graph (rejected rows)", shards.name, len(wanted) - len(idx), len(wanted)
         )
+    inside = _in_universe(shards, ids)
+    if inside is not None:  # ids another graph kind of the stage rejected are tested by none
+        idx = idx[inside[idx]]
     return np.sort(idx)
 
 
@@ -222,6 +248,9 @@ def training_pool(
     in_test = np.zeros(len(shards), dtype=bool)
     in_test[test] = True
     pool = np.flatnonzero(~in_test)
+    inside = _in_universe(shards, ids)
+    if inside is not None:
+        pool = pool[inside[pool]]
     if exclude_formulas:
         formulas = shards.formulas
         keep = np.asarray([formulas[i] not in exclude_formulas for i in pool], dtype=bool)

@@ -2,8 +2,9 @@
 
 The trial's config holds names, numbers and paths only (Tune snapshots it), all resolved by the
 driver: ``inputs`` (shard folders, split ids, held-out formulas: ``ltc.inputs.RunInputs``) and the
-starting checkpoint (a path or URI). A trial opens those and nothing else: it never reads raw data,
-hashes files or builds shards, and a path missing on its node is an error that names it.
+starting checkpoint (a path or URI, or a name in ``ltc.models.PRETRAINED``, loaded by ``ltc.transfer.load_init``).
+A trial opens those and nothing else: it never reads raw data, hashes files or builds shards, and a path
+missing on its node is an error that names it.
 
 Every epoch reports ``val_loss`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
 epochs a resumable training state goes with it, so a trial whose worker died continues from there. The last report
@@ -32,7 +33,6 @@ COMPLETED = "ltc_completed"
 def run_config(config: dict[str, Any]):
     """The ``RunConfig`` a trial config describes."""
     from ltc.graphs import GraphConfig
-    from ltc.io import copy_to_local
     from ltc.splits import SplitConfig
     from ltc.train import RunConfig, TrainConfig
 
@@ -48,11 +48,22 @@ def run_config(config: dict[str, Any]):
         fold=config.get("fold"),
         repeat=config.get("repeat"),
         holdout=tuple(config.get("holdout") or ()),
-        init=copy_to_local(config["init"]) if config.get("init") else None,
+        init=_local_init(config.get("init")),
         strategy="all" if config["kind"] != "finetune" else config["strategy"],
         n_unfrozen=config.get("n_unfrozen"),
         train=TrainConfig(**config["train"], lr=config["lr"], seed=config["seed"], device="auto"),
     )
+
+
+def _local_init(init: str | None) -> str | None:
+    """The starting checkpoint on this node: a pretrained name as it is (``ltc.transfer.load_init`` loads it from
+    an installed package), a checkpoint path or URI copied here."""
+    from ltc.io import copy_to_local
+    from ltc.models import PRETRAINED
+
+    if not init:
+        return None
+    return init if init in PRETRAINED else copy_to_local(init)
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -120,3 +120,36 @@ def test_train_kfold_pools_out_of_fold_predictions(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.glob("r*-f*/checkpoint.pt")) == [
         f"r{r}-f{f}" for r in range(2) for f in range(3)
     ]
+
+
+def test_two_graph_kinds_of_one_stage_get_the_same_folds_and_test_sets(data_home, shared_cache):
+    # chgnet graphs of 3 Å reject the l96 structures with an atom alone within 3 Å (15 of 95); cgcnn's keep all.
+    # A stage training both is paired only if every fold, test set and training subset is the same structures.
+    from ltc.inputs import resolve_inputs_by_graph
+    from ltc.train import DEFAULT_GRAPHS
+
+    knn, sparse = DEFAULT_GRAPHS["cgcnn"], GraphConfig(cutoff=3.0, construction="chgnet", bond_cutoff=2.0)
+    kfold = SplitConfig(test="kfold", folds=5, repeats=2, val_fraction=0.2)
+    for split in (kfold, SplitConfig()):
+        both = resolve_inputs_by_graph(["l96"], graphs=[knn, sparse], split=split, home=data_home, cache=shared_cache)
+        shards = {g: both[g].open_shards("l96") for g in (knn, sparse)}
+        ids = {g: both[g].split_ids("l96") for g in (knn, sparse)}
+        assert len(shards[knn]) == 95 and len(shards[sparse]) == 80  # really different structures
+        units = [(f, r) for r in range(2) for f in range(5)] if split.kfold else [(None, None)]
+        tested: dict[GraphConfig, list[str]] = {knn: [], sparse: []}
+        for fold, repeat in units:
+            split_of = {
+                g: make_split(shards[g], size=40, seed=3, config=split, ids=ids[g], fold=fold, repeat=repeat)
+                for g in (knn, sparse)
+            }
+            for part in ("test", "train", "val"):
+                names = [sorted(shards[g].ids[i] for i in getattr(split_of[g], part)) for g in (knn, sparse)]
+                assert names[0] == names[1], (split.test, fold, repeat, part)
+            tested[knn] += [shards[knn].ids[i] for i in split_of[knn].test]
+        if split.kfold:  # every structure both kinds have is tested once per repeat, the rejected ones by none
+            assert sorted(tested[knn]) == sorted(2 * shards[sparse].ids)
+    # one graph kind alone: split files and folds as they always were
+    (alone,) = resolve_inputs_by_graph(["l96"], graphs=[knn], split=kfold, home=data_home, cache=shared_cache).values()
+    plain = resolve_inputs(["l96"], graph=knn, split=kfold, home=data_home, cache=shared_cache)
+    assert alone == plain and alone.split_ids("l96").universe is None
+    np.testing.assert_array_equal(fold_of(alone.open_shards("l96"), kfold, 0), fold_of(ShardSet.open("l96"), kfold, 0))

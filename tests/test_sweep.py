@@ -13,8 +13,9 @@ from conftest import REPO
 from ltc.cli import main
 from ltc.config import ConfigError, from_dict
 from ltc.graphs import GraphConfig
-from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke
-from ltc.sweep.plan import describe, plan_starts, select_starts
+from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke, validate
+from ltc.sweep.plan import describe, plan_starts, select_starts, trial_config
+from ltc.sweep.spec import SMOKE_MODELS
 from ltc.train import DEFAULT_GRAPHS
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -93,7 +94,7 @@ def test_devi_sweeps_train_alignn_on_its_reference_graphs(capsys):
             r"stages\[0\].epochs: expected int, got 'many'",
         ),
         (_spec(search={"trials": "3x"}), r"search.trials: expected int, got '3x'"),
-        (_spec(model="schnet"), "model: expected one of 'cgcnn', 'megnet', 'alignn', got 'schnet'"),
+        (_spec(model="schnet"), "model: expected one of 'cgcnn', 'megnet', 'alignn', 'chgnet', got 'schnet'"),
         (_spec(stages=[{"name": "pt", "datasets": ["kappa"]}]), "unknown dataset 'kappa'"),
         (
             _spec(stages=[{"name": "a", "datasets": ["l96"]}, {"name": "a", "datasets": ["l96"]}]),
@@ -241,7 +242,8 @@ def test_smoke_keeps_one_setting_per_stage():
             kinds = [s.kind for s in p[stage.name]]
             split = spec.split_for(stage)
             units = split.folds if split.kfold else 1  # a K-fold stage keeps its folds, of 1 repeat
-            assert kinds.count("finetune") + kinds.count("pretrain") == units, (path.name, stage.name)
+            starts = max(1, len({s.start.label for s in p[stage.name] if s.start}))  # each start of the stage
+            assert kinds.count("finetune") + kinds.count("pretrain") == units * starts, (path.name, stage.name)
             assert stage.epochs == 2 and spec.search_for(stage).trials == 1
         assert spec.name.endswith("-smoke") and spec.resources.gpu == 0
 
@@ -301,3 +303,148 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     for secret in ("aws_access_key_id", "aws_secret_access_key", "password", "token", "ssh_private_key"):
         assert secret not in text.lower(), secret
     assert Path(REPO / cfg["file_mounts"]["~/ltc"]).resolve() == REPO
+
+
+# --------------------------------------------------------------------------------------------------
+# Several architectures in one sweep: pretrained starts, a stage's own model, scratch per architecture.
+
+MIXED = {
+    "name": "mixed",
+    "model_config": {"hidden": 16, "n_blocks": 2, "fc_dim": 16},
+    "stages": [
+        {"name": "ft_agl_chgnet", "datasets": ["agl"], "max_sizes": [50], "start_from": {"pretrained": "chgnet-0.3.0"}},
+        {"name": "pt_agl_cgcnn", "datasets": ["agl"], "max_sizes": [80]},
+        {"name": "ft", "datasets": ["l96"], "scratch": True, "strategies": ["all"],
+         "split": {"test": "kfold", "folds": 3, "repeats": 1},
+         "start_from": [{"pretrained": "chgnet-0.3.0"}, {"stage": "ft_agl_chgnet"}, {"stage": "pt_agl_cgcnn"}]},
+    ],
+}  # fmt: skip
+
+
+def test_a_stage_mixes_pretrained_and_stage_starts_of_two_architectures():
+    spec = from_dict(SweepSpec, copy.deepcopy(MIXED))
+    chgnet, cgcnn = spec.archs(spec.stages[0])[0], spec.arch_for(spec.stages[1])
+    assert (chgnet.model, chgnet.graph, chgnet.model_config) == ("chgnet", DEFAULT_GRAPHS["chgnet"], {})
+    assert (cgcnn.model, cgcnn.model_config) == ("cgcnn", MIXED["model_config"])
+    assert spec.archs(spec.stages[2]) == [chgnet, cgcnn]
+    p = plan(spec)
+    # a pretrained start: no source stage, its name is its label, lineage and checkpoint
+    (pre,) = {s.start for s in p["ft_agl_chgnet"]}
+    assert (pre.label, pre.checkpoint, pre.stage, pre.pretrained, pre.arch) == (
+        "chgnet-0.3.0", "chgnet-0.3.0", "", True, chgnet
+    )  # fmt: skip
+    ft = p["ft"]
+    labels = {s.start.label: s.arch.model for s in ft if s.start}
+    assert labels == {"chgnet-0.3.0": "chgnet", "chgnet-0.3.0>agl:max50[all]": "chgnet", "agl:max80": "cgcnn"}
+    scratch = {s.start_name: s.arch for s in ft if s.kind == "scratch"}
+    assert scratch == {"scratch[chgnet]": chgnet, "scratch[cgcnn]": cgcnn}  # one per architecture of its starts
+    assert "ft|scratch[chgnet]|l96:all|r0f2" in {s.key for s in ft}
+    assert len({s.key for s in ft}) == len(ft) == 3 * (3 + 2)  # 3 folds x (3 starts + 2 baselines)
+    # the trial configs: FT takes the model from its checkpoint (or the pretrained name), on the start's graphs
+    from ltc.inputs import RunInputs
+
+    graphs = (chgnet.graph, cgcnn.graph)
+    inputs = {g: RunInputs({"l96": f"/shards/{g.construction}"}, {"l96": "/ids.json"}) for g in graphs}
+    configs = {s.start_name: trial_config(spec, spec.stages[2], s, inputs) for s in ft if s.fold == 0}
+    c = configs["chgnet-0.3.0"]
+    assert (c["init"], c["model"], c["arch"], c["pt_datasets"]) == ("chgnet-0.3.0", None, "chgnet", ["chgnet-0.3.0"])
+    assert c["graph"] == chgnet.graph.to_dict() and c["inputs"]["shards"] == {"l96": "/shards/chgnet"}
+    s = configs["scratch[chgnet]"]  # a fresh chgnet of the pretrained one's config
+    assert (s["model"], s["model_config"], s["init"], s["start"]) == ("chgnet", {}, None, "scratch[chgnet]")
+    s = configs["scratch[cgcnn]"]
+    assert (s["model"], s["model_config"]) == ("cgcnn", MIXED["model_config"])
+    assert s["inputs"]["shards"] == {"l96": "/shards/knn"}
+    assert configs["agl:max80"]["graph"] == cgcnn.graph.to_dict() and configs["agl:max80"]["n_blocks"] == 2
+    # pretrained starts need no source table; stage starts take their checkpoints from their tables
+    chosen = select_starts(plan_starts(spec.stages[0], p), {})
+    assert [(c.label, c.checkpoint) for c in chosen] == [("chgnet-0.3.0", "chgnet-0.3.0")]
+    text = describe(spec)
+    assert "stage ft [from pretrained chgnet-0.3.0, ft_agl_chgnet (best), pt_agl_cgcnn (best)]" in text
+    assert "models chgnet (4 blocks); graphs chgnet 6 Å, every neighbour; cgcnn (2 blocks)" in text
+
+
+def test_a_single_architecture_sweep_keeps_its_keys():
+    spec = from_dict(SweepSpec, {"name": "p", "stages": [
+        {"name": "pt", "datasets": ["agl"], "max_sizes": [50]},
+        {"name": "ft", "datasets": ["l96"], "start_from": {"stage": "pt"}, "scratch": True},
+    ]})  # fmt: skip
+    keys = [s.key for s in plan(spec)["ft"]]
+    assert keys == ["ft|from=agl:max50|l96:all|all|seed0", "ft|scratch|l96:all|seed0"]
+    # a pretrained start alone: its own architecture's baseline, still called scratch
+    spec = from_dict(SweepSpec, {"name": "p", "stages": [
+        {"name": "ft", "datasets": ["l96"], "start_from": {"pretrained": "chgnet-0.3.0"}, "scratch": True},
+    ]})  # fmt: skip
+    (ft, scratch) = plan(spec)["ft"]
+    assert ft.key == "ft|from=chgnet-0.3.0|l96:all|all|seed0" and scratch.key == "ft|scratch|l96:all|seed0"
+    assert scratch.arch.model == "chgnet" and scratch.start_name == "scratch"
+
+
+def test_a_stage_trains_its_own_model():
+    spec = from_dict(SweepSpec, {"name": "p", "model": "cgcnn", "model_config": {"hidden": 16}, "stages": [
+        {"name": "a", "datasets": ["agl"], "model": "alignn"},
+        {"name": "b", "datasets": ["agl"], "model": "cgcnn"},
+        {"name": "c", "datasets": ["agl"], "model": "megnet", "model_config": {"n_blocks": 2},
+         "graph": {"cutoff": 5.0, "max_neighbors": 16}},
+    ]})  # fmt: skip
+    a, b, c = (spec.arch_for(st) for st in spec.stages)
+    assert (a.model, a.model_config, a.graph) == ("alignn", {}, DEFAULT_GRAPHS["alignn"])  # not cgcnn's settings
+    assert (b.model, b.model_config, b.graph) == ("cgcnn", {"hidden": 16}, DEFAULT_GRAPHS["cgcnn"])
+    assert (c.model, c.model_config, c.graph) == ("megnet", {"n_blocks": 2}, GraphConfig(cutoff=5.0, max_neighbors=16))
+    assert plan(spec)["c"][0].arch == c
+    small = smoke(spec)
+    assert small.arch_for(small.stages[0]).model_config == SMOKE_MODELS["alignn"]
+
+
+@pytest.mark.parametrize(
+    ("start_from", "extra", "match"),
+    [
+        ({"pretrained": "chgnet-9"}, {}, r"pretrained='chgnet-9' is not a pretrained model; known chgnet-0.3.0"),
+        ({"pretrained": "chgnet-0.3.0", "stage": "pt"}, {}, "give stage or pretrained"),
+        ({"select": "best"}, {}, "give stage or pretrained"),
+        ({"pretrained": "chgnet-0.3.0", "select": "every"}, {}, "select and skip_seen go with a stage source only"),
+        ([{"pretrained": "chgnet-0.3.0"}, {"pretrained": "chgnet-0.3.0"}], {}, "lists each source stage once"),
+        ({"stage": "pt"}, {"model": "chgnet"}, r"stage 'ft': model: a fine-tuning stage \(start_from\)"),
+        # three_body: fine for a chgnet start, not for a cgcnn one
+        ([{"pretrained": "chgnet-0.3.0"}, {"stage": "pt"}], {"strategies": ["three_body"]},
+         r"stages\[1\].strategies\[0\]='three_body': three_body needs model alignn or chgnet: cgcnn"),
+    ],
+)  # fmt: skip
+def test_pretrained_starts_and_stage_models_are_checked_at_load(start_from, extra, match):
+    data = _spec(stages=[{"name": "pt", "datasets": ["agl"]},
+                         {"name": "ft", "datasets": ["l96"], "start_from": start_from, **extra}])  # fmt: skip
+    with pytest.raises(ConfigError, match=match):
+        from_dict(SweepSpec, data)
+
+
+def test_stage_models_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"stages\[0\].model: expected one of .* got 'schnet'"):
+        from_dict(SweepSpec, _spec(stages=[{"name": "pt", "datasets": ["agl"], "model": "schnet"}]))
+    with pytest.raises(ConfigError, match=r"stages\[0\].model_config \{'hidden': 4\}: unknown"):
+        from_dict(SweepSpec, _spec(stages=[{"name": "pt", "datasets": ["agl"], "model": "chgnet",
+                                            "model_config": {"hidden": 4}}]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages\[0\].graph: model chgnet needs graphs of construction chgnet"):
+        from_dict(SweepSpec, _spec(stages=[{"name": "pt", "datasets": ["agl"], "model": "chgnet",
+                                            "graph": {"cutoff": 6.0}}]))  # fmt: skip
+    ok = from_dict(SweepSpec, _spec(stages=[
+        {"name": "ft", "datasets": ["l96"], "start_from": {"pretrained": "chgnet-0.3.0"}, "strategies": ["three_body"]}
+    ]))  # fmt: skip
+    assert plan(ok)["ft"][0].strategy == "three_body"
+
+
+def test_n_unfrozen_is_checked_against_each_start_model():
+    data = copy.deepcopy(MIXED)
+    data["search"] = {"n_unfrozen": 3}
+    data["stages"][2]["strategies"] = ["blocks"]
+    with pytest.raises(ConfigError, match=r"search\.n_unfrozen=3: cgcnn has 2 blocks"):
+        validate(from_dict(SweepSpec, data), counts=False)
+    data["search"] = {"n_unfrozen": 2}
+    validate(from_dict(SweepSpec, data), counts=False)
+
+
+def test_smoke_shrinks_fresh_models_only():
+    spec = smoke(from_dict(SweepSpec, copy.deepcopy(MIXED)))
+    assert spec.arch_for(spec.stages[1]).model_config == SMOKE_MODELS["cgcnn"]
+    # the pretrained start (and its scratch twin) keep chgnet-0.3.0's own size
+    assert spec.archs(spec.stages[2])[0].model_config == {}
+    p = plan(spec)
+    assert {s.start_name for s in p["ft"] if s.kind == "scratch"} == {"scratch[chgnet]", "scratch[cgcnn]"}

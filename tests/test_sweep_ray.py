@@ -164,3 +164,53 @@ def test_reproductions_scaled_down_with_their_paper_tables(local_ray, tmp_path, 
     else:
         # smoke size 64 is not one of the paper's sizes: its R² is "–", and one subset cannot be judged
         assert "| pz | 64 | scratch | – |" in text and "cannot be judged (1 pairs)" in text
+
+
+def test_a_sweep_mixing_cgcnn_and_pretrained_chgnet(local_ray, tmp_path):
+    # one FT stage from CHGNet 0.3.0 (pretrained, real size) and from a tiny CGCNN, with a scratch baseline of each
+    from ltc.config import from_dict
+    from ltc.results import write_report
+    from ltc.sweep import SweepSpec
+
+    spec = from_dict(SweepSpec, {
+        "name": "mixed", "model_config": {"hidden": 16, "n_blocks": 2, "fc_dim": 16}, "asha": None,
+        "search": {"trials": 1, "lr": 1e-3},
+        "stages": [
+            {"name": "pt", "datasets": ["hh143"], "max_sizes": [60], "epochs": 1, "checkpoint_every": 1},
+            {"name": "ft", "datasets": ["l96"], "scratch": True, "epochs": 1, "batch_size": 16, "report_seconds": 0,
+             "start_from": [{"pretrained": "chgnet-0.3.0"}, {"stage": "pt"}],
+             "split": {"test": "kfold", "folds": 3, "repeats": 1, "val_fraction": 0.2}},
+        ],
+    })  # fmt: skip
+    trials = run_sweep(spec, results=tmp_path)
+    assert (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    ft = trials[trials.stage == "ft"]
+    assert len(ft) == 3 * 4  # 3 folds x (2 starts + 2 baselines)
+    assert set(ft.start) == {"chgnet-0.3.0", "hh143:max60", "scratch[chgnet]", "scratch[cgcnn]"}
+    assert dict(zip(ft.start, ft.arch, strict=True)) == {
+        "chgnet-0.3.0": "chgnet", "scratch[chgnet]": "chgnet", "hh143:max60": "cgcnn", "scratch[cgcnn]": "cgcnn"
+    }  # fmt: skip
+    # the chgnet FT trials started from the pretrained weights, the scratch ones from none
+    for _, row in ft[ft.start == "chgnet-0.3.0"].iterrows():
+        history = torch.load(row.checkpoint, weights_only=True)["history"]
+        assert history[0]["pretrained"] == "chgnet-0.3.0" and history[1]["init"] == "chgnet-0.3.0"
+    assert ft[ft.kind == "scratch"].init.isna().all()
+    scratch_chgnet = ft[ft.start == "scratch[chgnet]"].iloc[0]
+    assert torch.load(scratch_chgnet.checkpoint, weights_only=True)["model"]["name"] == "chgnet"
+    # the same test structures in every fold, whatever the architecture
+    tested: dict[tuple[str, int], frozenset[str]] = {}
+    for _, row in ft.iterrows():
+        preds = pd.read_parquet(row.checkpoint.replace("checkpoint.pt", "predictions.parquet"))
+        tested[(row.start, int(row.fold))] = frozenset(preds[preds.split == "test"].id)
+    for fold in range(3):
+        assert len({tested[(start, fold)] for start in set(ft.start)}) == 1, fold
+    # the report pairs each start with its own architecture's scratch, and every cell on the same units
+    text = write_report(tmp_path / "mixed").path.read_text()
+    assert "| chgnet-0.3.0 [all] | scratch[chgnet] |" in text and "| hh143:max60 [all] | scratch[cgcnn] |" in text
+    assert "| chgnet-0.3.0 [all] | scratch[cgcnn] |" not in text
+    assert "| hh143:max60 [all] | scratch[chgnet] |" not in text
+
+    def paired(a: str, b: str) -> bool:  # either order
+        return f"| {a} | {b} |" in text or f"| {b} | {a} |" in text
+
+    assert paired("chgnet-0.3.0 [all]", "hh143:max60 [all]") and paired("scratch[chgnet]", "scratch[cgcnn]")

@@ -129,7 +129,9 @@ class SettingSearch(Searcher):
     def _issue(self, key: str, trial_id: str) -> dict[str, Any]:
         spec, base, i = self.search[key], self.configs[key], self.issued[key]
         study = self._study(key)
-        searched_blocks = self.max_blocks if base["strategy"] == "blocks" and spec.n_unfrozen == "search" else None
+        # a setting's own model's blocks (a stage may mix architectures); configs without it: the sweep's model
+        blocks = int(base.get("n_blocks", self.max_blocks))
+        searched_blocks = blocks if base["strategy"] == "blocks" and spec.n_unfrozen == "search" else None
         lr_range = (spec.lr.low, spec.lr.high) if isinstance(spec.lr, Range) else None
         attrs = {"ray_trial_id": trial_id, "trial_index": i}
         k = self._startup(key)
@@ -145,9 +147,7 @@ class SettingSearch(Searcher):
         n_unfrozen = None
         if base["strategy"] == "blocks":
             n_unfrozen = (
-                trial.suggest_int("n_unfrozen", 0, self.max_blocks)
-                if searched_blocks is not None
-                else int(spec.n_unfrozen)
+                trial.suggest_int("n_unfrozen", 0, blocks) if searched_blocks is not None else int(spec.n_unfrozen)
             )
         self.live[trial_id] = (key, trial.number)
         self.issued[key] += 1

@@ -31,11 +31,12 @@ from typing import Any
 
 from ltc import io
 from ltc.errors import AlreadyExistsError, ConfigError, LtcError
-from ltc.inputs import resolve_inputs
+from ltc.inputs import resolve_inputs_by_graph
 from ltc.sweep import studies
 from ltc.sweep.plan import (
     Setting,
     check_sizes,
+    graphs_of,
     holdout_splits,
     plan_stage,
     plan_starts,
@@ -195,14 +196,14 @@ def _run_or_read_stage(
         print(f"stage {stage.name}: finished earlier ({len(table)} trials)")
         return table
     if not settings:
-        origins = [src.stage for src in stage.sources]
+        origins = [src.name for src in stage.sources]
         raise ConfigError(f"stage {stage.name}: nothing to run (no starting checkpoint survived in {origins})")
-    # once per stage, here: shards built or verified, split ids and held-out formulas written; trials
-    # open these paths and nothing else
+    # once per stage and graph kind, here: shards built or verified, split ids and held-out formulas written
+    # (several graph kinds kept on the same structures); trials open these paths and nothing else
     names = list(dict.fromkeys(d for g in stage.dataset_sets for d in g))
-    inputs = resolve_inputs(
-        names, holdout=holdout_splits(spec, stage), graph=spec.graph_config, split=spec.split_for(stage), home=home,
-        cache=cache_dir, verify=True, progress=True,
+    inputs = resolve_inputs_by_graph(
+        names, graphs=graphs_of(spec, stage), holdout=holdout_splits(spec, stage), split=spec.split_for(stage),
+        home=home, cache=cache_dir, verify=True, progress=True,
     )  # fmt: skip
     check_sizes(spec, stage, settings, inputs)
     table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)

@@ -15,7 +15,6 @@ formulas included) once the driver has resolved a stage's shards.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -25,9 +24,10 @@ from typing import Any, Literal
 
 from ltc import datasets
 from ltc.errors import ConfigError, LtcError
+from ltc.graphs import GraphConfig
 from ltc.inputs import RunInputs
 from ltc.splits import SplitConfig
-from ltc.sweep.spec import Range, StageSpec, SweepSpec
+from ltc.sweep.spec import Arch, Range, StageSpec, SweepSpec, build_arch_model
 from ltc.sweep.studies import JOURNAL_NAME
 
 Kind = Literal["pretrain", "finetune", "scratch"]
@@ -35,18 +35,22 @@ Kind = Literal["pretrain", "finetune", "scratch"]
 
 @dataclass(frozen=True)
 class Start:
-    """Starting weights for FT settings: the best checkpoint of one source of an earlier stage.
+    """Starting weights for FT settings: the best checkpoint of one source of an earlier stage, or a pretrained
+    model by name.
 
     ``source_key``: the source settings' key (``agl:max800``; ``fe:all>agl:all[all]`` for one fine-tuned
-    from fe with strategy all); ``seed``: the source seed with ``select: every``, else None.
+    from fe with strategy all), or the pretrained name (``chgnet-0.3.0``); ``seed``: the source seed with
+    ``select: every``, else None.
     """
 
     source_key: str
     datasets: tuple[str, ...]
     size: int | None
     seed: int | None = None
-    checkpoint: str | None = None  # known once the source stage has run
-    stage: str = ""  # the source stage (a stage may start from several)
+    checkpoint: str | None = None  # known once the source stage has run; a pretrained start: its name
+    stage: str = ""  # the source stage (a stage may start from several); "" for a pretrained start
+    arch: Arch | None = None  # the model and graphs the start's weights belong to (what FT from it trains)
+    pretrained: bool = False  # source_key is a name in ltc.models.PRETRAINED, resolved by ltc.transfer.load_init
 
     @property
     def label(self) -> str:
@@ -69,6 +73,8 @@ class Setting:
     start: Start | None = None
     fold: int | None = None  # kfold stages: the test fold …
     repeat: int | None = None  # … of this repeat (seed = the stage's seed + repeat)
+    arch: Arch | None = None  # what the setting trains: the stage's (PT), its start's (FT), its own (scratch)
+    start_name: str | None = None  # results' ``start``: the start's label, ``scratch`` or ``scratch[<arch>]``
 
     @property
     def source_key(self) -> str:
@@ -126,8 +132,15 @@ def holdout_splits(spec: SweepSpec, stage: StageSpec) -> dict[str, SplitConfig]:
 def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[Start]:
     """The starts of ``stage``: per source stage in ``start_from``, one per source key of that stage, or per
     (source key, seed) with ``select: every``. ``settings``: the earlier stages' settings by stage name."""
+    from ltc.sweep.spec import pretrained_arch
+
     starts: dict[tuple[str, str, int | None], Start] = {}
     for src in stage.sources:
+        if src.pretrained is not None:  # no source stage: its label and checkpoint are the name itself
+            name = src.pretrained
+            starts[("", name, None)] = Start(name, (), None, None, name, "", pretrained_arch(name), pretrained=True)
+            continue
+        assert src.stage is not None
         for s in settings[src.stage]:
             if s.kind == "scratch":
                 continue  # baselines are not sources
@@ -140,7 +153,7 @@ def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[St
                 )
             starts.setdefault(
                 (src.stage, s.source_key, seed),
-                Start(s.source_key, s.datasets, s.size or s.max_size, seed, stage=src.stage),
+                Start(s.source_key, s.datasets, s.size or s.max_size, seed, stage=src.stage, arch=s.arch),
             )
     return list(starts.values())
 
@@ -168,17 +181,37 @@ def plan_stage(spec: SweepSpec, stage: StageSpec, starts: list[Start] | None) ->
         common = {"fold": fold, "repeat": repeat}
         if stage.start_from is None:
             key = f"{stage.name}|{label}|{unit}"
-            out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all", **common))
+            arch = spec.arch_for(stage)
+            out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all", **common, arch=arch))
             continue
         for start, strategy in itertools.product(starts or [], stage.strategies):
-            if stage.source(start.stage).skip_seen and set(group) & set(start.datasets):
+            if not start.pretrained and stage.source(start.stage).skip_seen and set(group) & set(start.datasets):
                 continue
             key = f"{stage.name}|from={start.label}|{label}|{strategy}|{unit}"
-            out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start, **common))
+            out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start, **common,
+                               arch=start.arch, start_name=start.label))  # fmt: skip
         if stage.scratch:
-            key = f"{stage.name}|scratch|{label}|{unit}"
-            out.append(Setting(key, stage.name, "scratch", group, size, max_size, seed, "all", **common))
+            for name, arch in scratch_names(spec, stage).items():
+                key = f"{stage.name}|{name}|{label}|{unit}"
+                out.append(Setting(key, stage.name, "scratch", group, size, max_size, seed, "all", **common,
+                                   arch=arch, start_name=name))  # fmt: skip
     return out
+
+
+def scratch_names(spec: SweepSpec, stage: StageSpec) -> dict[str, Arch]:
+    """The scratch baselines of an FT stage: one per architecture among its starts, by name. One architecture:
+    ``scratch`` (as every sweep before several architectures); several: ``scratch[<model>]`` each, so each start
+    is compared with the scratch of its own architecture."""
+    archs = spec.archs(stage)
+    if len(archs) == 1:
+        return {"scratch": archs[0]}
+    labels = [a.label for a in archs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(
+            f"stage {stage.name!r}: its starts have two different {labels[0]} architectures (model_config or "
+            "graph), so their scratch baselines would share a name; fine-tune them in separate stages"
+        )
+    return {f"scratch[{a.label}]": a for a in archs}
 
 
 def plan(spec: SweepSpec) -> dict[str, list[Setting]]:
@@ -190,20 +223,31 @@ def plan(spec: SweepSpec) -> dict[str, list[Setting]]:
     return settings
 
 
-def n_blocks(spec: SweepSpec) -> int:
-    return _model(spec.model, json.dumps(spec.model_config, sort_keys=True)).n_blocks
+def n_blocks(spec: SweepSpec, arch: Arch | None = None) -> int:
+    """Blocks of ``arch``'s model (default: the sweep's model)."""
+    arch = arch or spec.arch_for(None)
+    return build_arch_model(arch.model, arch.config_json).n_blocks
 
 
-@functools.lru_cache(maxsize=16)
 def _model(model: str, config_json: str):
-    from ltc.models import build_model
-
-    return build_model(model, json.loads(config_json))
+    return build_arch_model(model, config_json)
 
 
-def trial_config(spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInputs) -> dict[str, Any]:
-    """The config of every trial of setting ``s`` (before Optuna's values): names, numbers and paths only."""
+def graphs_of(spec: SweepSpec, stage: StageSpec) -> list[GraphConfig]:
+    """The distinct graph configs ``stage`` trains on (one per architecture kind of graphs), in order."""
+    return list(dict.fromkeys(a.graph for a in spec.archs(stage)))
+
+
+def trial_config(
+    spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInputs | dict[GraphConfig, RunInputs]
+) -> dict[str, Any]:
+    """The config of every trial of setting ``s`` (before Optuna's values): names, numbers and paths only.
+
+    ``inputs``: the stage's resolved inputs, per graph config when its architectures read several."""
     res = spec.resources_for(stage)
+    arch = s.arch or spec.arch_for(stage if stage.start_from is None else None)
+    if isinstance(inputs, dict):
+        inputs = inputs[arch.graph]
     size = s.size or s.max_size
     batch = stage.batch_size_by_size.get(size, stage.batch_size) if size is not None else stage.batch_size
     return {
@@ -217,12 +261,16 @@ def trial_config(spec: SweepSpec, stage: StageSpec, s: Setting, inputs: RunInput
         "seed": s.seed,
         "strategy": s.strategy,
         "init": s.start.checkpoint if s.start else None,
-        "pt_datasets": list(s.start.datasets) if s.start else None,
+        # a pretrained start was trained on its own data (CHGNet: MPtrj): its name stands for it
+        "pt_datasets": (list(s.start.datasets) or [s.start.source_key]) if s.start else None,
         "pt_size": s.start.size if s.start else None,
         "lineage": s.start.label if s.start else None,
-        "model": spec.model if s.kind != "finetune" else None,
-        "model_config": spec.model_config if s.kind != "finetune" else {},
-        "graph": spec.graph_config.to_dict(),
+        "model": arch.model if s.kind != "finetune" else None,  # FT: the checkpoint's model
+        "model_config": arch.model_config if s.kind != "finetune" else {},
+        "graph": arch.graph.to_dict(),
+        "arch": arch.label,
+        "start": s.start_name,
+        "n_blocks": n_blocks(spec, arch),  # Optuna's n_unfrozen range for strategy blocks
         "split": dataclasses.asdict(spec.split_for(stage)),
         "fold": s.fold,
         "repeat": s.repeat,
@@ -253,6 +301,9 @@ def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
 
     out = []
     for start in planned:
+        if start.pretrained:  # its checkpoint is its name, resolved inside the trial (ltc.transfer.load_init)
+            out.append(start)
+            continue
         table = tables[start.stage]
         key_col = "source_key" if "source_key" in table.columns else "group"  # results written before 0.2
         done = table[(table.status == "completed") & table.checkpoint.notna() & (table.kind != "scratch")]
@@ -295,9 +346,16 @@ class DatasetCount:
 
 
 def dataset_count(
-    name: str, spec: SweepSpec, split: SplitConfig, *, home: str | None = None, cache: str | None = None
+    name: str,
+    spec: SweepSpec,
+    split: SplitConfig,
+    *,
+    home: str | None = None,
+    cache: str | None = None,
+    graph: GraphConfig | None = None,
 ) -> DatasetCount:
-    """Row counts from the shard manifest when the shards exist, else from the data file (never builds)."""
+    """Row counts from the shard manifest of ``graph`` (default: the sweep's graphs) when those shards exist, else
+    from the data file (never builds)."""
     from ltc.io import write_json_atomic
     from ltc.paths import cache_root, data_home
     from ltc.shards import read_manifest, shard_key
@@ -305,9 +363,8 @@ def dataset_count(
 
     home_path = data_home(home)
     file = datasets.locate(name, data_home=home_path, download=False)
-    folder = (
-        cache_root(cache, home=home_path) / "shards" / f"{name}-{shard_key(name, file.fingerprint, spec.graph_config)}"
-    )
+    key = shard_key(name, file.fingerprint, graph or spec.graph_config)
+    folder = cache_root(cache, home=home_path) / "shards" / f"{name}-{key}"
     n_graphs = None
     try:
         manifest = read_manifest(folder)
@@ -339,32 +396,40 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
     a dataset with no local file yet (matminer downloads it when the stage is prepared) is checked exactly
     by ``check_sizes`` then.
     """
-    model = _model(spec.model, json.dumps(spec.model_config, sort_keys=True))
     for i, stage in enumerate(spec.stages):
         search = spec.search_for(stage)
         fixed = search.n_unfrozen if isinstance(search.n_unfrozen, int) else None
-        if "blocks" in stage.strategies and fixed is not None and not 0 <= fixed <= model.n_blocks:
-            raise ConfigError(
-                f"{_search_key(spec, i, 'n_unfrozen')}={fixed}: {spec.model} has {model.n_blocks} "
-                f"blocks, so n_unfrozen must be between 0 and {model.n_blocks}"
-            )
+        for arch in spec.archs(stage):  # each start's model
+            model = build_arch_model(arch.model, arch.config_json)
+            if "blocks" in stage.strategies and fixed is not None and not 0 <= fixed <= model.n_blocks:
+                raise ConfigError(
+                    f"{_search_key(spec, i, 'n_unfrozen')}={fixed}: {arch.model} has {model.n_blocks} "
+                    f"blocks, so n_unfrozen must be between 0 and {model.n_blocks}"
+                )
+        if stage.scratch:
+            scratch_names(spec, stage)  # two archs of one model name cannot be told apart
     if not counts:
         return
-    found: dict[tuple[str, SplitConfig], DatasetCount | None] = {}
+    found: dict[tuple[str, SplitConfig, GraphConfig], DatasetCount | None] = {}
     for i, stage in enumerate(spec.stages):
         if stage.sizes is None:
             continue
         split = spec.split_for(stage)
         for group in stage.dataset_sets:
             for name in group:
-                if (name, split) not in found:
-                    try:
-                        found[(name, split)] = dataset_count(name, spec, split, home=home, cache=cache)
-                    except datasets.DatasetNotFoundError:
-                        found[(name, split)] = None  # not local yet (a download at prepare time)
-                c = found[(name, split)]
-                if c is None:
+                counts_ = []
+                for graph in graphs_of(spec, stage):  # every graph kind of the stage: the tightest bound
+                    if (name, split, graph) not in found:
+                        try:
+                            found[(name, split, graph)] = dataset_count(
+                                name, spec, split, home=home, cache=cache, graph=graph
+                            )
+                        except datasets.DatasetNotFoundError:
+                            found[(name, split, graph)] = None  # not local yet (a download at prepare time)
+                    counts_.append(found[(name, split, graph)])
+                if any(c is None for c in counts_):
                     continue
+                c = min(counts_, key=lambda c: c.available(split)[0])  # type: ignore[union-attr]
                 available, n_test = c.available(split)
                 where = f"a test fold of {split.folds}" if split.kfold else "its test set"
                 for k, size in enumerate(stage.sizes):
@@ -375,8 +440,15 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
                         )
 
 
-def check_sizes(spec: SweepSpec, stage: StageSpec, settings: list[Setting], inputs: RunInputs) -> None:
-    """Exactly what ``validate`` bounds: every setting's size fits its dataset's pool (holdout included)."""
+def check_sizes(
+    spec: SweepSpec, stage: StageSpec, settings: list[Setting], inputs: RunInputs | dict[GraphConfig, RunInputs]
+) -> None:
+    """Exactly what ``validate`` bounds: every setting's size fits its dataset's pool (holdout included), for
+    each graph kind's inputs."""
+    if isinstance(inputs, dict):
+        for one in inputs.values():
+            check_sizes(spec, stage, settings, one)
+        return
     from ltc.splits import DEVI_SIZES, training_pool
 
     i = spec.stages.index(stage)
@@ -409,16 +481,19 @@ def check_sizes(spec: SweepSpec, stage: StageSpec, settings: list[Setting], inpu
             )
 
 
+def _arch_text(spec: SweepSpec, arch: Arch) -> str:
+    g = arch.graph
+    overrides = f" {arch.config_json}" if arch.model_config else ""
+    neighbours = "every neighbour" if g.construction == "chgnet" else f"{g.max_neighbors} neighbours"
+    blocks = n_blocks(spec, arch)
+    return f"{arch.model} ({blocks} blocks){overrides}; graphs {g.construction} {g.cutoff:g} Å, {neighbours}"
+
+
 def describe(spec: SweepSpec) -> str:
     """The expanded plan, for ``--dry-run``."""
     settings = plan(spec)
     lines = [f"sweep {spec.name}: {spec.description}".rstrip(": ")]
-    g = spec.graph_config
-    overrides = f" {json.dumps(spec.model_config)}" if spec.model_config else ""
-    lines.append(
-        f"model {spec.model} ({n_blocks(spec)} blocks){overrides}; "
-        f"graphs {g.construction} {g.cutoff:g} Å, {g.max_neighbors} neighbours; test split {spec.split.test}"
-    )
+    lines.append(f"model {_arch_text(spec, spec.arch_for(None))}; test split {spec.split.test}")
     total = 0
     for stage in spec.stages:
         search = spec.search_for(stage)
@@ -428,10 +503,12 @@ def describe(spec: SweepSpec) -> str:
         total += n_trials
         kinds = Counter(s.kind for s in ss)
         origin = (
-            "from " + ", ".join(f"{src.stage} ({src.select})" for src in stage.sources)
+            "from "
+            + ", ".join(f"{src.stage} ({src.select})" if src.stage else f"pretrained {src.pretrained}"
+                        for src in stage.sources)
             if stage.sources
             else "from scratch"
-        )
+        )  # fmt: skip
         lines.append("")
         lines.append(
             f"stage {stage.name} [{origin}]: {len(ss)} settings ({', '.join(f'{v} {k}' for k, v in kinds.items())}) "
@@ -450,11 +527,15 @@ def describe(spec: SweepSpec) -> str:
         )
         lr = f"{search.lr.low:g}..{search.lr.high:g} (log)" if isinstance(search.lr, Range) else f"{search.lr:g}"
         nu = "searched" if search.n_unfrozen == "search" else str(search.n_unfrozen)
+        archs = spec.archs(stage)
+        if archs != [spec.arch_for(None)]:
+            lines.append(f"  model{'s' if len(archs) > 1 else ''} " + "; ".join(_arch_text(spec, a) for a in archs))
+        blocks = "/".join(str(n_blocks(spec, a)) for a in archs)
         lines.append(
             f"  epochs {stage.epochs}, batch {stage.batch_size}"
             + (f" {stage.batch_size_by_size}" if stage.batch_size_by_size else "")
             + f", loss {stage.loss}; Optuna lr {lr}"
-            + (f", n_unfrozen {nu} (0..{n_blocks(spec)})" if "blocks" in stage.strategies else "")
+            + (f", n_unfrozen {nu} (0..{blocks})" if "blocks" in stage.strategies else "")
         )
         if stage.sources:
             starts = sorted({s.start.label for s in ss if s.start})

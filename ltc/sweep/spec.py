@@ -9,6 +9,8 @@ data or the model (sizes against row counts, ``n_unfrozen`` against the model's 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +19,7 @@ from ltc import datasets
 from ltc.config import load_yaml
 from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
-from ltc.models import MODELS
+from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SplitConfig
 from ltc.sweep.studies import SAMPLERS, Sampler
 from ltc.train import DEFAULT_GRAPHS, LOSSES, SCHEDULES, TrainConfig
@@ -120,11 +122,73 @@ class ResourcesOverride:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a stage's starting weights come from: checkpoints of an earlier stage."""
+    """Where a stage's starting weights come from: checkpoints of an earlier stage (``stage``), or a pretrained
+    model by name (``pretrained``, a key of ``ltc.models.PRETRAINED``); exactly one of the two."""
 
-    stage: str
+    stage: str | None = None
+    pretrained: str | None = None
     select: Literal["best", "every"] = "best"  # best per source dataset+size, or best per source setting (seed)
     skip_seen: bool = False  # no FT on a dataset the source trained on (Devi's 7×6 pairs, MPT leave-one-out)
+
+    def __post_init__(self) -> None:
+        if (self.stage is None) == (self.pretrained is None):
+            raise ConfigError(
+                f"start_from: give stage or pretrained (exactly one), got stage={self.stage!r}, "
+                f"pretrained={self.pretrained!r}"
+            )
+        if self.pretrained is not None:
+            if self.pretrained not in PRETRAINED:
+                known = ", ".join(PRETRAINED)
+                raise ConfigError(
+                    f"start_from: pretrained={self.pretrained!r} is not a pretrained model; known {known}"
+                )
+            if self.select != "best" or self.skip_seen:
+                raise ConfigError(
+                    f"start_from: pretrained={self.pretrained!r}: select and skip_seen go with a stage source only"
+                )
+
+    @property
+    def name(self) -> str:
+        """The source stage, or the pretrained model's name."""
+        return self.stage if self.stage is not None else str(self.pretrained)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An architecture: a model, its config overrides and the graphs it reads. Each start carries one (a start
+    from a stage trained with model M on graphs G fine-tunes M on G); scratch baselines are built from them."""
+
+    model: str  # a name in ltc.models.MODELS
+    config_json: str  # the model_config overrides as sorted JSON (hashable); ``model_config`` reads them
+    graph: GraphConfig
+
+    @classmethod
+    def of(cls, model: str, model_config: dict[str, Any], graph: GraphConfig) -> Arch:
+        return cls(model, json.dumps(model_config, sort_keys=True), graph)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
+
+    @property
+    def label(self) -> str:
+        """What setting keys and results call it (``scratch[chgnet]``)."""
+        return self.model
+
+
+def pretrained_arch(name: str) -> Arch:
+    """The architecture of pretrained model ``name``: its model (its config is that model's defaults, which are
+    the pretrained ones, e.g. ``CHGNetConfig``) on ``DEFAULT_GRAPHS[model]``, the graphs it was trained on."""
+    model = PRETRAINED[name].model
+    return Arch.of(model, {}, DEFAULT_GRAPHS[model])
+
+
+@functools.lru_cache(maxsize=32)
+def build_arch_model(model: str, config_json: str):
+    """A fresh model of (model, config) for checks (blocks, strategies); cached, never trained."""
+    from ltc.models import build_model
+
+    return build_model(model, json.loads(config_json))
 
 
 @dataclass(frozen=True)
@@ -134,6 +198,11 @@ class StageSpec:
     # None: from scratch (pre-training); a list: several sources in one stage (ParAIsite's step II beside
     # step III), so every start and the scratch baselines are compared on the same units in one report
     start_from: Source | list[Source] | None = None
+    # a stage from scratch (PT) may train its own architecture; default: the sweep's. A fine-tuning stage takes
+    # its architectures from its starts (its scratch baselines too), so these are errors there
+    model: str | None = None  # one of ltc.models.MODELS
+    model_config: dict[str, Any] | None = None  # default: the sweep's if the model is the sweep's, else {}
+    graph: GraphConfig | None = None  # default: the sweep's if the model is the sweep's, else the model's usual
     sizes: list[int | None] | None = None  # exact train+val sizes (FT); null = all
     max_sizes: list[int] | None = None  # caps (PT size scans)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -169,9 +238,16 @@ class StageSpec:
             if s not in STRATEGIES:
                 raise ConfigError(f"stage {self.name!r}: strategy {s!r} must be one of {STRATEGIES}")
         if isinstance(self.start_from, list):
-            stages = [src.stage for src in self.start_from]
+            stages = [src.name for src in self.start_from]
             if not stages or len(set(stages)) != len(stages):
                 raise ConfigError(f"stage {self.name!r}: start_from lists each source stage once, got {stages}")
+        if self.start_from is not None:
+            given = [k for k in ("model", "model_config", "graph") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(
+                    f"stage {self.name!r}: {', '.join(given)}: a fine-tuning stage (start_from) takes its model and "
+                    "graphs from its starts; set them on the stage it starts from"
+                )
         if self.start_from is None and self.strategies != ["all"]:
             raise ConfigError(f"stage {self.name!r}: strategies need start_from (a stage to fine-tune from)")
         if self.start_from is None and self.scratch:
@@ -199,8 +275,8 @@ class StageSpec:
         return list(self.start_from) if isinstance(self.start_from, list) else [self.start_from]
 
     def source(self, stage: str) -> Source:
-        """The entry of ``start_from`` naming ``stage``."""
-        return next(src for src in self.sources if src.stage == stage)
+        """The entry of ``start_from`` naming ``stage`` (a source stage, or a pretrained name)."""
+        return next(src for src in self.sources if src.name == stage)
 
     @property
     def dataset_sets(self) -> list[tuple[str, ...]]:
@@ -249,22 +325,33 @@ class SweepSpec:
                     "(repeat r uses seed seeds[0] + r); give one seed"
                 )
             for src in st.sources:
-                if src.stage not in names[:i]:
+                if src.stage is not None and src.stage not in names[:i]:
                     raise ConfigError(f"stage {st.name!r} starts from {src.stage!r}, which is not an earlier stage")
-        from ltc.models import build_model
-
-        try:
-            model = build_model(self.model, self.model_config)  # a bad model_config fails here, not in a trial
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"model_config {self.model_config}: {err}") from None
+            if st.model is not None and st.model not in MODELS:
+                known = ", ".join(repr(m) for m in MODELS)
+                raise ConfigError(f"stages[{i}].model: expected one of {known}, got {st.model!r}")
         from ltc.transfer import check_strategy
 
+        archs = [(f"stages[{i}].", self.arch_for(st)) for i, st in enumerate(self.stages) if st.model is not None]
+        for where, arch in [("", self.arch_for(None)), *archs]:
+            try:  # a bad model_config fails here, not in a trial
+                build_arch_model(arch.model, arch.config_json)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{where}model_config {arch.model_config}: {err}") from None
+            readable = MODELS[arch.model].constructions
+            if readable is not None and arch.graph.construction not in readable:
+                raise ConfigError(
+                    f"{where}graph: model {arch.model} needs graphs of construction {' or '.join(readable)}, "
+                    f"not {arch.graph.construction!r}"
+                )
         for i, st in enumerate(self.stages):
-            for j, strategy in enumerate(st.strategies):
-                try:
-                    check_strategy(model, strategy, 0 if strategy == "blocks" else None)
-                except ConfigError as err:
-                    raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
+            for arch in self.archs(st):  # each start's model (several in a stage that mixes architectures)
+                model = build_arch_model(arch.model, arch.config_json)
+                for j, strategy in enumerate(st.strategies):
+                    try:
+                        check_strategy(model, strategy, 0 if strategy == "blocks" else None)
+                    except ConfigError as err:
+                        raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
 
     def split_for(self, stage: StageSpec) -> SplitConfig:
         """The stage's split: its own, else the sweep's."""
@@ -279,7 +366,38 @@ class SweepSpec:
 
     @property
     def graph_config(self) -> GraphConfig:
+        """The sweep-level graphs (stages that name no model of their own train on these)."""
         return self.graph or DEFAULT_GRAPHS[self.model]
+
+    def model_for(self, stage: StageSpec | None) -> str:
+        """The model of ``stage``'s new models: its own, else the sweep's."""
+        return stage.model if stage is not None and stage.model is not None else self.model
+
+    def arch_for(self, stage: StageSpec | None) -> Arch:
+        """The architecture ``stage`` builds fresh models of (its PT settings; None: the sweep's). A stage's
+        ``model_config`` and ``graph`` win; else the sweep's when the model is the sweep's, else the model's
+        defaults (a sweep's cgcnn settings never reach a stage's chgnet)."""
+        model = self.model_for(stage)
+        same = model == self.model
+        config = stage.model_config if stage is not None and stage.model_config is not None else None
+        graph = stage.graph if stage is not None and stage.graph is not None else None
+        if config is None:
+            config = self.model_config if same else {}
+        if graph is None:
+            graph = self.graph_config if same else DEFAULT_GRAPHS[model]
+        return Arch.of(model, config, graph)
+
+    def archs(self, stage: StageSpec) -> list[Arch]:
+        """The architectures ``stage`` trains, in order: its own (a stage from scratch), else those of its starts
+        (a stage source's archs, a pretrained model's own). One scratch baseline each (``scratch: true``)."""
+        if not stage.sources:
+            return [self.arch_for(stage)]
+        by_name = {st.name: st for st in self.stages}
+        out: list[Arch] = []
+        for src in stage.sources:
+            found = [pretrained_arch(src.pretrained)] if src.pretrained is not None else self.archs(by_name[src.stage])
+            out.extend(a for a in found if a not in out)
+        return out
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
@@ -291,7 +409,18 @@ SMOKE_MODELS: dict[str, dict[str, Any]] = {
     "cgcnn": {"hidden": 16, "n_blocks": 2, "fc_dim": 16},
     "megnet": {"n_blocks": 2, "dense": [32, 16], "conv": [32, 16], "output": [16, 8]},
     "alignn": {"hidden": 16, "embedding": 8, "alignn_layers": 1, "gcn_layers": 1},
-}
+    "chgnet": {
+        "atom_fea_dim": 16, "bond_fea_dim": 16, "angle_fea_dim": 16, "n_conv": 2, "atom_conv_hidden_dim": 16,
+        "bond_conv_hidden_dim": 16, "mlp_hidden_dims": [16], "head_hidden": [16],
+    },
+}  # fmt: skip
+_HEAD_KEYS = {"head_hidden", "head_activation"}  # a smoke model keeps the sweep's head shape
+
+
+def _smoke_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {**SMOKE_MODELS[model], **{k: v for k, v in config.items() if k in _HEAD_KEYS}}
+
+
 SMOKE_SIZE = 64
 
 
@@ -299,14 +428,15 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     """A scaled-down copy of ``spec`` that checks it end to end in minutes on a CPU.
 
     Per stage: the first dataset set that has a starting checkpoint, the first size (at most 64
-    structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no early stopping; a small model.
+    structures), seed and strategy (scratch baselines kept); 1 trial, 2 epochs, no early stopping; small fresh
+    models (the sweep's and a stage's own; a pretrained start and its scratch baseline keep their real size).
     A K-fold stage stays K-fold, with its folds but 1 repeat (so the smoke run checks that code path too).
     """
     kept: dict[str, set[str]] = {}
     stages = []
     for st in spec.stages:
         sets = st.dataset_sets
-        seen = set().union(*(kept[src.stage] for src in st.sources if src.skip_seen))
+        seen = set().union(*(kept[src.stage] for src in st.sources if src.skip_seen and src.stage is not None))
         if seen:
             sets = [g for g in sets if not set(g) & seen] or sets
         group = sets[0]
@@ -335,10 +465,10 @@ def smoke(spec: SweepSpec) -> SweepSpec:
                 resources=None,
                 # kfold stays kfold (the code path is the check), at its smallest
                 split=_smallest_kfold(spec.split_for(st)) if spec.split_for(st).kfold else st.split,
+                model_config=_smoke_config(st.model, st.model_config or {}) if st.model is not None else None,
             )
         )
-    head_keys = {"head_hidden", "head_activation"}
-    model_config = {**SMOKE_MODELS[spec.model], **{k: v for k, v in spec.model_config.items() if k in head_keys}}
+    model_config = _smoke_config(spec.model, spec.model_config)
     return dataclasses.replace(
         spec,
         name=f"{spec.name}-smoke",
