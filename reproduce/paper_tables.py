@@ -60,10 +60,9 @@ def _md(rows: list[dict]) -> str:
 def paraisite(best: pd.DataFrame) -> list[str]:
     """Steps I-III per precise set: the paper's MAPE, ltc's out-of-fold metrics, and paired differences."""
     cells, pairs = [], []
-    for dataset, paper in PARAISITE_MAPE.items():
-        rows = ft_rows(best, dataset, float("nan"))
-        if rows.empty:
-            continue
+    ft = best[(best.kind != "pretrain") & best.ft_dataset.isin(list(PARAISITE_MAPE))]
+    for (dataset, size), _ in ft.groupby(["ft_dataset", "ft_size"], dropna=False, sort=False):
+        rows, paper = ft_rows(best, dataset, size), PARAISITE_MAPE[dataset]
         # scratch, then fe, then fe>agl (the longer lineage)
         step_cells = sorted(_cells(rows), key=lambda c: (c[0] != SCRATCH, len(c[0])))
         if len(step_cells) != 3:
@@ -175,7 +174,9 @@ def main() -> None:
     differences = Path(__file__).with_name(f"{args.name}.differences.md").read_text()
     best = best_per_setting(load_trials(args.results))
     args.out.mkdir(parents=True, exist_ok=True)
-    for f in [*args.results.glob("*.png"), *(args.results / n for n in ("report.md", "trials.parquet", "sweep.yaml"))]:
+    # sweep.yaml is the file as `ltc sweep` ran it (run_sweep from Python writes none)
+    optional = [args.results / "sweep.yaml"] if (args.results / "sweep.yaml").is_file() else []
+    for f in [*args.results.glob("*.png"), args.results / "report.md", args.results / "trials.parquet", *optional]:
         shutil.copy2(f, args.out / f.name)
     wall = f" in {args.wall_seconds / 60:.1f} minutes" if args.wall_seconds else ""
     lines = [
