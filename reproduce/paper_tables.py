@@ -60,9 +60,9 @@ def _md(rows: list[dict]) -> str:
 def paraisite(best: pd.DataFrame) -> list[str]:
     """Steps I-III per precise set: the paper's MAPE, ltc's out-of-fold metrics, and paired differences."""
     cells, pairs = [], []
-    ft = best[(best.kind != "pretrain") & best.ft_dataset.isin(list(PARAISITE_MAPE))]
-    for (dataset, size), _ in ft.groupby(["ft_dataset", "ft_size"], dropna=False, sort=False):
-        rows, paper = ft_rows(best, dataset, size), PARAISITE_MAPE[dataset]
+    ft = best[best.kind != "pretrain"]
+    for dataset, size in ((d, s) for d in PARAISITE_MAPE for s in ft[ft.ft_dataset == d].ft_size.unique()):
+        rows, paper = ft_rows(best, dataset, size), PARAISITE_MAPE[dataset]  # in the paper's order
         # scratch, then fe, then fe>agl (the longer lineage)
         step_cells = sorted(_cells(rows), key=lambda c: (c[0] != SCRATCH, len(c[0])))
         if len(step_cells) != 3:
