@@ -55,10 +55,10 @@ bench-search: install
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_early_stop.py
 
-# The papers at laptop scale (about 25 minutes each on 2 cores; not part of CI): each sweep, its report, and a
-# copy with the papers' numbers beside ltc's in results/reference/<name>/ (committed). --resume: a rerun after
-# an interrupt finishes what is left; remove results/<name>/ to start over.
-REPRODUCE ?= paraisite_laptop devi_laptop
+# The papers at laptop scale, and CHGNet as a start for L96 (about 11, 16 and 15 minutes on 2 cores; not part
+# of CI): each sweep, its report, and a copy with the papers' numbers beside ltc's in results/reference/<name>/
+# (committed). --resume: a rerun after an interrupt finishes what is left; remove results/<name>/ to start over.
+REPRODUCE ?= paraisite_laptop devi_laptop chgnet_l96
 
 reproduce: install
 	@set -e; for name in $(REPRODUCE); do \

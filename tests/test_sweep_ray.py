@@ -134,7 +134,7 @@ def test_paper_sweep_scaled_down(local_ray, tmp_path, name):
         assert set(pd.read_json(pd.io.common.StringIO(row.task_metrics)).columns) == set(row.dataset.split("+"))
 
 
-@pytest.mark.parametrize("name", ["paraisite_laptop", "devi_laptop"])
+@pytest.mark.parametrize("name", ["paraisite_laptop", "devi_laptop", "chgnet_l96"])
 def test_reproductions_scaled_down_with_their_paper_tables(local_ray, tmp_path, name):
     # what `make reproduce` runs, smoke-sized: the sweep, its report, and the table beside the paper's numbers
     import subprocess
@@ -154,13 +154,19 @@ def test_reproductions_scaled_down_with_their_paper_tables(local_ray, tmp_path, 
     assert done.returncode == 0, done.stderr
     assert {"report.md", "papers.md", "trials.parquet"} <= {p.name for p in out.iterdir()}
     text = (out / "papers.md").read_text()
-    assert "in 1.5 minutes" in text and "## What differs from the paper" in text
+    assert "in 1.5 minutes" in text and ("## What differs from the paper" in text or "## What was run" in text)
     ft = trials[trials.kind != "pretrain"]
     if name == "paraisite_laptop":
         # steps I, II, III of the one smoke dataset, each beside the paper's MAPE, and three paired rows
         assert "| l96 | I (scratch) | scratch | 54 |" in text and "| l96 | III (fe → agl) |" in text
         assert text.count("| l96 | step ") == 3
         assert set(ft.start) == {"scratch", "fe:max64", "fe:max64>agl:max64[all]"}
+    elif name == "chgnet_l96":
+        # five cells, each start against its own architecture's scratch, the two scratch baselines against each other
+        for cell in ("scratch[cgcnn]", "scratch[chgnet]", "chgnet-0.3.0", "agl:max64"):
+            assert f"| {cell} |" in text
+        assert "| chgnet-0.3.0 [all] | scratch[chgnet] |" in text and "| agl:max64 [all] | scratch[cgcnn] |" in text
+        assert "| chgnet-0.3.0 [all] | scratch[cgcnn] |" not in text
     else:
         # smoke size 64 is not one of the paper's sizes: its R² is "–", and one subset cannot be judged
         # (the smoke keeps dc, the first target pz's model may fine-tune on)
