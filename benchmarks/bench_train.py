@@ -8,12 +8,14 @@ chgnet reads CHGNet's own graphs, with its bond graph), for each model it runs o
 this process, with the same model and batches of the same graphs:
 
 - ``ltc``: ``ShardSet.batch`` gathers each batch from the memory-mapped shards;
-- ``pyg``: the usual PyG path, a ``DataLoader`` over in-memory ``Data`` objects (``Batch.from_data_list``).
+- ``pyg``: the usual PyG path, a ``DataLoader`` over in-memory ``Data`` objects (``Batch.from_data_list``);
+  not for chgnet, whose bond graph PyG's collate cannot offset.
 
 It prints graphs/s, seconds per epoch of the 1,012-graph split, the share of wall time spent building batches
 and moving them to the device (aim: under 10 % for ltc), and the peak memory of training: on a GPU
 ``torch.cuda.max_memory_allocated``, on the CPU the process's peak RSS above its RSS before the model was built
-(sampled every 5 ms). Ratios are against megnet, run in the same process. ALIGNN runs at the paper's size
+(sampled every 5 ms). Each model runs in a fresh process (so one model's freed memory does not hide the
+next one's peak); ratios are against megnet. ALIGNN runs at the paper's size
 (hidden 256, 4+4 layers) on fewer batches; chgnet at CHGNet 0.3.0's size (its pretrained weights; a
 fine-tuning run trains the same network).
 """
@@ -21,6 +23,9 @@ fine-tuning run trains the same network).
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -104,6 +109,40 @@ def run(model, batches, y_of, device, opt) -> tuple[float, float, int]:
     return total, data, graphs
 
 
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """One model's best run per path: {path: (seconds, data seconds, graphs)}, seconds per epoch, peak MB."""
+    shards = ShardSet.open("ph", graph=DEFAULT_GRAPHS[name])
+    train = make_split(shards, size=None, seed=0).train
+    y = torch.from_numpy(((shards.y - shards.y.mean()) / shards.y.std()).astype(np.float32))
+
+    def y_of(b):
+        return y[b.idx]
+
+    n_batches = args.alignn_batches if name == "alignn" else args.batches
+    idx = np.random.default_rng(0).permutation(train)[: n_batches * args.batch_size]
+    chunks = [idx[i : i + args.batch_size] for i in range(0, len(idx), args.batch_size)]
+    with peak_memory(device) as peak:
+        torch.manual_seed(0)
+        model = make_model(name).to(device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        # warm-up step (allocator, lazy init) outside the timings
+        run(model, [shards.batch(chunks[0])], y_of, device, opt)
+        # PyG's collate cannot offset CHGNet's bond graph (edge indices inside angle_edges): ltc's path only
+        paths = ["ltc"] if shards.graph.construction == "chgnet" else ["ltc", "pyg"]
+        loader = DataLoader([shards.get(int(i)) for i in idx], batch_size=args.batch_size, shuffle=False)
+        # alternate the two paths and keep each one's best run: this machine's load varies
+        runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in paths}
+        for _ in range(args.repeat):
+            runs["ltc"].append(run(model, (shards.batch(c) for c in chunks), y_of, device, opt))
+            if "pyg" in runs:
+                runs["pyg"].append(run(model, loader, y_of, device, opt))
+        peak_mb = peak()
+    best = {k: min(v, key=lambda r: r[0]) for k, v in runs.items()}
+    total, _, graphs = best["ltc"]
+    return {"name": name, "params": model.num_parameters(), "n_train": len(train), "best": best,
+            "epoch": len(train) * total / graphs, "peak_mb": peak_mb}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["cgcnn", "megnet", "alignn", "chgnet"])
@@ -113,53 +152,38 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs per path; the fastest is kept")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this model, print JSON
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    epoch: dict[str, float] = {}
-    memory: dict[str, float] = {}
+    if args.one:
+        print(json.dumps(measure(args.one, args, device)))
+        return
     print(f"batch {args.batch_size}; device {device}; {torch.get_num_threads()} CPU threads")
     head = ("model", "params", "path", "graphs/s", "s/epoch", "outside model", "peak MB")
     print("{:8s} {:>10s} {:5s} {:>10s} {:>8s} {:>14s} {:>8s}".format(*head))
+    results = {}
     for name in args.models:
-        shards = ShardSet.open("ph", graph=DEFAULT_GRAPHS[name])
-        train = make_split(shards, size=None, seed=0).train
-        y = torch.from_numpy(((shards.y - shards.y.mean()) / shards.y.std()).astype(np.float32))
-
-        def y_of(b, y=y):
-            return y[b.idx]
-
-        n_batches = args.alignn_batches if name == "alignn" else args.batches
-        idx = np.random.default_rng(0).permutation(train)[: n_batches * args.batch_size]
-        chunks = [idx[i : i + args.batch_size] for i in range(0, len(idx), args.batch_size)]
-        with peak_memory(device) as peak:
-            torch.manual_seed(0)
-            model = make_model(name).to(device)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            # warm-up step (allocator, lazy init) outside the timings
-            run(model, [shards.batch(chunks[0])], y_of, device, opt)
-            data_list = [shards.get(int(i)) for i in idx]
-            loader = DataLoader(data_list, batch_size=args.batch_size, shuffle=False)
-            # alternate the two paths and keep each one's best run: this machine's load varies
-            runs: dict[str, list[tuple[float, float, int]]] = {"ltc": [], "pyg": []}
-            for _ in range(args.repeat):
-                runs["ltc"].append(run(model, (shards.batch(c) for c in chunks), y_of, device, opt))
-                runs["pyg"].append(run(model, loader, y_of, device, opt))
-            memory[name] = peak()
-        ltc, pyg = (min(runs[k], key=lambda r: r[0]) for k in ("ltc", "pyg"))
-        epoch[name] = len(train) * ltc[0] / ltc[2]
-        for label, (total, data, graphs) in (("ltc", ltc), ("pyg", pyg)):
+        # each model in a fresh process: a process's RSS does not shrink after a model is freed, so the peak
+        # of the next one would be hidden in what the allocator kept
+        cmd = [sys.executable, __file__, "--one", name, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = results[name] = json.loads(out)
+        for label, (total, data, graphs) in r["best"].items():
             rate, share = graphs / total, 100 * data / total
-            mb = f"{memory[name]:8.0f}" if label == "ltc" else ""
-            print(f"{name:8s} {model.num_parameters():>10,} {label:5s} {rate:10,.1f} {len(train) / rate:8.2f} "
+            mb = f"{r['peak_mb']:8.0f}" if label == "ltc" else ""
+            print(f"{name:8s} {r['params']:>10,} {label:5s} {rate:10,.1f} {r['n_train'] / rate:8.2f} "
                   f"{share:13.1f}% {mb}")  # fmt: skip
-        print(f"{'':8s} {'':>10s} ltc batches built {pyg[1] / max(ltc[1], 1e-12):.1f}x faster than PyG's collate")
-    if BASELINE in epoch:
-        for name in epoch:
+        if "pyg" in r["best"]:
+            faster = r["best"]["pyg"][1] / max(r["best"]["ltc"][1], 1e-12)
+            print(f"{'':8s} {'':>10s} ltc batches built {faster:.1f}x faster than PyG's collate")
+    if BASELINE in results:
+        base = results[BASELINE]
+        for name, r in results.items():
             print(
-                f"{name}: {epoch[name] / epoch[BASELINE]:.2f}x {BASELINE}'s seconds per epoch, "
-                f"{memory[name] / max(memory[BASELINE], 1e-9):.2f}x its peak memory"
+                f"{name}: {r['epoch'] / base['epoch']:.2f}x {BASELINE}'s seconds per epoch, "
+                f"{r['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x its peak memory"
             )
 
 
