@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import REPO
 from ltc.cli import main
 from ltc.config import ConfigError, from_dict
 from ltc.graphs import GraphConfig
-from ltc.sweep import Range, SweepSpec, load_sweep, plan, smoke, validate
+from ltc.sweep import AshaSpec, Range, SweepSpec, load_sweep, plan, smoke, validate
 from ltc.sweep.plan import describe, plan_starts, select_starts, trial_config
 from ltc.sweep.spec import SMOKE_MODELS
 from ltc.train import DEFAULT_GRAPHS
@@ -444,6 +445,10 @@ def test_stage_models_are_checked_at_load():
     with pytest.raises(ConfigError, match=r"stages\[0\].graph: model chgnet needs graphs of construction chgnet"):
         from_dict(SweepSpec, _spec(stages=[{"name": "pt", "datasets": ["agl"], "model": "chgnet",
                                             "graph": {"cutoff": 6.0}}]))  # fmt: skip
+    # a stage's own graphs under the sweep's model (no stage model) are checked as well
+    with pytest.raises(ConfigError, match=r"stages\[0\].graph: model chgnet needs graphs of construction chgnet"):
+        from_dict(SweepSpec, _spec(model="chgnet", stages=[{"name": "pt", "datasets": ["agl"],
+                                                            "graph": {"cutoff": 8.0}}]))  # fmt: skip
     ok = from_dict(SweepSpec, _spec(stages=[
         {"name": "ft", "datasets": ["l96"], "start_from": {"pretrained": "chgnet-0.3.0"}, "strategies": ["three_body"]}
     ]))  # fmt: skip
@@ -467,3 +472,33 @@ def test_smoke_shrinks_fresh_models_only():
     assert spec.archs(spec.stages[2])[0].model_config == {}
     p = plan(spec)
     assert {s.start_name for s in p["ft"] if s.kind == "scratch"} == {"scratch[chgnet]", "scratch[cgcnn]"}
+
+
+def test_a_folder_started_by_an_older_ltc_resumes(tmp_path):
+    # sweep.json of a version before a stage's model/model_config/graph and a source's pretrained existed: the
+    # same sweep file resumes; a real change to it is still refused
+    import json
+
+    from ltc.errors import ConfigError as LtcConfigError
+    from ltc.sweep.driver import SweepPaths, _claim_results
+
+    spec = load_sweep(REPO / "sweeps/quickstart.yaml")
+    old = json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+    for stage in old["stages"]:
+        for key in ("model", "model_config", "graph"):
+            assert stage.pop(key) is None
+        if stage["start_from"] is not None:
+            assert stage["start_from"].pop("pretrained") is None
+    root = tmp_path / spec.name
+    root.mkdir()
+    paths = SweepPaths(root, str(root / "ray"), str(root / "optuna.log"))
+    stored = {"spec": json.dumps(old, sort_keys=True, default=str), "optuna_storage": paths.optuna}
+    (root / "sweep.json").write_text(json.dumps(stored))
+    _claim_results(paths, spec, None, resume=True)  # accepted
+    changed = dataclasses.replace(spec, stages=[dataclasses.replace(spec.stages[0], epochs=16), spec.stages[1]])
+    with pytest.raises(LtcConfigError, match="different version of sweep 'quickstart'"):
+        _claim_results(paths, changed, None, resume=True)
+    # a null that becomes a value (quickstart's asha: null, now set) is a change too
+    assert spec.asha is None
+    with pytest.raises(LtcConfigError, match="different version"):
+        _claim_results(paths, dataclasses.replace(spec, asha=AshaSpec()), None, resume=True)

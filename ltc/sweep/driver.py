@@ -219,6 +219,24 @@ def _run_or_read_stage(
     return table
 
 
+def spec_identity(spec_json: str) -> str:
+    """A stored spec (``json.dumps(asdict(spec))``) without its null values, to compare across ltc versions.
+
+    Keys that a newer ltc added with a null default (a stage's ``model``, a source's ``pretrained``) are absent
+    from specs saved before them; dropping nulls on both sides lets such a folder resume. Two specs of one
+    version have the same keys, so a value set to null on one side only still differs (a key on one side).
+    """
+
+    def drop(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [drop(v) for v in value]
+        return value
+
+    return json.dumps(drop(json.loads(spec_json)), sort_keys=True)
+
+
 def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, resume: bool) -> None:
     """Make the results folder ours: a fresh one, or (``resume``) one started by the same sweep file."""
     stored = paths.root / "sweep.json"
@@ -230,7 +248,7 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
                 "or --results another folder"
             )
         claimed = json.loads(stored.read_text())
-        if claimed["spec"] != current:
+        if spec_identity(claimed["spec"]) != spec_identity(current):
             raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
         if claimed.get("optuna_storage", paths.optuna) != paths.optuna:
             raise ConfigError(

@@ -206,9 +206,10 @@ def scratch_names(spec: SweepSpec, stage: StageSpec) -> dict[str, Arch]:
     if len(archs) == 1:
         return {"scratch": archs[0]}
     labels = [a.label for a in archs]
-    if len(set(labels)) != len(labels):
+    twice = [label for label in dict.fromkeys(labels) if labels.count(label) > 1]
+    if twice:
         raise ConfigError(
-            f"stage {stage.name!r}: its starts have two different {labels[0]} architectures (model_config or "
+            f"stage {stage.name!r}: its starts have two different {twice[0]} architectures (model_config or "
             "graph), so their scratch baselines would share a name; fine-tune them in separate stages"
         )
     return {f"scratch[{a.label}]": a for a in archs}

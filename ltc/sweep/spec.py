@@ -332,7 +332,8 @@ class SweepSpec:
                 raise ConfigError(f"stages[{i}].model: expected one of {known}, got {st.model!r}")
         from ltc.transfer import check_strategy
 
-        archs = [(f"stages[{i}].", self.arch_for(st)) for i, st in enumerate(self.stages) if st.model is not None]
+        own = [(i, st) for i, st in enumerate(self.stages) if (st.model, st.model_config, st.graph) != (None,) * 3]
+        archs = [(f"stages[{i}].", self.arch_for(st)) for i, st in own]  # a stage's own graphs are checked too
         for where, arch in [("", self.arch_for(None)), *archs]:
             try:  # a bad model_config fails here, not in a trial
                 build_arch_model(arch.model, arch.config_json)
