@@ -102,3 +102,23 @@ def assert_studies_match(root: Path, trials: Any) -> None:
             assert told[r.trial_id].params.get("lr", r.lr) == pytest.approx(r.lr)
             if r.status == "completed":
                 assert told[r.trial_id].value == pytest.approx(r.val_loss)
+
+
+def live_parameters(model: Any, batch: Any) -> set[str]:
+    """Names of ``model``'s parameters with a gradient path from its predictions on ``batch`` (trainable ones that
+    nothing downstream reads get none); gradients are cleared again."""
+    model(batch)[:, 0].sum().backward()
+    live = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return live
+
+
+def assert_only_live_trained(model: Any, before: dict[str, Any], live: set[str]) -> None:
+    """Every parameter in ``live`` moved from ``before`` (name → tensor); every other one is bit-identical."""
+    import torch
+
+    for n, p in model.named_parameters():
+        if n in live:
+            assert not torch.equal(p, before[n]), f"{n} should have trained"
+        else:
+            assert torch.equal(p, before[n]), f"{n} is frozen but changed"

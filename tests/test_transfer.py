@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_task
+from conftest import assert_only_live_trained, live_parameters, make_task
 from test_models import SMALL
 
 from ltc.models import build_model
@@ -60,18 +60,12 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_move(task, name
     assert held == {id(p) for n, p in model.named_parameters() if n in trainable}  # no frozen param in it
 
     # parameters with a gradient path (ALIGNN's last layer updates bonds that nothing reads afterwards)
-    model(task.shards.batch(task.split.train[:16]))[:, 0].sum().backward()
-    live = {n for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    live = live_parameters(model, task.shards.batch(task.split.train[:16]))
     assert live <= trainable and len(live) > len(trainable) // 2
 
     params, buffers = _snapshot(model)
     fit(model, [task], TrainConfig(epochs=2, batch_size=16, lr=1e-2, schedule="constant"))
-    for n, p in model.named_parameters():
-        if n in live:
-            assert not torch.equal(p, params[n]), f"{n} should have trained"
-        else:
-            assert torch.equal(p, params[n]), f"{n} is frozen but changed"
+    assert_only_live_trained(model, params, live)
     # BatchNorm statistics of frozen parts are frozen too; those of trained parts move
     frozen_bn = [n for n in buffers if n.rsplit(".", 1)[0] + ".weight" not in trainable]
     for n in frozen_bn:
