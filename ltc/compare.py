@@ -194,12 +194,18 @@ def compare_cells(
     )  # fmt: skip
 
 
+def cells_of(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (start, strategy) cells of one FT dataset and size, in order of appearance (scratch's strategy is
+    ``scratch``)."""
+    return list(dict.fromkeys(zip(rows.start, rows.strategy, strict=True)))
+
+
 def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Each start against the scratch of its architecture, then starts against each other (and, beside several
     architectures, the scratch baselines against each other); one row per comparison, all on the same units."""
     if rows.empty:
         return pd.DataFrame()
-    cells = list(dict.fromkeys(zip(rows.start, rows.strategy, strict=True)))
+    cells = cells_of(rows)
     scratch = [c for c in cells if is_scratch(c[0])]
     tuned = [c for c in cells if not is_scratch(c[0])]
     against = {c: scratch_for(rows, c, scratch) for c in tuned}

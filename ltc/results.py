@@ -74,7 +74,8 @@ def _units(name: str) -> str:
         return ""
 
 
-def _markdown(table: pd.DataFrame) -> str:
+def markdown_table(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown table (``val_loss`` left out; a missing float shows as ``MISSING``)."""
     cols = [c for c in table.columns if c != "val_loss"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
@@ -381,11 +382,11 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
         how = "lower" if not h.higher_is_better else "higher"
         lines += [f"### {stage}: {dataset}, FT size {size_label} ({_units(dataset)}; {h.label}, {how} is better)", ""]
         cells = compare.cell_table(rows, read_predictions)
-        lines += [_markdown(cells), ""]
+        lines += [markdown_table(cells), ""]
         paired = compare.paired_table(rows)
         if not paired.empty:
             shown = paired.drop(columns=["significant", "mean_diff"])
-            lines += [_markdown(shown), ""]
+            lines += [markdown_table(shown), ""]
         gaps = compare.selection_gaps(trials, best, rows)
         if not gaps.empty:
             lines += [
@@ -393,7 +394,7 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
                 "worse on test it was than the best test result among the same trials (0: the pick was the "
                 "test-best; a positive gap is the optimism a test-set pick would have hidden).",
                 "",
-                _markdown(gaps),
+                markdown_table(gaps),
                 "",
             ]
         tuned = cells[~cells.start.map(compare.is_scratch)] if not cells.empty else cells
@@ -447,7 +448,7 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
                 "Later stages start from the PT trial with the lowest validation loss; how much worse on test it "
                 "was than the test-best PT trial of its setting:",
                 "",
-                _markdown(pd.concat(gaps, ignore_index=True)),
+                markdown_table(pd.concat(gaps, ignore_index=True)),
                 "",
             ]
 

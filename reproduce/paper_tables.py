@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ltc.compare import SCRATCH, cell_table, compare_cells, ft_rows, headline, is_scratch, paired_table
-from ltc.results import best_per_setting, load_trials, read_predictions
+from ltc.compare import SCRATCH, cell_table, cells_of, compare_cells, ft_rows, headline, is_scratch, paired_table
+from ltc.results import best_per_setting, load_trials, markdown_table, read_predictions
 from ltc.stats import PairedResult, format_diff, paired_compare
 from ltc.targets import Headline
 
@@ -45,19 +45,6 @@ def _verdict(r: PairedResult, a: str, b: str) -> str:
     return f"{a if r.better == 'a' else b} better"
 
 
-def _cells(rows: pd.DataFrame) -> list[tuple[str, str]]:
-    """The (start, strategy) cells of one FT dataset and size (scratch's strategy is ``scratch``)."""
-    return list(dict.fromkeys(zip(rows.start, rows.strategy, strict=True)))
-
-
-def _md(rows: list[dict]) -> str:
-    table = pd.DataFrame(rows)
-    head = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
-
-
 def paraisite(best: pd.DataFrame) -> list[str]:
     """Steps I-III per precise set: the paper's MAPE, ltc's out-of-fold metrics, and paired differences."""
     cells, pairs = [], []
@@ -65,7 +52,7 @@ def paraisite(best: pd.DataFrame) -> list[str]:
     for dataset, size in ((d, s) for d in PARAISITE_MAPE for s in ft[ft.ft_dataset == d].ft_size.unique()):
         rows, paper = ft_rows(best, dataset, size), PARAISITE_MAPE[dataset]  # in the paper's order
         # scratch, then fe, then fe>agl (the longer lineage)
-        step_cells = sorted(_cells(rows), key=lambda c: (c[0] != SCRATCH, len(c[0])))
+        step_cells = sorted(cells_of(rows), key=lambda c: (c[0] != SCRATCH, len(c[0])))
         if len(step_cells) != 3:
             raise SystemExit(f"{dataset}: expected scratch and two starts, found {step_cells}")
         table = cell_table(rows, read_predictions).set_index("start")
@@ -90,7 +77,7 @@ def paraisite(best: pd.DataFrame) -> list[str]:
         "Paper: MAPE of Klochko et al. (arXiv 2411.18259), mean over 9 random 80/20 splits, checkpoint picked and "
         "reported on the same 20 %. ltc: pooled out-of-fold predictions of each repeat, mean ± std over repeats.",
         "",
-        _md(cells),
+        markdown_table(pd.DataFrame(cells)),
         "",
         "## Paired differences (negative = A has the lower error)",
         "",
@@ -98,7 +85,7 @@ def paraisite(best: pd.DataFrame) -> list[str]:
         "training data). The verdict uses ltc's headline for κ, the MAE of log10 κ; MAPE is shown because the "
         "paper reports it, but one compound near κ = 0 can dominate it.",
         "",
-        _md(pairs),
+        markdown_table(pd.DataFrame(pairs)),
     ]
 
 
@@ -128,7 +115,7 @@ def devi(best: pd.DataFrame) -> list[str]:
     for (dataset, size), rows in best[best.kind != "pretrain"].groupby(["ft_dataset", "ft_size"], sort=True):
         rows = ft_rows(best, dataset, size)
         table = cell_table(rows, read_predictions).set_index("start")
-        cells = sorted(_cells(rows), key=lambda c: (c[0] != SCRATCH, c[0]))
+        cells = sorted(cells_of(rows), key=lambda c: (c[0] != SCRATCH, c[0]))
         for start, strategy in cells:
             source = start.split(":")[0] if start != SCRATCH else SCRATCH
             known = paper[(paper.target == dataset) & (paper.source == source) & (paper.ft_size == size)].r2
@@ -153,7 +140,7 @@ def devi(best: pd.DataFrame) -> list[str]:
         "mean ± std over the same 5 subsets on the same test file; each subset paired "
         "with scratch trained on that subset, 95 % corrected resampled t interval.",
         "",
-        _md(out),
+        markdown_table(pd.DataFrame(out)),
     ]
 
 
@@ -165,15 +152,15 @@ def chgnet(best: pd.DataFrame) -> list[str]:
         if not group.start.map(is_scratch).any():
             continue  # CHGNet's AGL stage: a start for L96, with nothing to pair it with
         rows = ft_rows(best, dataset, size)
-        cells = cell_table(rows, read_predictions).drop(columns=["val_loss", "n_unfrozen"], errors="ignore")
+        cells = cell_table(rows, read_predictions).drop(columns=["n_unfrozen"])
         pairs = paired_table(rows).drop(columns=["significant", "mean_diff"], errors="ignore")
         out += [
             f"{dataset}: each cell's pooled out-of-fold metrics (mean ± std over repeats); each start is paired with "
             "the scratch of its own architecture and with the other starts, per (repeat, fold).",
             "",
-            _md(cells.to_dict("records")),
+            markdown_table(cells),
             "",
-            _md(pairs.to_dict("records")),
+            markdown_table(pairs),
             "",
         ]
     return out
