@@ -161,6 +161,8 @@ def test_shards_hold_the_bond_graph_and_batches_offset_it(tmp_path, structures):
 def test_energy_head_reproduces_chgnet_through_the_shards(l96, chgnet_itself, structures):
     model, graph, source = load_pretrained("0.3.0")
     assert graph == GRAPH and source["weights"].endswith("0.3.0/chgnet_0.3.0_e29f68s314m37.pth.tar")
+    # sweeps plan a pretrained start's architecture without loading it (spec.pretrained_arch): the defaults
+    assert model.config == CHGNetConfig()
     model.eval()
     ids = l96.ids  # every L96 structure; 15 of them have no bond shorter than 3 Å, so no angles
     with torch.no_grad():

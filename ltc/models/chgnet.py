@@ -251,8 +251,8 @@ class CHGNet(CrystalGNN):
         # CHGNet's energy head: per-atom MLP (mean over atoms) + AtomRef's fixed per-element energies
         self.energy_head = nn.ModuleDict({"mlp": core.mlp, "atom_ref": core.composition_model})
 
-    def _graph(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """CHGNet's bond-graph tensors of a batch, and the atom-graph and bond-graph bond bases [U, num_radial]."""
+    def _graph(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """CHGNet's bond-graph tensors of a batch, and the atom-graph bond bases [U, num_radial]."""
         emb = self.embedding
         # bond lengths of the U bonds, from one directed edge each (as CHGNet's BondEncoder)
         lengths = batch.edge_dist[batch.undirected2directed]
@@ -267,12 +267,12 @@ class CHGNet(CrystalGNN):
             "weights_ag": emb["bond_weights_ag"](bases_ag),
             "weights_bg": emb["bond_weights_bg"](bases_bg),
         }
-        return graph, bases_ag, bases_bg
+        return graph, bases_ag
 
     def atom_features(self, batch) -> torch.Tensor:
         """Atom features [N, atom_fea_dim] after the last block (before the readout normalisation)."""
         emb = self.embedding
-        graph, bases_ag, _ = self._graph(batch)
+        graph, bases_ag = self._graph(batch)
         atom = emb["atom"](batch.z - 1)  # CHGNet: H is row 0
         bond = emb["bond"](bases_ag)
         angle = None
