@@ -230,10 +230,6 @@ def n_blocks(spec: SweepSpec, arch: Arch | None = None) -> int:
     return build_arch_model(arch.model, arch.config_json).n_blocks
 
 
-def _model(model: str, config_json: str):
-    return build_arch_model(model, config_json)
-
-
 def graphs_of(spec: SweepSpec, stage: StageSpec) -> list[GraphConfig]:
     """The distinct graph configs ``stage`` trains on (one per architecture kind of graphs), in order."""
     return list(dict.fromkeys(a.graph for a in spec.archs(stage)))
