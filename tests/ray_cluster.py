@@ -1,0 +1,176 @@
+"""A real Ray cluster started from the command line, as the README tells users, for the cluster tests.
+
+``RayCluster`` runs ``ray start --head`` and ``ray start --address`` (each ``--block``, in its own process
+group and temp dir under one short root folder), with token authentication on: one token file, named by
+``RAY_AUTH_TOKEN_PATH`` for every node and every client (``ray job submit``), as on a real cluster where the
+token is copied to each node. A worker node can be given a private view of some folders (a mount namespace
+with bind mounts, ``unshare``): that is how a test shows a node that does not see the driver's shard cache.
+``stop`` ends exactly the processes the cluster started: its process groups, then anything left whose
+command line names its root folder. Never by name, never ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # the venv's ray, ltc and moto_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def can_hide_folders() -> bool:
+    """Whether unprivileged mount namespaces work here (``unshare --user --mount``)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+class RayCluster:
+    """A head and worker nodes on this machine; see the module docstring."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        # short: Ray's unix socket paths live under it (108 bytes at most)
+        self.root = Path(tempfile.mkdtemp(prefix="ltc-ray-", dir="/tmp"))
+        self.token = self.root / "auth_token"
+        self.token.write_text(uuid.uuid4().hex)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+        self.env.update(
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token),
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_TMPDIR=str(self.root),  # nodes the autoscaler starts put their files here too
+            PYTHONUNBUFFERED="1",
+        )
+        self.env.update(env or {})
+        self.procs: list[subprocess.Popen] = []
+        self.gcs = ""
+        self.dashboard = ""
+
+    # ---- nodes
+
+    def _start(self, name: str, args: list[str], *, env: dict[str, str] | None, hide: dict[Path, Path] | None) -> None:
+        temp = self.root / name
+        log = self.root / f"{name}.log"
+        cmd = [str(BIN / "ray"), "start", *args, f"--temp-dir={temp}", "--block", "--disable-usage-stats"]
+        if hide:  # a private mount namespace: each folder shows the node its own replacement
+            binds = " && ".join(f"mount --bind {shlex.quote(str(r))} {shlex.quote(str(f))}" for f, r in hide.items())
+            cmd = [
+                "unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
+                "sh", "-c", f"{binds} && exec {shlex.join(cmd)}",
+            ]  # fmt: skip
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                cmd, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs.append(proc)
+        deadline = time.monotonic() + 90
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start ({name}) failed:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def start_head(
+        self,
+        *,
+        num_cpus: int = 0,
+        num_gpus: int | None = None,
+        autoscaling_config: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        port, dash = free_port(), free_port()
+        args = [
+            "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]  # fmt: skip
+        if num_gpus is not None:
+            args.append(f"--num-gpus={num_gpus}")
+        if autoscaling_config is not None:
+            args.append(f"--autoscaling-config={autoscaling_config}")
+        self._start("head", args, env=env, hide=None)
+        self.gcs, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+
+    def add_worker(
+        self,
+        *,
+        num_cpus: int,
+        num_gpus: int | None = None,
+        env: dict[str, str] | None = None,
+        hide: dict[Path, Path] | None = None,
+    ) -> None:
+        name = f"worker{len(self.procs)}"
+        args = [
+            f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]  # fmt: skip
+        if num_gpus is not None:
+            args.append(f"--num-gpus={num_gpus}")
+        self._start(name, args, env=env, hide=hide)
+
+    # ---- clients (subprocesses: this test process never joins the cluster)
+
+    def run(
+        self, cmd: list[str], *, cwd: Path | str | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, entrypoint: list[str], *, working_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir …  -- <entrypoint>``, waiting for the job to end."""
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".", "--", *entrypoint]
+        return self.run(cmd, cwd=working_dir, timeout=timeout)
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes: id, resources (what ``ray.nodes()`` says, read by a short-lived driver)."""
+        code = (
+            f"import json, ray; ray.init(address={self.gcs!r}, logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+        )
+        out = self.run([sys.executable, "-c", code], timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # ---- the end
+
+    def stop(self) -> None:
+        """End every process this cluster started: process groups (SIGTERM, then SIGKILL), then stragglers
+        that name the root folder; then remove the folder."""
+        import psutil
+
+        for proc in self.procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _signal_group(proc.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        mine = str(self.root)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(mine in part for part in p.info["cmdline"] or ()):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
