@@ -86,15 +86,18 @@ def ltc_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from ltc.inputs import RunInputs
+    from ltc.sweep.files import localize
     from ltc.train import train_run
 
     torch.set_num_threads(int(config.get("threads", 1)))
-    inputs = RunInputs.from_dict(config["inputs"])
+    # a node without the driver's shard cache copies the stage's inputs from the driver first (ltc.sweep.files)
+    inputs, copied = localize(RunInputs.from_dict(config["inputs"]), config.get("input_server"))
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        "inputs_copied_bytes": copied,
     }
     started = time.time()
 

@@ -289,27 +289,42 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     search = spec.search_for(stage)
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
     experiment = f"{paths.storage.rstrip('/')}/{stage.name}"
-    if resume and io.exists(f"{experiment}/tuner.pkl"):
-        print(f"stage {stage.name}: resuming")
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        configs = {s.key: trial_config(spec, stage, s, inputs) for s in settings}
-        tuner = make_tuner(
-            trainable,
-            configs,
-            {k: search for k in configs},
-            name=stage.name,
-            storage_path=paths.storage,
-            optuna_storage=paths.optuna,
-            study_prefix=f"{spec.name}/{stage.name}",
-            max_blocks=n_blocks(spec),
-            asha=spec.asha,
-            epochs=stage.epochs,
-            max_failures=spec.max_failures,
-        )
-        print(f"stage {stage.name}: {len(settings)} settings, {sum(search.trials for _ in configs)} trials")
-    grid = tuner.fit()
+    with _inputs_on_nodes(paths, stage, inputs) as server:
+        if resume and io.exists(f"{experiment}/tuner.pkl"):
+            print(f"stage {stage.name}: resuming")
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            configs = {s.key: {**trial_config(spec, stage, s, inputs), "input_server": server} for s in settings}
+            tuner = make_tuner(
+                trainable,
+                configs,
+                {k: search for k in configs},
+                name=stage.name,
+                storage_path=paths.storage,
+                optuna_storage=paths.optuna,
+                study_prefix=f"{spec.name}/{stage.name}",
+                max_blocks=n_blocks(spec),
+                asha=spec.asha,
+                epochs=stage.epochs,
+                max_failures=spec.max_failures,
+            )
+            print(f"stage {stage.name}: {len(settings)} settings, {sum(search.trials for _ in configs)} trials")
+        grid = tuner.fit()
     return results_table(grid, stage.name)
+
+
+@contextmanager
+def _inputs_on_nodes(paths: SweepPaths, stage: StageSpec, inputs: Any) -> Iterator[str | None]:
+    """On a cluster, the stage's inputs served to nodes that lack them (``ltc.sweep.files``), and the server's
+    name for the trial configs; on a local Ray (one node, started here) nothing to serve: None."""
+    from ltc.sweep.files import input_paths, serve_inputs, server_name
+
+    if not on_cluster():
+        yield None
+        return
+    resolved = inputs.values() if isinstance(inputs, dict) else [inputs]
+    with serve_inputs(server_name(paths.root, stage.name), input_paths(resolved)) as name:
+        yield name
 
 
 def make_tuner(
@@ -360,9 +375,21 @@ def make_tuner(
     )
 
 
+_CONNECTED = False  # init_ray joined a cluster (an address, $RAY_ADDRESS: also inside `ray job submit`)
+
+
+def on_cluster() -> bool:
+    """Whether trials may run on nodes other than the driver's: a cluster this process joined (nodes can join
+    it later: an autoscaler), or a Ray of several nodes now."""
+    import ray
+
+    return _CONNECTED or len(ray.nodes()) > 1
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     """Connect to the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray (of ``num_cpus``
     CPUs; default all), with the settings a sweep's Tune runs need."""
+    global _CONNECTED
     import ray
 
     # A trial's checkpoint can force a snapshot of the experiment (needed for --resume); Tune warns about
@@ -382,6 +409,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
+        _CONNECTED = True
     else:
         # a new local cluster of its own, dashboard off, bound to this machine only. address="local": without
         # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
