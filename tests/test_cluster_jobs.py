@@ -1,0 +1,139 @@
+"""ltc on a real Ray cluster started from the command line, driven through the Jobs API as the README says.
+
+One cluster for the module (``tests/ray_cluster.py``): a head with no trial CPUs (as cluster.yaml's) and worker
+nodes of 1 CPU, token authentication on. Each worker sees its own folder in place of the driver's default shard
+cache (a mount namespace): a node of a real cluster, which does not share the head's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray_cluster import BIN, RayCluster, can_hide_folders
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = "sweeps/cluster_check.yaml"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not can_hide_folders(), reason="needs unprivileged mount namespaces (unshare --user --mount)"),
+]
+
+
+@dataclass
+class Cluster:
+    ray: RayCluster
+    cache: Path  # the driver's default shard cache (no LTC_CACHE): $XDG_CACHE_HOME/ltc/cache on the head
+    private: dict[str, Path] = field(default_factory=dict)  # worker node id -> the folder it sees as `cache`
+
+    def add_worker(self, folder: Path) -> str:
+        """A 1-CPU worker that sees ``folder`` where the head has its shard cache; its node id."""
+        folder.mkdir(parents=True)
+        before = {n["id"] for n in self.ray.nodes()}
+        self.ray.add_worker(num_cpus=1, hide={self.cache: folder})
+        (node,) = [n["id"] for n in self.ray.nodes() if n["id"] not in before]
+        self.private[node] = folder
+        return node
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    xdg = base / "xdg"
+    cache = xdg / "ltc" / "cache"  # ltc.paths.cache_root's default here: the data home is read-only
+    cache.mkdir(parents=True)
+    ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg)})
+    ray.env.pop("LTC_CACHE", None)  # the session's private cache: not here, the default one is under test
+    c = Cluster(ray, cache)
+    try:
+        t0 = time.monotonic()
+        ray.start_head(num_cpus=0)
+        c.add_worker(base / "node1")
+        print(f"cluster: head + 1 worker up in {time.monotonic() - t0:.1f} s")
+        yield c
+    finally:
+        ray.stop()
+
+
+def _submit(cluster: Cluster, args: list[str], *, runtime_env: dict | None = None) -> subprocess.Popen:
+    """``ray job submit --working-dir . -- ltc sweep …`` from the repository, as the README says; runs until the
+    job ends (its output: the driver's)."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.ray.dashboard, "--working-dir", "."]
+    if runtime_env:
+        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+    return subprocess.Popen(
+        [*cmd, "--", "ltc", "sweep", *args], cwd=REPO, env=cluster.ray.env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _finish(job: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = job.communicate(timeout=timeout)
+    assert job.returncode == 0, out[-5000:]
+    assert "succeeded" in out
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_the_shards(cluster, tmp_path):
+    t0 = time.monotonic()
+    results = tmp_path / "results"
+    job = _submit(cluster, [SWEEP, "--results", str(results)])
+    first = next(iter(cluster.private.values()))
+    # the second worker joins once the first one has started training (its copy of the inputs is there)
+    while not any(first.rglob("manifest.json")):
+        assert job.poll() is None, job.communicate()[0][-5000:]
+        time.sleep(0.5)
+    joined_at = time.monotonic() - t0
+    second = cluster.add_worker(tmp_path / "node2")
+    out = _finish(job)
+    wall = time.monotonic() - t0
+
+    trials = pd.read_parquet(results / "cluster_check" / "trials.parquet")
+    assert len(trials) == 6 and (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    per_node = trials.node_id.value_counts().to_dict()
+    assert set(per_node) == set(cluster.private), per_node  # both workers, never the head
+    assert second in per_node
+    ft = trials[trials.kind == "finetune"]
+    assert ft.init.str.startswith(str(results)).all()  # best PT checkpoint, through the results' Ray storage
+    # the driver built each stage's shards once, in its own cache; each worker holds byte-identical copies of
+    # what its trials read (no trial featurised: there is nothing else to read)
+    built = sorted(p.name for p in (cluster.cache / "shards").iterdir())
+    assert [b.split("-")[0] for b in built] == ["agl", "l96"], built
+    for node, folder in cluster.private.items():
+        kinds = {trials.loc[i, "kind"] for i in trials.index[trials.node_id == node]}
+        wanted = (["agl"] if "pretrain" in kinds else []) + (["l96"] if kinds - {"pretrain"} else [])
+        copies = sorted(p.name for p in (folder / "shards").iterdir() if not p.name.startswith("."))
+        assert [c.split("-")[0] for c in copies] == wanted, (node, copies)
+        for name in copies:
+            assert _files(folder / "shards" / name) == _files(cluster.cache / "shards" / name)
+        assert sorted(p.name for p in (folder / "splits").iterdir() if p.suffix == ".json")
+    print(
+        f"\njob: {wall:.0f} s; second worker joined at {joined_at:.0f} s; trials per node {per_node}; "
+        f"driver output tail:\n{out[-600:]}"
+    )
+
+
+def test_with_ltc_cache_on_a_folder_every_node_sees_nothing_is_copied(cluster, tmp_path):
+    shared = tmp_path / "shared_cache"
+    shared.mkdir()
+    results = tmp_path / "results"
+    before = {node: sorted(f.rglob("*")) for node, f in cluster.private.items()}
+    t0 = time.monotonic()
+    job = _submit(cluster, [SWEEP, "--results", str(results)], runtime_env={"env_vars": {"LTC_CACHE": str(shared)}})
+    _finish(job)
+    trials = pd.read_parquet(results / "cluster_check" / "trials.parquet")
+    assert len(trials) == 6 and (trials.status == "completed").all()
+    assert trials.node_id.nunique() == 2
+    assert sorted(p.name.split("-")[0] for p in (shared / "shards").iterdir()) == ["agl", "l96"]  # built once
+    assert {node: sorted(f.rglob("*")) for node, f in cluster.private.items()} == before  # no copies
+    print(f"\njob with a shared LTC_CACHE: {time.monotonic() - t0:.0f} s")
