@@ -502,3 +502,20 @@ def test_a_folder_started_by_an_older_ltc_resumes(tmp_path):
     assert spec.asha is None
     with pytest.raises(LtcConfigError, match="different version"):
         _claim_results(paths, dataclasses.replace(spec, asha=AshaSpec()), None, resume=True)
+
+
+def test_a_ray_job_refuses_relative_result_paths(tmp_path, monkeypatch):
+    # `ray job submit --working-dir .` runs `ltc sweep` in Ray's temporary copy of the folder: results written
+    # there relative to it would go with the job
+    from ltc.errors import ConfigError as LtcConfigError
+    from ltc.sweep import run_sweep
+
+    copy_of_it = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy_of_it.mkdir(parents=True)
+    monkeypatch.chdir(copy_of_it)
+    spec = load_sweep(REPO / "sweeps/cluster_check.yaml")
+    with pytest.raises(LtcConfigError, match=r"--results results is relative, and this Ray job runs in"):
+        run_sweep(spec, results="results")
+    with pytest.raises(LtcConfigError, match=r"--storage ckpts is relative"):
+        run_sweep(spec, results=tmp_path / "r", storage="ckpts")
+    assert not (copy_of_it / "results").exists() and not (tmp_path / "r").exists()  # refused before writing

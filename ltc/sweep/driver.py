@@ -137,6 +137,7 @@ def run_sweep(
 
     with _interrupts():
         try:
+            _check_job_paths(results=results, storage=storage)
             home = str(_data_home(data_home).resolve())
             cache_dir = str(cache_root(cache, home=Path(home)).resolve())
             validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
@@ -149,6 +150,22 @@ def run_sweep(
             return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
         except KeyboardInterrupt:  # before any stage started (validation, Ray's start)
             raise SweepInterrupted(None) from None
+
+
+# `ray job submit --working-dir .` runs the driver inside Ray's temporary copy of that folder, deleted with the job
+_JOB_COPY = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+
+
+def _check_job_paths(**paths: str | os.PathLike[str] | None) -> None:
+    """Refuse relative result paths in a Ray job's working-dir copy: what the sweep wrote would be lost with it."""
+    if _JOB_COPY not in os.getcwd() + os.sep:
+        return
+    for flag, path in paths.items():
+        if path is not None and not io.is_uri(path) and not Path(path).is_absolute():
+            raise ConfigError(
+                f"--{flag} {path} is relative, and this Ray job runs in Ray's temporary copy of its working dir "
+                f"({os.getcwd()}), which goes with the job: give an absolute path"
+            )
 
 
 def _run_stages(spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, cache_dir: str) -> Any:
