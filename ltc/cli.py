@@ -276,6 +276,7 @@ def _train_kfold(stage, out: Path, inputs) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from ltc.io import check_uri
     from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
@@ -283,6 +284,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = smoke(spec)
     if args.dry_run:
         # what a trial would reject fails here, naming the key; Ray is never imported
+        check_uri(args.storage or spec.storage or "", what="storage")
         validate(spec, home=args.data_home, cache=args.cache)
         print(describe(spec))
         return 0
