@@ -92,3 +92,34 @@ def test_the_s3_specific_endpoint_wins(monkeypatch):
     assert io.s3_endpoint() == ("http", "general:1")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     assert io.s3_endpoint() is None
+
+
+TINY = {"hidden": 16, "n_blocks": 2, "fc_dim": 16}
+
+
+def test_predict_reads_checkpoints_and_checkpoint_folders_from_the_bucket(s3, tmp_path):
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from ltc.checkpoints import load_checkpoint
+    from ltc.predict import expand_checkpoints, predict
+    from ltc.train import RunConfig, TrainConfig, train_run
+
+    run = tmp_path / "run"
+    train_run(RunConfig(datasets=("l96",), model="cgcnn", model_config=TINY, train=TrainConfig(epochs=2)), run)
+    base = f"s3://{s3.bucket}/{_prefix()}"
+    uris = [f"{base}/cell/r0f{k}/checkpoint.pt" for k in (0, 1)]
+    for uri in [*uris, f"{base}/other/metrics.json"]:
+        fs, path = io.filesystem(uri)
+        pafs.copy_files(str(run / "checkpoint.pt"), path, destination_filesystem=fs)
+
+    assert load_checkpoint(uris[0])["model"]["name"] == "cgcnn"
+    assert expand_checkpoints([f"{base}/cell", uris[1]]) == uris  # a folder: recursive, sorted; no repeats
+    local = predict([run / "checkpoint.pt"], "l96")
+    pd.testing.assert_frame_equal(predict([uris[0]], "l96"), local)
+    both = predict([f"{base}/cell"], "l96")
+    assert (both.n_models == 2).all() and both.pred_mean.tolist() == local.pred_mean.tolist()
+    with pytest.raises(MissingFileError, match=re.escape(f"checkpoint {base}/nosuch.pt does not exist")):
+        predict([f"{base}/nosuch.pt"], "l96")
+    with pytest.raises(MissingFileError, match=re.escape(f"checkpoint folder {base}/other holds no checkpoint.pt")):
+        predict([f"{base}/other"], "l96")
