@@ -591,7 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--resume", action="store_true", help="complete an interrupted sweep (finished trials are kept)")
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    sp.add_argument("--storage", help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's)")
+    sp.add_argument(
+        "--storage",
+        help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's). An S3-compatible "
+        "endpoint comes from AWS_ENDPOINT_URL, credentials from the AWS variables or profile, never the URI",
+    )
     sp.add_argument("--results", default="results", help="results folder (default: results/)")
     sp.add_argument(
         "--optuna-storage",
