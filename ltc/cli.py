@@ -276,6 +276,7 @@ def _train_kfold(stage, out: Path, inputs) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from ltc.io import check_uri
     from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
@@ -283,6 +284,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = smoke(spec)
     if args.dry_run:
         # what a trial would reject fails here, naming the key; Ray is never imported
+        check_uri(args.storage or spec.storage or "", what="storage")
         validate(spec, home=args.data_home, cache=args.cache)
         print(describe(spec))
         return 0
@@ -589,7 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--resume", action="store_true", help="complete an interrupted sweep (finished trials are kept)")
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    sp.add_argument("--storage", help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's)")
+    sp.add_argument(
+        "--storage",
+        help="Ray storage for checkpoints: a folder, s3://… or gs://… (default: the file's). An S3-compatible "
+        "endpoint comes from AWS_ENDPOINT_URL, credentials from the AWS variables or profile, never the URI",
+    )
     sp.add_argument("--results", default="results", help="results folder (default: results/)")
     sp.add_argument(
         "--optuna-storage",

@@ -3,21 +3,25 @@
 Every file a reader must be able to trust (manifests, checkpoints, tables, reports) is written through
 ``write_atomic``: a killed writer leaves the old file or none, never half of one. Paths that may be
 object-storage URIs (``s3://…``, ``gs://…``; ``file://`` and plain paths are local) are read and
-copied through this module (``filesystem``, ``open_input``, ``copy_to_local``: pyarrow's filesystems).
+copied through this module (``filesystem``, ``open_input``, ``copy_to_local``: pyarrow's filesystems). An
+S3-compatible endpoint is named by ``AWS_ENDPOINT_URL`` (``s3_endpoint``), credentials by the AWS variables or
+profile, never by the URI: ltc writes URIs into results and Tune state (``check_uri``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ltc.errors import MissingFileError
+from ltc.errors import ConfigError, MissingFileError
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
@@ -70,20 +74,149 @@ def local_path(path: str | os.PathLike[str]) -> Path:
     return Path(str(path).removeprefix("file://"))
 
 
+# The AWS SDKs' variables for an S3-compatible endpoint (MinIO, Ceph, a test server), the S3-specific one first.
+# pyarrow reads neither, so ltc passes the endpoint to pyarrow itself.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint() -> tuple[str, str] | None:
+    """(scheme, host[:port]) of the S3 endpoint in ``AWS_ENDPOINT_URL_S3`` or else ``AWS_ENDPOINT_URL``; None if
+    neither is set. A value that is not ``http(s)://host[:port]`` is a ``ConfigError`` that does not echo it
+    (a user name or query string in it could be a secret)."""
+    for variable in ENDPOINT_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            break
+    else:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if not _is_endpoint(parts):
+        raise ConfigError(
+            f"{variable} must be an S3 endpoint as http://host[:port] or https://host[:port], without a user, "
+            "path or query string (credentials come from the AWS variables or profile)"
+        )
+    return parts.scheme, parts.netloc
+
+
+def _is_endpoint(parts: urllib.parse.SplitResult) -> bool:
+    try:
+        parts.port  # noqa: B018 (parsing it is the check: a bad port raises)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def check_uri(uri: str, *, what: str = "URI") -> None:
+    """Refuse (``ConfigError``) a URI that ltc would write somewhere with something it must not hold.
+
+    A query string (``s3://bucket/prefix?endpoint_override=…``, pyarrow's way to pass options) would reach the
+    results table (checkpoint URIs), Tune's state and the logs, so it is refused without echoing it; so is an
+    ``s3://`` URI while the endpoint variable is malformed. Local paths pass as they are.
+    """
+    if not is_uri(uri):
+        return
+    base, query = uri.split("?", 1) if "?" in uri else (uri, "")
+    if query:
+        raise ConfigError(
+            f"{what} {base}?…: a query string is not accepted, since it would be written into results and Tune "
+            "state; give an S3-compatible endpoint with AWS_ENDPOINT_URL and credentials with the AWS variables "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile"
+        )
+    if uri.startswith("s3://"):
+        s3_endpoint()
+
+
 def filesystem(uri: str):
-    """(pyarrow filesystem, path inside it) of a local path or URI."""
+    """(pyarrow filesystem, path inside it) of a local path or URI; the one place ltc builds filesystems.
+
+    ``s3://bucket/key`` with an endpoint set (``s3_endpoint``) is ``bucket/key`` on an S3FileSystem at that
+    endpoint, with its region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` if set (built directly, not with
+    ``FileSystem.from_uri``, which would ask real AWS for the bucket's region). Credentials are never passed:
+    pyarrow finds them in its default chain (AWS variables, profile). Other URIs: ``FileSystem.from_uri``.
+    """
     import pyarrow.fs as pafs
 
     if not is_uri(uri):
         return pafs.LocalFileSystem(), str(local_path(uri).resolve())
-    return pafs.FileSystem.from_uri(uri)
+    check_uri(uri)
+    endpoint = s3_endpoint() if uri.startswith("s3://") else None
+    if endpoint is None:
+        return pafs.FileSystem.from_uri(uri)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    return _endpoint_s3(*endpoint, region), uri.removeprefix("s3://").rstrip("/")
 
 
-def exists(uri: str) -> bool:
+def _endpoint_s3(scheme: str, endpoint: str, region: str | None) -> Any:
+    """An S3FileSystem at ``scheme://endpoint`` (see ``filesystem``); also what unpickling one calls."""
+    return _endpoint_s3_type()(scheme=scheme, endpoint_override=endpoint, region=region)
+
+
+@functools.cache
+def _endpoint_s3_type() -> type:
+    import pyarrow.fs as pafs
+
+    class EndpointS3FileSystem(pafs.S3FileSystem):
+        """pyarrow's S3FileSystem that pickles as (scheme, endpoint, region) only.
+
+        Tune pickles its storage filesystem into ``tuner.pkl`` and into every trial it starts; pyarrow's own
+        pickle holds every option, credentials when they were given explicitly. This one holds none by
+        construction: the node that unpickles it finds its credentials in its own default chain.
+        """
+
+        def __init__(self, *, scheme: str, endpoint_override: str, region: str | None) -> None:
+            super().__init__(scheme=scheme, endpoint_override=endpoint_override, region=region)
+            self._ltc_args = (scheme, endpoint_override, region)
+
+        def __reduce__(self) -> tuple[Any, tuple[str, str, str | None]]:
+            return _endpoint_s3, self._ltc_args
+
+    return EndpointS3FileSystem
+
+
+def tune_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem or None) for Ray Tune's ``RunConfig`` and ``Tuner.restore`` of a local
+    folder or URI. With an S3 endpoint set, ``s3://bucket/prefix`` is ``("bucket/prefix", S3FileSystem at the
+    endpoint)``: Tune uses a path given beside a filesystem as it is. Anything else is left to Tune, as given."""
+    check_uri(uri, what="storage")
+    if not (uri.startswith("s3://") and s3_endpoint()):
+        return uri, None
+    fs, path = filesystem(uri)
+    return path, fs
+
+
+def file_type(uri: str) -> str | None:
+    """``"file"``, ``"dir"`` or None (missing) for a local path or URI (an object-store prefix holding objects
+    is a folder)."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    kind = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind)
+
+
+def find_files(folder: str, name: str) -> list[str]:
+    """Every file called ``name`` beneath ``folder`` (a local path or URI, searched recursively), sorted, as
+    paths or URIs like ``folder``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name == name)
+    if not is_uri(folder):
+        return found
+    scheme = folder.split("://", 1)[0]
+    return [f"{scheme}://{p}" for p in found]
+
+
+def exists(uri: str) -> bool:
+    return file_type(uri) is not None
 
 
 @contextmanager

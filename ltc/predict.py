@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ltc import datasets
+from ltc import datasets, io
 from ltc.checkpoints import CheckpointError, load_checkpoint
 from ltc.errors import ConfigError, MissingFileError
 from ltc.graphs import GraphConfig, GraphError, check_construction, structure_to_graph
@@ -51,11 +51,16 @@ class EnsembleError(ConfigError, CheckpointError):
 
 def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
     """Checkpoint files for ``paths``: a file as given, a folder as every ``checkpoint.pt`` beneath it (sorted).
+    Paths may be URIs (``s3://bucket/…``: ``ltc.io``), files or folders alike.
 
     A file reached twice (e.g. a folder and one of its files) counts once, at its first place.
     """
-    out: dict[Path, str] = {}
+    out: dict[Path | str, str] = {}
     for given in paths:
+        if io.is_uri(given):
+            for uri in _expand_uri(str(given)):
+                out.setdefault(uri, uri)
+            continue
         path = Path(given)
         if path.is_dir():
             found = sorted(p for p in path.rglob(CHECKPOINT_NAME) if p.is_file())
@@ -69,6 +74,20 @@ def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
         for p in found:
             out.setdefault(p.resolve(), str(p))
     return list(out.values())
+
+
+def _expand_uri(uri: str) -> list[str]:
+    """``expand_checkpoints`` of one URI: the file, or the ``checkpoint.pt`` objects beneath a folder (prefix)."""
+    kind = io.file_type(uri)
+    if kind == "file":
+        return [uri]
+    if kind is None:
+        raise MissingFileError(f"checkpoint {uri} does not exist")
+    found = io.find_files(uri, CHECKPOINT_NAME)
+    if not found:
+        raise MissingFileError(f"checkpoint folder {uri} holds no {CHECKPOINT_NAME} (searched recursively)")
+    log.info("checkpoint folder %s: %d %s file(s)", uri, len(found), CHECKPOINT_NAME)
+    return found
 
 
 def _heads(targets: list[dict[str, Any]]) -> list[tuple[str, str, str]]:

@@ -500,6 +500,9 @@ DTYPES = {c: ("float64" if c in _FLOAT else "int64" if c in ("trial_index", "see
 
 
 def _checkpoint_uri(checkpoint: Any) -> str | None:
+    """A Tune checkpoint's ``checkpoint.pt`` as a local path or URI. Tune's ``Checkpoint.path`` lies inside its
+    filesystem (``bucket/prefix/…`` for S3, ltc's endpoint filesystem included): the scheme is the filesystem's
+    ``type_name``, and ``ltc.io.filesystem`` reads the URI back (FT starts, ``copy_best``, ``ltc predict``)."""
     if checkpoint is None:
         return None
     fs = checkpoint.filesystem

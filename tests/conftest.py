@@ -1,10 +1,22 @@
-"""Shared fixtures: the real data home (``$LTC_DATA_HOME`` or ``../shared/data``) and a private cache."""
+"""Shared fixtures: the real data home (``$LTC_DATA_HOME`` or ``../shared/data``), a private cache, and an S3
+server (moto's, a subprocess on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +62,89 @@ def data_home() -> Path:
 def shared_cache() -> Path:
     """The session's shard cache: shards built here are reused by every test that asks for the same key."""
     return Path(os.environ["LTC_CACHE"])
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # http://127.0.0.1:<port>
+    bucket: str
+    env: dict[str, str]  # AWS_ENDPOINT_URL, made-up credentials for this run, AWS_REGION: set them with monkeypatch
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server with one bucket, started once per session and stopped by its own process group.
+
+    Its credentials are random per run, so that a test can look for them in whatever ltc and Tune wrote.
+    """
+    import boto3
+
+    with socket.socket() as sock:  # a free port; moto binds it right after (a race no other test runs)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # an HTTP answer, even an error: it is up
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+            "AWS_REGION": "us-east-1",
+        }
+        bucket = "ltc-test"
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name=env["AWS_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=bucket)  # fmt: skip
+        yield S3Server(endpoint, bucket, env)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # the group it leads: the server and nothing else
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def aws_env(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
+    """Point pyarrow and ltc at ``server`` only: its variables set, other AWS settings that could win cleared."""
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+
+
+def bucket_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
+    """Key → bytes of every object under ``prefix`` in the server's bucket (read with the test's own client)."""
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=server.endpoint, region_name=server.env["AWS_REGION"],
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=server.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=server.bucket, Key=obj["Key"])["Body"].read()
+    return out
 
 
 def make_task(name: str = "ph", *, size: int, seed: int, transform: str = "minmax"):

@@ -144,6 +144,7 @@ def run_sweep(
             root = Path(results).resolve() / spec.name
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
+            io.tune_storage(paths.storage)  # a refused storage URI or endpoint fails here, in one line
             _claim_results(paths, spec, spec_text, resume)
             init_ray(address)
             _arm()
@@ -309,7 +310,10 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     with _inputs_on_nodes(paths, stage, inputs) as server:
         if resume and io.exists(f"{experiment}/tuner.pkl"):
             print(f"stage {stage.name}: resuming")
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            path, fs = io.tune_storage(experiment)
+            tuner = tune.Tuner.restore(
+                path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+            )
         else:
             configs = {s.key: {**trial_config(spec, stage, s, inputs), "input_server": server} for s in settings}
             tuner = make_tuner(
@@ -360,13 +364,15 @@ def make_tuner(
 ) -> Any:
     """One stage's ``Tuner``: the settings' trial configs (``configs``), searched per setting by Optuna
     (``search``; studies in ``optuna_storage``, a reference from ``studies.register_storage``), with early
-    stopping per setting when ``asha`` is set. Benchmarks build it with a no-op ``trainable``."""
+    stopping per setting when ``asha`` is set; checkpoints and Tune's state go to ``storage_path`` (a folder or
+    URI: ``ltc.io.tune_storage``). Benchmarks build it with a no-op ``trainable``."""
     from ray import tune
 
     from ltc.sweep.adapters import METRIC, MODE, Progress, SettingSearch, StudyPruning
 
     searcher = SettingSearch(configs, search, max_blocks=max_blocks, storage=optuna_storage, prefix=study_prefix)
     total = searcher.total
+    path, fs = io.tune_storage(storage_path)
     return tune.Tuner(
         trainable,
         param_space={},
@@ -381,7 +387,8 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=fs,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
