@@ -180,6 +180,45 @@ def _endpoint_s3_type() -> type:
     return EndpointS3FileSystem
 
 
+# Ray Tune copies these from the driver's environment into every trial's runtime env, which Ray's runtime-env
+# agent writes into its log (ray/tune/execution/class_cache.py and runtime_env_agent.log, Ray 2.60)
+# (variable → its key in a credentials file; the old AWS_SECURITY_TOKEN first, so AWS_SESSION_TOKEN wins)
+CREDENTIAL_VARIABLES = {
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SECURITY_TOKEN": "aws_session_token",
+    "AWS_SESSION_TOKEN": "aws_session_token",
+}
+
+
+def hide_aws_credentials() -> Path | None:
+    """Move AWS credentials out of this process's environment into a private credentials file; its path.
+
+    The file (mode 0600, in a 0700 temp folder, removed at exit) holds them under ``$AWS_PROFILE`` (default
+    ``default``) and ``AWS_SHARED_CREDENTIALS_FILE`` names it, so pyarrow and boto3 here, and the workers of a
+    local Ray started after this, find the same credentials; but Tune has none to copy into trials' runtime envs,
+    which Ray logs. Trials on other nodes use their node's own credentials (instance profile, variables, file).
+    None when no credential variable is set.
+    """
+    found = {k: os.environ[k] for k in CREDENTIAL_VARIABLES if os.environ.get(k)}
+    if not found:
+        return None
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix="ltc-aws-"))  # mkdtemp: 0700
+    path = folder / "credentials"
+    entries = {CREDENTIAL_VARIABLES[k]: v for k, v in found.items()}
+    lines = [f"[{os.environ.get('AWS_PROFILE') or 'default'}]", *(f"{k} = {v}" for k, v in entries.items())]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for k in CREDENTIAL_VARIABLES:
+        os.environ.pop(k, None)
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
+    return path
+
+
 def tune_storage(uri: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem or None) for Ray Tune's ``RunConfig`` and ``Tuner.restore`` of a local
     folder or URI. With an S3 endpoint set, ``s3://bucket/prefix`` is ``("bucket/prefix", S3FileSystem at the

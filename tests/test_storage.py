@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -159,17 +161,21 @@ def test_predict_reads_checkpoints_and_checkpoint_folders_from_the_bucket(s3, tm
 
 @pytest.fixture
 def s3_ray(s3_server, monkeypatch):
-    """A local Ray started with the server's variables set, so that its trial workers inherit them."""
+    """A local Ray started with the server's variables set, so that its trial workers inherit them; its files
+    (logs included) under a temp folder of its own, yielded with the server."""
     import ray
 
     from ltc.sweep.driver import init_ray
 
     aws_env(monkeypatch, s3_server)
+    ray_files = Path(tempfile.mkdtemp(prefix="ltc-ray-", dir="/tmp"))  # short: Ray's socket paths are under it
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_files))
     init_ray(None, num_cpus=2)
     try:
-        yield s3_server
+        yield s3_server, ray_files
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_files, ignore_errors=True)
 
 
 def _leaks(blobs: dict[str, bytes], secrets: list[str]) -> list[tuple[str, str]]:
@@ -184,7 +190,7 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
     from ltc.config import from_dict
     from ltc.sweep import SweepSpec, run_sweep
 
-    s3 = s3_ray
+    s3, ray_files = s3_ray
     prefix = _prefix()
     storage = f"s3://{s3.bucket}/{prefix}"
     spec = from_dict(SweepSpec, SWEEP)
@@ -220,10 +226,15 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
     again = run_sweep(spec, results=tmp_path, storage=storage, resume=True)
     assert again.trial_id.tolist() == trials.trial_id.tolist()
 
-    # no credential, and no endpoint option, in anything ltc or Tune wrote: the results folder and the bucket
+    # no credential, and no endpoint option, in anything ltc or Tune wrote: the results folder and the bucket;
+    # and no credential in Ray's files and logs (Tune copies the driver's AWS variables into trials' runtime
+    # envs, which Ray logs: ltc moved them into a private credentials file first, io.hide_aws_credentials)
     written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     written.update(bucket_objects(s3, prefix))
     assert _leaks(written, [s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], "endpoint_override"]) == []
+    logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_socket()}
+    assert any(name.endswith("runtime_env_agent.log") for name in logs)
+    assert _leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"]]) == []
 
 
 @pytest.mark.slow
@@ -273,3 +284,31 @@ def test_an_interrupted_sweep_restores_its_tuner_from_the_bucket(s3_server, tmp_
     assert len(trials) == 4 and trials.trial_id.is_unique and (trials.status == "completed").all()
     assert set(trials[trials.stage == "pt"].trial_id) == finished  # restored, not trained again
     assert trials.checkpoint.str.startswith(f"{storage}/").all()
+
+
+def test_aws_credentials_move_from_the_environment_into_a_private_file(monkeypatch):
+    import os
+    import stat
+
+    for key in (*io.CREDENTIAL_VARIABLES, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    assert io.hide_aws_credentials() is None and "AWS_SHARED_CREDENTIALS_FILE" not in os.environ
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
+    monkeypatch.setenv("AWS_SECURITY_TOKEN", "old-token")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token")
+    path = io.hide_aws_credentials()
+    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(path)
+    assert not [k for k in io.CREDENTIAL_VARIABLES if k in os.environ]  # nothing left for Tune to copy
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.read_text().splitlines() == [
+        "[lab]",
+        "aws_access_key_id = AKIDEXAMPLE",
+        "aws_secret_access_key = wJalrXUtnFEMI",
+        "aws_session_token = session-token",
+    ]
+    import boto3  # the AWS SDK finds the same credentials through the file
+
+    creds = boto3.Session().get_credentials()
+    assert (creds.access_key, creds.secret_key, creds.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI", "session-token")

@@ -146,6 +146,7 @@ def run_sweep(
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
             io.tune_storage(paths.storage)  # a refused storage URI or endpoint fails here, in one line
             _claim_results(paths, spec, spec_text, resume)
+            io.hide_aws_credentials()  # before Ray starts: Tune would copy them into trials' runtime envs, and logs
             init_ray(address)
             _arm()
             return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
