@@ -132,19 +132,26 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
         monkeypatch.setenv(key, value)
 
 
-def bucket_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
-    """Key → bytes of every object under ``prefix`` in the server's bucket (read with the test's own client)."""
+def _client(server: S3Server):
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3", endpoint_url=server.endpoint, region_name=server.env["AWS_REGION"],
         aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
     )  # fmt: skip
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=server.bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            out[obj["Key"]] = client.get_object(Bucket=server.bucket, Key=obj["Key"])["Body"].read()
-    return out
+
+
+def bucket_keys(server: S3Server, prefix: str) -> list[str]:
+    """The keys under ``prefix`` in the server's bucket (listed with the test's own client)."""
+    client = _client(server)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=server.bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def bucket_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
+    """Key → bytes of every object under ``prefix`` in the server's bucket (read with the test's own client)."""
+    client = _client(server)
+    return {k: client.get_object(Bucket=server.bucket, Key=k)["Body"].read() for k in bucket_keys(server, prefix)}
 
 
 def make_task(name: str = "ph", *, size: int, seed: int, transform: str = "minmax"):

@@ -2,7 +2,8 @@
 
 One cluster for the module (``tests/ray_cluster.py``): a head with no trial CPUs (as cluster.yaml's) and worker
 nodes of 1 CPU, token authentication on. Each worker sees its own folder in place of the driver's default shard
-cache (a mount namespace): a node of a real cluster, which does not share the head's disk.
+cache (a mount namespace): a node of a real cluster, which does not share the head's disk. Every node has the
+AWS variables of a local S3-compatible server (moto, ``conftest.s3_server``), as an instance profile would give.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from conftest import bucket_keys, bucket_objects
 from ray_cluster import BIN, RayCluster, can_hide_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +45,19 @@ class Cluster:
         self.private[node] = folder
         return node
 
+    def two_workers(self, tmp_path: Path) -> None:
+        """At least two workers (a test run alone has the fixture's one)."""
+        if len(self.private) < 2:
+            self.add_worker(tmp_path / "another_node")
+
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3_server):
     base = tmp_path_factory.mktemp("cluster")
     xdg = base / "xdg"
     cache = xdg / "ltc" / "cache"  # ltc.paths.cache_root's default here: the data home is read-only
     cache.mkdir(parents=True)
-    ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg)})
+    ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg), **s3_server.env})
     ray.env.pop("LTC_CACHE", None)  # the session's private cache: not here, the default one is under test
     c = Cluster(ray, cache)
     try:
@@ -61,10 +70,14 @@ def cluster(tmp_path_factory):
         ray.stop()
 
 
-def _submit(cluster: Cluster, args: list[str], *, runtime_env: dict | None = None) -> subprocess.Popen:
+def _submit(
+    cluster: Cluster, args: list[str], *, runtime_env: dict | None = None, job_id: str | None = None
+) -> subprocess.Popen:
     """``ray job submit --working-dir . -- ltc sweep …`` from the repository, as the README says; runs until the
     job ends (its output: the driver's)."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.ray.dashboard, "--working-dir", "."]
+    if job_id:
+        cmd += ["--submission-id", job_id]
     if runtime_env:
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
     return subprocess.Popen(
@@ -124,6 +137,7 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
 
 
 def test_with_ltc_cache_on_a_folder_every_node_sees_nothing_is_copied(cluster, tmp_path):
+    cluster.two_workers(tmp_path)
     shared = tmp_path / "shared_cache"
     shared.mkdir()
     results = tmp_path / "results"
@@ -137,3 +151,74 @@ def test_with_ltc_cache_on_a_folder_every_node_sees_nothing_is_copied(cluster, t
     assert sorted(p.name.split("-")[0] for p in (shared / "shards").iterdir()) == ["agl", "l96"]  # built once
     assert {node: sorted(f.rglob("*")) for node, f in cluster.private.items()} == before  # no copies
     print(f"\njob with a shared LTC_CACHE: {time.monotonic() - t0:.0f} s")
+
+
+def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it_and_predict_reads_it(
+    cluster, s3_server, tmp_path
+):
+    cluster.two_workers(tmp_path)
+    t0 = time.monotonic()
+    # cluster_check with intermediate checkpoints every 2 epochs, so that a stopped FT stage has some to resume from
+    spec = yaml.safe_load((REPO / SWEEP).read_text())
+    spec["name"] = "s3check"
+    spec["stages"][1].update(epochs=40, checkpoint_every=2, checkpoint_seconds=0, report_seconds=0)
+    sweep = tmp_path / "s3check.yaml"
+    sweep.write_text(yaml.safe_dump(spec))
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    storage = f"s3://{s3_server.bucket}/{prefix}"
+    results = tmp_path / "results"
+    args = [str(sweep), "--results", str(results), "--storage", storage]
+    # ray job stop sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default): time for Tune to
+    # end the stage gracefully
+    env = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}
+    job = _submit(cluster, args, runtime_env=env, job_id=f"{prefix}-1")
+
+    def states() -> int:  # intermediate FT training states in the bucket
+        return sum(k.endswith("/train_state.pt") for k in bucket_keys(s3_server, f"{prefix}/finetune/"))
+
+    while states() < 4:
+        assert job.poll() is None, job.communicate()[0][-5000:]
+        time.sleep(1)
+    stopped_at = time.monotonic() - t0
+    stop = cluster.ray.run([str(BIN / "ray"), "job", "stop", "--address", cluster.ray.dashboard, f"{prefix}-1"])
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    first, _ = job.communicate(timeout=300)
+    assert "ltc sweep: interrupted in stage finetune" in first, first[-5000:]
+    assert not (results / "s3check" / "stages" / "finetune.parquet").exists()
+    assert not (results / "s3check" / "ray").exists()  # Tune's state is in the bucket only
+    assert f"{prefix}/finetune/tuner.pkl" in bucket_keys(s3_server, f"{prefix}/finetune/")
+
+    second = _finish(_submit(cluster, [*args, "--resume"], runtime_env=env, job_id=f"{prefix}-2"))
+    assert "stage pretrain: finished earlier" in second and "stage finetune: resuming" in second
+    trials = pd.read_parquet(results / "s3check" / "trials.parquet")
+    assert len(trials) == 6 and trials.trial_id.is_unique and (trials.status == "completed").all()
+    assert trials.checkpoint.str.startswith(f"{storage}/").all()
+    pt, ft = trials[trials.kind == "pretrain"], trials[trials.kind == "finetune"]
+    best = pt.loc[pt.val_loss.idxmin()]
+    assert set(ft.init) == {best.checkpoint}  # FT starts from the best PT checkpoint, in the bucket …
+    assert (ft.node_id != best.node_id).any()  # … which FT trials on another node fetched from there
+    assert (trials.resumed_from_epoch > 0).any()  # stopped trials went on from their states in the bucket
+    assert (trials.epochs_run == trials.stage.map({"pretrain": 4, "finetune": 40})).all()
+
+    # ltc predict on a checkpoint in the bucket, as a user on the head would
+    out = tmp_path / "pred.parquet"
+    ltc = cluster.ray.run(
+        [str(BIN / "ltc"), "predict", "--checkpoint", ft.checkpoint.iloc[0], "l96", "--out", str(out)]
+    )
+    assert ltc.returncode == 0, ltc.stderr[-3000:]
+    assert len(pd.read_parquet(out)) == 95
+
+    # no key, secret or endpoint option in the results, the bucket, or any node's Ray files and logs (job logs too)
+    secrets = [s3_server.env["AWS_ACCESS_KEY_ID"], s3_server.env["AWS_SECRET_ACCESS_KEY"]]
+    written = {str(p): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    written.update(bucket_objects(s3_server, prefix))
+    logs = {str(p): p.read_bytes() for p in cluster.ray.root.rglob("*") if p.is_file() and not p.is_socket()}
+    assert any("job-driver-" in name for name in logs)
+    leaks = [(n, x) for blobs, words in ((written, [*secrets, "endpoint_override"]), (logs, secrets))
+             for n, data in blobs.items() for x in words if x.encode() in data]  # fmt: skip
+    assert leaks == []
+    print(
+        f"\nbucket job: stopped at {stopped_at:.0f} s, done at {time.monotonic() - t0:.0f} s; "
+        f"{len(bucket_keys(s3_server, prefix))} objects in {storage}; trials per node "
+        f"{trials.node_id.value_counts().to_dict()}"
+    )
