@@ -320,8 +320,12 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     assert any("pip install" in c and "ltc" in c for c in cfg["setup_commands"])
     assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
     assert any("/mnt/ltc" in c for c in cfg["setup_commands"])  # shared storage for shards and results
-    for secret in ("aws_access_key_id", "aws_secret_access_key", "password", "token", "ssh_private_key"):
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "password", "ssh_private_key", "ray_auth_token"):
         assert secret not in text.lower(), secret
+    # Ray's token authentication: on for every node, the token itself copied by path, never written here
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for commands in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in " ".join(commands)
     assert Path(REPO / cfg["file_mounts"]["~/ltc"]).resolve() == REPO
 
 
