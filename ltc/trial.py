@@ -3,8 +3,9 @@
 The trial's config holds names, numbers and paths only (Tune snapshots it), all resolved by the
 driver: ``inputs`` (shard folders, split ids, held-out formulas: ``ltc.inputs.RunInputs``) and the
 starting checkpoint (a path or URI, or a name in ``ltc.models.PRETRAINED``, loaded by ``ltc.transfer.load_init``).
-A trial opens those and nothing else: it never reads raw data, hashes files or builds shards, and a path
-missing on its node is an error that names it.
+A trial opens those and nothing else: it never reads raw data, hashes files or builds shards. On a cluster, a
+node without the driver's shard cache copies those paths from the driver first (``ltc.sweep.files``, the server
+named by ``input_server``); otherwise a path missing on its node is an error that names it.
 
 Every epoch reports ``val_loss`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
 epochs a resumable training state goes with it, so a trial whose worker died continues from there. The last report

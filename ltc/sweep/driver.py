@@ -3,7 +3,9 @@
 For each stage the driver picks the starting checkpoints from the stages before it, resolves the
 stage's inputs once (shards built or verified, split ids, held-out formulas: ``ltc.inputs``), checks
 every setting's size against them, and runs the stage's trials. A finished stage leaves its best
-checkpoints in ``best/<stage>/`` and then, last, ``stages/<stage>.parquet``, which marks it done.
+checkpoints in ``best/<stage>/`` and then, last, ``stages/<stage>.parquet``, which marks it done. On a
+cluster the driver serves each stage's inputs to nodes that lack them while the stage runs
+(``ltc.sweep.files``); checkpoints and Tune's state go to the storage (a folder, or a bucket: ``ltc.io``).
 ``--resume`` skips finished stages and restores the running one with ``Tuner.restore`` (finished
 trials are kept, unfinished ones continue from their last checkpoint).
 
