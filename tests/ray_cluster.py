@@ -94,8 +94,10 @@ class RayCluster:
         num_gpus: int | None = None,
         autoscaling_config: Path | None = None,
         env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
-        port, dash = free_port(), free_port()
+        """``port``: the GCS port (default a free one), for a config written before the head starts."""
+        port, dash = port or free_port(), free_port()
         args = [
             "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
