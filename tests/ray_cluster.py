@@ -3,10 +3,18 @@
 ``RayCluster`` runs ``ray start --head`` and ``ray start --address`` (each ``--block``, in its own process
 group and temp dir under one short root folder), with token authentication on: one token file, named by
 ``RAY_AUTH_TOKEN_PATH`` for every node and every client (``ray job submit``), as on a real cluster where the
-token is copied to each node. A worker node can be given a private view of some folders (a mount namespace
-with bind mounts, ``unshare``): that is how a test shows a node that does not see the driver's shard cache.
+token is copied to each node.
+
+The whole cluster, and every client the tests run against it (``run``, ``popen``: ``ray job submit``, a
+watcher, a local S3 server), live in a private network namespace that has only a loopback interface
+(``unshare --user --net``, entered with ``nsenter``). Ray 2.60 replaces ``--node-ip-address=127.0.0.1`` with
+the machine's address for a multi-node cluster, and its GCS and raylets then listen on every interface; in the
+namespace, the node address is 127.0.0.1 and nothing the cluster opens is reachable from outside it (nor do
+its ports meet anybody else's). A worker node can also be given a private view of some folders (a mount
+namespace with bind mounts): that is how a test shows a node that does not see the driver's shard cache.
+
 ``stop`` ends exactly the processes the cluster started: its process groups, then anything left whose
-command line names its root folder. Never by name, never ``ray stop``.
+command line names its root folder, then the namespace's holder. Never by name, never ``ray stop``.
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def can_hide_folders() -> bool:
-    """Whether unprivileged mount namespaces work here (``unshare --user --mount``)."""
-    if shutil.which("unshare") is None:
+HOLDER = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--propagation", "private"]
+
+
+def can_isolate() -> bool:
+    """Whether unprivileged user, network and mount namespaces work here (``unshare``, ``nsenter``, ``ip``)."""
+    if not all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip")):
         return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    probe = subprocess.run([*HOLDER, "sh", "-c", "ip link set lo up"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -63,6 +74,16 @@ class RayCluster:
         self.procs: list[subprocess.Popen] = []
         self.gcs = ""
         self.dashboard = ""
+        # the namespaces' holder: a process that sleeps in them, for nsenter to enter (with its loopback up)
+        self.holder = subprocess.Popen(
+            [*HOLDER, "sh", "-c", "ip link set lo up && exec sleep infinity"], start_new_session=True
+        )
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{self.holder.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("could not make a private network namespace (unshare --user --net)")
+            time.sleep(0.05)
+        self.enter = ["nsenter", f"--target={self.holder.pid}", "--user", "--net", "--mount", "--preserve-credentials"]
 
     # ---- nodes
 
@@ -70,17 +91,11 @@ class RayCluster:
         temp = self.root / name
         log = self.root / f"{name}.log"
         cmd = [str(BIN / "ray"), "start", *args, f"--temp-dir={temp}", "--block", "--disable-usage-stats"]
-        if hide:  # a private mount namespace: each folder shows the node its own replacement
+        if hide:  # a mount namespace of its own: each folder shows the node its own replacement
             binds = " && ".join(f"mount --bind {shlex.quote(str(r))} {shlex.quote(str(f))}" for f, r in hide.items())
-            cmd = [
-                "unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
-                "sh", "-c", f"{binds} && exec {shlex.join(cmd)}",
-            ]  # fmt: skip
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{binds} && exec {shlex.join(cmd)}"]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.procs.append(proc)
+            proc = self.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while b"Ray runtime started" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -129,10 +144,22 @@ class RayCluster:
 
     # ---- clients (subprocesses: this test process never joins the cluster)
 
+    def popen(self, cmd: list[str], *, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+        """``cmd`` in the cluster's network namespace, in a process group of its own, stopped by ``stop``."""
+        env = {**self.env, **(env or {})}
+        # entering a mount namespace moves the working directory to its root: say where to be (nsenter --wd)
+        wd = f"--wd={kwargs.pop('cwd', None) or os.getcwd()}"
+        proc = subprocess.Popen([*self.enter, wd, "--", *cmd], env=env, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
     def run(
         self, cmd: list[str], *, cwd: Path | str | None = None, timeout: float = 600
     ) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        """``cmd`` in the cluster's network namespace, to its end; its output as text."""
+        proc = self.popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def submit(self, entrypoint: list[str], *, working_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir …  -- <entrypoint>``, waiting for the job to end."""
@@ -164,6 +191,8 @@ class RayCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             _signal_group(proc.pid, signal.SIGKILL)
+        _signal_group(self.holder.pid, signal.SIGKILL)
+        self.holder.wait()
         time.sleep(0.5)
         mine = str(self.root)
         for p in psutil.process_iter(["pid", "cmdline"]):

@@ -164,10 +164,8 @@ def test_gpu_stage_scales_fake_gpu_workers_up_then_back_to_zero(tmp_path):
     # all trials fit on this many GPU workers (one here: 4 x a quarter GPU, 4 x 2 CPUs)
     needed = math.ceil(max(n_trials * shape["cpu"] / gpu_shape["CPU"], n_trials * shape["gpu"] / gpu_shape["GPU"]))
 
-    # Ray turns 127.0.0.1 into this machine's address (resolve_ip_for_localhost) unless it believes that no
-    # other machine may join; the fake workers, started inside the head's autoscaler, take their address the
-    # same way. This keeps every server, theirs too, on the loopback (and forbids `ray start --address`).
-    cluster = RayCluster(env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    # in a network namespace of its own (RayCluster): every server, the fake workers' too, on its loopback
+    cluster = RayCluster()
     port = free_port()
     config = fake_config(launcher, gcs_address=f"127.0.0.1:{port}", max_workers=MAX_WORKERS, idle_minutes=IDLE_MINUTES)
     config_file = cluster.root / "autoscaling.yaml"
@@ -182,10 +180,9 @@ def test_gpu_stage_scales_fake_gpu_workers_up_then_back_to_zero(tmp_path):
             env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
         )
         with open(tmp_path / "watch.log", "wb") as log:
-            watcher = subprocess.Popen(
-                [sys.executable, "-c", WATCH, cluster.gcs, str(watch_file)],
-                env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+            watcher = cluster.popen(
+                [sys.executable, "-c", WATCH, cluster.gcs, str(watch_file)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 120
         while not read_watch(watch_file):
             assert watcher.poll() is None and time.monotonic() < deadline, (tmp_path / "watch.log").read_text()

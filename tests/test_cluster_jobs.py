@@ -2,14 +2,18 @@
 
 One cluster for the module (``tests/ray_cluster.py``): a head with no trial CPUs (as cluster.yaml's) and worker
 nodes of 1 CPU, token authentication on. Each worker sees its own folder in place of the driver's default shard
-cache (a mount namespace): a node of a real cluster, which does not share the head's disk. Every node has the
-AWS variables of a local S3-compatible server (moto, ``conftest.s3_server``), as an instance profile would give.
+cache (a mount namespace): a node of a real cluster, which does not share the head's disk. Beside the cluster, in
+its network namespace, runs moto's S3 server; every node has its AWS variables, as an instance profile would give,
+and the test reads the bucket with a client run there (``Bucket``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,16 +22,73 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import bucket_keys, bucket_objects
-from ray_cluster import BIN, RayCluster, can_hide_folders
+from ray_cluster import BIN, RayCluster, can_isolate, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "sweeps/cluster_check.yaml"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not can_hide_folders(), reason="needs unprivileged mount namespaces (unshare --user --mount)"),
+    pytest.mark.skipif(not can_isolate(), reason="needs unprivileged user, network and mount namespaces (unshare)"),
 ]
+
+# the test's own S3 client, run in the cluster's network namespace (where the server is): create, keys, download
+S3_CLIENT = r"""
+import json, os, sys
+import boto3
+
+command, bucket, prefix = sys.argv[1:4]
+client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
+if command == "create":
+    client.create_bucket(Bucket=bucket)
+    sys.exit()
+pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+if command == "keys":
+    print(json.dumps(keys))
+else:  # objects: every object under prefix, base64
+    import base64
+
+    read = lambda key: client.get_object(Bucket=bucket, Key=key)["Body"].read()  # noqa: E731
+    print(json.dumps({key: base64.b64encode(read(key)).decode() for key in keys}))
+"""
+
+
+@dataclass
+class Bucket:
+    """moto's S3 server in the cluster's network namespace, one bucket; its AWS variables are every node's."""
+
+    ray: RayCluster
+    name: str
+    env: dict[str, str]
+
+    @classmethod
+    def start(cls, ray: RayCluster) -> Bucket:
+        """The server at the cluster's ``AWS_ENDPOINT_URL``, with a bucket."""
+        port = ray.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        log = ray.root / "moto.log"
+        with open(log, "wb") as out:
+            ray.popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port], stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while b"Running on" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        aws = {k: v for k, v in ray.env.items() if k.startswith("AWS_")}
+        bucket = cls(ray, "ltc-cluster", aws)
+        bucket._client("create", "")
+        return bucket
+
+    def _client(self, *args: str) -> str:
+        out = self.ray.run([sys.executable, "-c", S3_CLIENT, args[0], self.name, *args[1:]], timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    def keys(self, prefix: str) -> list[str]:
+        return json.loads(self._client("keys", prefix))
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        """Key → bytes of every object under ``prefix``."""
+        return {k: base64.b64decode(v) for k, v in json.loads(self._client("objects", prefix)).items()}
 
 
 @dataclass
@@ -35,6 +96,7 @@ class Cluster:
     ray: RayCluster
     cache: Path  # the driver's default shard cache (no LTC_CACHE): $XDG_CACHE_HOME/ltc/cache on the head
     private: dict[str, Path] = field(default_factory=dict)  # worker node id -> the folder it sees as `cache`
+    bucket: Bucket | None = None
 
     def add_worker(self, folder: Path) -> str:
         """A 1-CPU worker that sees ``folder`` where the head has its shard cache; its node id."""
@@ -52,16 +114,23 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_server):
+def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
     xdg = base / "xdg"
     cache = xdg / "ltc" / "cache"  # ltc.paths.cache_root's default here: the data home is read-only
     cache.mkdir(parents=True)
-    ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg), **s3_server.env})
+    aws = {  # made up per run, so that the test can look for them in whatever was written
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "AWS_REGION": "us-east-1",
+    }
+    ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg), **aws})
     ray.env.pop("LTC_CACHE", None)  # the session's private cache: not here, the default one is under test
     c = Cluster(ray, cache)
     try:
         t0 = time.monotonic()
+        c.bucket = Bucket.start(ray)
         ray.start_head(num_cpus=0)
         c.add_worker(base / "node1")
         print(f"cluster: head + 1 worker up in {time.monotonic() - t0:.1f} s")
@@ -80,10 +149,9 @@ def _submit(
         cmd += ["--submission-id", job_id]
     if runtime_env:
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
-    return subprocess.Popen(
-        [*cmd, "--", "ltc", "sweep", *args], cwd=REPO, env=cluster.ray.env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    return cluster.ray.popen(
+        [*cmd, "--", "ltc", "sweep", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(job: subprocess.Popen, timeout: float = 900) -> str:
@@ -154,8 +222,9 @@ def test_with_ltc_cache_on_a_folder_every_node_sees_nothing_is_copied(cluster, t
 
 
 def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it_and_predict_reads_it(
-    cluster, s3_server, tmp_path
+    cluster, tmp_path
 ):
+    bucket = cluster.bucket
     cluster.two_workers(tmp_path)
     t0 = time.monotonic()
     # cluster_check with intermediate checkpoints every 2 epochs, so that a stopped FT stage has some to resume from
@@ -165,7 +234,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     sweep = tmp_path / "s3check.yaml"
     sweep.write_text(yaml.safe_dump(spec))
     prefix = f"cluster-{uuid.uuid4().hex[:8]}"
-    storage = f"s3://{s3_server.bucket}/{prefix}"
+    storage = f"s3://{bucket.name}/{prefix}"
     results = tmp_path / "results"
     args = [str(sweep), "--results", str(results), "--storage", storage]
     # ray job stop sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default): time for Tune to
@@ -174,7 +243,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     job = _submit(cluster, args, runtime_env=env, job_id=f"{prefix}-1")
 
     def states() -> int:  # intermediate FT training states in the bucket
-        return sum(k.endswith("/train_state.pt") for k in bucket_keys(s3_server, f"{prefix}/finetune/"))
+        return sum(k.endswith("/train_state.pt") for k in bucket.keys(f"{prefix}/finetune/"))
 
     while states() < 4:
         assert job.poll() is None, job.communicate()[0][-5000:]
@@ -186,7 +255,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     assert "ltc sweep: interrupted in stage finetune" in first, first[-5000:]
     assert not (results / "s3check" / "stages" / "finetune.parquet").exists()
     assert not (results / "s3check" / "ray").exists()  # Tune's state is in the bucket only
-    assert f"{prefix}/finetune/tuner.pkl" in bucket_keys(s3_server, f"{prefix}/finetune/")
+    assert f"{prefix}/finetune/tuner.pkl" in bucket.keys(f"{prefix}/finetune/")
 
     second = _finish(_submit(cluster, [*args, "--resume"], runtime_env=env, job_id=f"{prefix}-2"))
     assert "stage pretrain: finished earlier" in second and "stage finetune: resuming" in second
@@ -209,16 +278,17 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     assert len(pd.read_parquet(out)) == 95
 
     # no key, secret or endpoint option in the results, the bucket, or any node's Ray files and logs (job logs too)
-    secrets = [s3_server.env["AWS_ACCESS_KEY_ID"], s3_server.env["AWS_SECRET_ACCESS_KEY"]]
+    keys = [bucket.env["AWS_ACCESS_KEY_ID"], bucket.env["AWS_SECRET_ACCESS_KEY"]]
     written = {str(p): p.read_bytes() for p in results.rglob("*") if p.is_file()}
-    written.update(bucket_objects(s3_server, prefix))
+    objects = bucket.objects(prefix)
+    written.update(objects)
     logs = {str(p): p.read_bytes() for p in cluster.ray.root.rglob("*") if p.is_file() and not p.is_socket()}
     assert any("job-driver-" in name for name in logs)
-    leaks = [(n, x) for blobs, words in ((written, [*secrets, "endpoint_override"]), (logs, secrets))
+    leaks = [(n, x) for blobs, words in ((written, [*keys, "endpoint_override"]), (logs, keys))
              for n, data in blobs.items() for x in words if x.encode() in data]  # fmt: skip
     assert leaks == []
     print(
         f"\nbucket job: stopped at {stopped_at:.0f} s, done at {time.monotonic() - t0:.0f} s; "
-        f"{len(bucket_keys(s3_server, prefix))} objects in {storage}; trials per node "
+        f"{len(objects)} objects in {storage}; trials per node "
         f"{trials.node_id.value_counts().to_dict()}"
     )
