@@ -49,7 +49,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_sweep.py
 	$(BIN)/python benchmarks/bench_driver.py
-	$(BIN)/python benchmarks/bench_files.py
+	$(BIN)/python benchmarks/bench_nodes.py
 
 # The search benchmarks train ~1,500 models (about 40 minutes on 2 cores): not part of `make bench`.
 bench-search: install

@@ -4,7 +4,7 @@ The trial's config holds names, numbers and paths only (Tune snapshots it), all 
 driver: ``inputs`` (shard folders, split ids, held-out formulas: ``ltc.inputs.RunInputs``) and the
 starting checkpoint (a path or URI, or a name in ``ltc.models.PRETRAINED``, loaded by ``ltc.transfer.load_init``).
 A trial opens those and nothing else: it never reads raw data, hashes files or builds shards. On a cluster, a
-node without the driver's shard cache copies those paths from the driver first (``ltc.sweep.files``, the server
+node without the driver's shard cache copies those paths from the driver first (``ltc.nodes``, the server
 named by ``input_server``); otherwise a path missing on its node is an error that names it.
 
 Every epoch reports ``val_loss`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
@@ -87,11 +87,11 @@ def ltc_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from ltc.inputs import RunInputs
-    from ltc.sweep.files import localize
+    from ltc.nodes import localize
     from ltc.train import train_run
 
     torch.set_num_threads(int(config.get("threads", 1)))
-    # a node without the driver's shard cache copies the stage's inputs from the driver first (ltc.sweep.files)
+    # a node without the driver's shard cache copies the stage's inputs from the driver first (ltc.nodes)
     inputs, copied = localize(RunInputs.from_dict(config["inputs"]), config.get("input_server"))
     where = {
         "node_id": ray.get_runtime_context().get_node_id(),

@@ -5,7 +5,7 @@ stage's inputs once (shards built or verified, split ids, held-out formulas: ``l
 every setting's size against them, and runs the stage's trials. A finished stage leaves its best
 checkpoints in ``best/<stage>/`` and then, last, ``stages/<stage>.parquet``, which marks it done. On a
 cluster the driver serves each stage's inputs to nodes that lack them while the stage runs
-(``ltc.sweep.files``); checkpoints and Tune's state go to the storage (a folder, or a bucket: ``ltc.io``).
+(``ltc.nodes``); checkpoints and Tune's state go to the storage (a folder, or a bucket: ``ltc.io``).
 ``--resume`` skips finished stages and restores the running one with ``Tuner.restore`` (finished
 trials are kept, unfinished ones continue from their last checkpoint).
 
@@ -139,7 +139,7 @@ def run_sweep(
 
     with _interrupts():
         try:
-            _check_job_paths(results=results, storage=storage)
+            _check_job_paths(results=results, storage=storage or spec.storage, cache=cache, data_home=data_home)
             home = str(_data_home(data_home).resolve())
             cache_dir = str(cache_root(cache, home=Path(home)).resolve())
             validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
@@ -148,10 +148,11 @@ def run_sweep(
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
             io.tune_storage(paths.storage)  # a refused storage URI or endpoint fails here, in one line
             _claim_results(paths, spec, spec_text, resume)
-            io.hide_aws_credentials()  # before Ray starts: Tune would copy them into trials' runtime envs, and logs
-            init_ray(address)
-            _arm()
-            return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
+            # before Ray starts: Tune would copy AWS credential variables into trials' runtime envs, which Ray logs
+            with io.aws_credentials_in_a_file():
+                init_ray(address)
+                _arm()
+                return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
         except KeyboardInterrupt:  # before any stage started (validation, Ray's start)
             raise SweepInterrupted(None) from None
 
@@ -161,14 +162,14 @@ _JOB_COPY = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
 
 
 def _check_job_paths(**paths: str | os.PathLike[str] | None) -> None:
-    """Refuse relative result paths in a Ray job's working-dir copy: what the sweep wrote would be lost with it."""
+    """Refuse relative paths in a Ray job's working-dir copy: what the sweep wrote there would go with the job."""
     if _JOB_COPY not in os.getcwd() + os.sep:
         return
     for flag, path in paths.items():
         if path is not None and not io.is_uri(path) and not Path(path).is_absolute():
             raise ConfigError(
-                f"--{flag} {path} is relative, and this Ray job runs in Ray's temporary copy of its working dir "
-                f"({os.getcwd()}), which goes with the job: give an absolute path"
+                f"--{flag.replace('_', '-')} {path} is relative, and this Ray job runs in Ray's temporary copy of its "
+                f"working dir ({os.getcwd()}), which goes with the job: give an absolute path"
             )
 
 
@@ -339,9 +340,9 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
 
 @contextmanager
 def _inputs_on_nodes(paths: SweepPaths, stage: StageSpec, inputs: Any) -> Iterator[str | None]:
-    """On a cluster, the stage's inputs served to nodes that lack them (``ltc.sweep.files``), and the server's
+    """On a cluster, the stage's inputs served to nodes that lack them (``ltc.nodes``), and the server's
     name for the trial configs; on a local Ray (one node, started here) nothing to serve: None."""
-    from ltc.sweep.files import input_paths, serve_inputs, server_name
+    from ltc.nodes import input_paths, serve_inputs, server_name
 
     if not on_cluster():
         yield None
@@ -442,3 +443,4 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
         # another user's sweeps, or a dead one left by a killed driver, which fails `--resume`
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        _CONNECTED = False

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from ltc.inputs import RunInputs
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20  # per actor call: large enough to stream, small enough for the object store
+SERVER_THREADS = 8  # calls the input server answers at once
 SERVER_PREFIX = "ltc-inputs-"
 
 
@@ -71,6 +73,7 @@ class InputServer:
                 raise MissingFileError(f"input {p} does not exist on the driver's node")
 
     def paths(self) -> list[str]:
+        """The paths served."""
         return sorted(self._listings)
 
     def listing(self, path: str) -> tuple[bool, list[tuple[str, int]]]:
@@ -96,8 +99,10 @@ def serve_inputs(name: str, paths: list[str]) -> Iterator[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    # 0 CPUs: the head of a cluster (cluster.yaml) has none to give, and serving is I/O
-    actor = ray.remote(num_cpus=0)(InputServer).options(name=name, scheduling_strategy=here).remote(paths)
+    # 0 CPUs: the head of a cluster (cluster.yaml) has none to give, and serving is I/O. Threads: nodes that
+    # join together (an autoscaler's) copy at once. Restarts: a server that died comes back for later trials.
+    server = ray.remote(num_cpus=0, max_concurrency=SERVER_THREADS, max_restarts=-1)(InputServer)
+    actor = server.options(name=name, scheduling_strategy=here).remote(paths)
     try:
         ray.get(actor.paths.remote())  # up, and its listings taken, before any trial asks
         yield name
@@ -130,7 +135,10 @@ def localize(inputs: RunInputs, server: str | None) -> tuple[RunInputs, int]:
         target = _target(p)
         copied += fetch_input(actor, p, target)
         local[p] = str(target)
-    swap = lambda p: local.get(p, p)  # noqa: E731
+
+    def swap(p: str) -> str:
+        return local.get(p, p)
+
     moved = RunInputs(
         {k: swap(v) for k, v in inputs.shards.items()},
         {k: swap(v) for k, v in inputs.splits.items()},
@@ -167,22 +175,28 @@ def fetch_input(actor: Any, path: str, target: Path) -> int:
         if _present(target):
             return 0
         is_dir, files = ray.get(actor.listing.remote(path))
-        part = target.parent / f".{target.name}.{os.getpid()}.part"
-        shutil.rmtree(part, ignore_errors=True)
-        part.unlink(missing_ok=True)
-        if is_dir:
-            part.mkdir()
-        copied = 0
-        for name, size in files:
-            dest = part / name if is_dir else part
-            with open(dest, "wb") as out:
-                for offset in range(0, size, CHUNK_BYTES):
-                    out.write(ray.get(actor.read.remote(path, name, offset, CHUNK_BYTES)))
-            if dest.stat().st_size != size:
-                raise MissingFileError(f"{path}/{name}: copied {dest.stat().st_size} bytes, the driver has {size}")
-            copied += size
-        if target.is_dir():  # a folder without its manifest: left by a copy or build that did not finish
-            shutil.rmtree(target)
-        os.replace(part, target)
+        # host and pid: a folder two machines share (an NFS home) never sees two copies write one part
+        part = target.parent / f".{target.name}.{socket.gethostname()}.{os.getpid()}.part"
+        try:
+            if is_dir:
+                part.mkdir()
+            copied = 0
+            for name, size in files:
+                dest = part / name if is_dir else part
+                with open(dest, "wb") as out:
+                    for offset in range(0, size, CHUNK_BYTES):
+                        out.write(ray.get(actor.read.remote(path, name, offset, CHUNK_BYTES)))
+                if dest.stat().st_size != size:
+                    raise MissingFileError(f"{path}/{name}: copied {dest.stat().st_size} bytes, the driver has {size}")
+                copied += size
+            if target.is_dir():  # a folder without its manifest: left by a copy or build that did not finish
+                shutil.rmtree(target)
+            os.replace(part, target)
+        except BaseException:  # no half copy left behind (another trial of this node may try again)
+            if part.is_dir():
+                shutil.rmtree(part, ignore_errors=True)
+            else:
+                part.unlink(missing_ok=True)
+            raise
     log.info("copied %s to %s (%d bytes)", path, target, copied)
     return copied

@@ -1,7 +1,7 @@
-"""How fast a node without the driver's shard cache gets a stage's inputs (``ltc.sweep.files``), against a plain
+"""How fast a node without the driver's shard cache gets a stage's inputs (``ltc.nodes``), against a plain
 local copy of the same folder in the same process.
 
-    python benchmarks/bench_files.py [--dataset fe] [--repeat 3]
+    python benchmarks/bench_nodes.py [--dataset fe] [--repeat 3]
 
 Builds (or finds) the dataset's shards, serves the folder from an ``InputServer`` actor on a local Ray, and
 times ``fetch_input`` into a fresh folder (what a trial on a node without the folder does once per node and
@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ltc import nodes
 from ltc.graphs import GraphConfig
 from ltc.inputs import resolve_inputs
 from ltc.splits import SplitConfig
-from ltc.sweep import files
 
 
 def best_of(fn, repeat: int) -> float:
@@ -49,21 +49,21 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     with (
         tempfile.TemporaryDirectory(prefix="ltc-bench-files-") as tmp,
-        files.serve_inputs("ltc-inputs-bench", files.input_paths([inputs])) as name,
+        nodes.serve_inputs("ltc-inputs-bench", nodes.input_paths([inputs])) as name,
     ):
         actor = ray.get_actor(name)
         n = [0]
 
         def served() -> None:
             n[0] += 1
-            files.fetch_input(actor, folder, Path(tmp) / f"served{n[0]}")
+            nodes.fetch_input(actor, folder, Path(tmp) / f"served{n[0]}")
 
         def local() -> None:
             n[0] += 1
             shutil.copytree(folder, Path(tmp) / f"local{n[0]}")
 
         t_served, t_local = best_of(served, args.repeat), best_of(local, args.repeat)
-        t_present = best_of(lambda: files.localize(inputs, name), args.repeat)
+        t_present = best_of(lambda: nodes.localize(inputs, name), args.repeat)
     ray.shutdown()
     print(f"fetch_input through the actor: {t_served:.3f} s, {size / t_served / 1e6:.0f} MB/s")
     print(f"shutil.copytree (baseline):    {t_local:.3f} s, {size / t_local / 1e6:.0f} MB/s")
