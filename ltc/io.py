@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -191,32 +191,47 @@ CREDENTIAL_VARIABLES = {
 }
 
 
-def hide_aws_credentials() -> Path | None:
-    """Move AWS credentials out of this process's environment into a private credentials file; its path.
+CREDENTIALS_PROFILE = "ltc-environment"  # the profile the moved credentials go under: no config file names it
 
-    The file (mode 0600, in a 0700 temp folder, removed at exit) holds them under ``$AWS_PROFILE`` (default
-    ``default``) and ``AWS_SHARED_CREDENTIALS_FILE`` names it, so pyarrow and boto3 here, and the workers of a
-    local Ray started after this, find the same credentials; but Tune has none to copy into trials' runtime envs,
-    which Ray logs. Trials on other nodes use their node's own credentials (instance profile, variables, file).
-    None when no credential variable is set.
+
+@contextmanager
+def aws_credentials_in_a_file() -> Iterator[Path | None]:
+    """For the block, AWS credentials out of this process's environment, in a private credentials file; its path.
+
+    The file (mode 0600, in a 0700 temp folder, removed at exit) holds them under profile ``CREDENTIALS_PROFILE``;
+    ``AWS_SHARED_CREDENTIALS_FILE`` and ``AWS_PROFILE`` name it, so pyarrow and boto3 here, and the workers of a
+    local Ray started in the block, find the same credentials, but Tune has none to copy into trials' runtime
+    envs, which Ray logs. Trials on other nodes use their node's own credentials (instance profile, variables,
+    file). The environment is as it was after the block; the file stays until exit (a local Ray's workers keep
+    reading it). None, and nothing changed, when no credential variable is set.
     """
     found = {k: os.environ[k] for k in CREDENTIAL_VARIABLES if os.environ.get(k)}
     if not found:
-        return None
+        yield None
+        return
     import atexit
 
     folder = Path(tempfile.mkdtemp(prefix="ltc-aws-"))  # mkdtemp: 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = folder / "credentials"
     entries = {CREDENTIAL_VARIABLES[k]: v for k, v in found.items()}
-    lines = [f"[{os.environ.get('AWS_PROFILE') or 'default'}]", *(f"{k} = {v}" for k, v in entries.items())]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        fh.write("\n".join([f"[{CREDENTIALS_PROFILE}]", *(f"{k} = {v}" for k, v in entries.items())]) + "\n")
+    saved = {k: os.environ.get(k) for k in (*CREDENTIAL_VARIABLES, "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")}
     for k in CREDENTIAL_VARIABLES:
         os.environ.pop(k, None)
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
-    return path
+    # a profile of its own: the user's AWS_PROFILE could name one whose config (role_arn, credential_process)
+    # would take precedence over the keys the variables gave
+    os.environ.update(AWS_SHARED_CREDENTIALS_FILE=str(path), AWS_PROFILE=CREDENTIALS_PROFILE)
+    try:
+        yield path
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tune_storage(uri: str) -> tuple[str, Any]:

@@ -228,13 +228,13 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
 
     # no credential, and no endpoint option, in anything ltc or Tune wrote: the results folder and the bucket;
     # and no credential in Ray's files and logs (Tune copies the driver's AWS variables into trials' runtime
-    # envs, which Ray logs: ltc moved them into a private credentials file first, io.hide_aws_credentials)
+    # envs, which Ray logs: ltc moved them into a private credentials file first, io.aws_credentials_in_a_file)
     written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     written.update(bucket_objects(s3, prefix))
     assert _leaks(written, [s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], "endpoint_override"]) == []
     logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_socket()}
     assert any(name.endswith("runtime_env_agent.log") for name in logs)
-    assert _leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"]]) == []
+    assert _leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"], "endpoint_override"]) == []
 
 
 @pytest.mark.slow
@@ -290,25 +290,31 @@ def test_aws_credentials_move_from_the_environment_into_a_private_file(monkeypat
     import os
     import stat
 
+    import boto3
+
     for key in (*io.CREDENTIAL_VARIABLES, "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(key, raising=False)
-    assert io.hide_aws_credentials() is None and "AWS_SHARED_CREDENTIALS_FILE" not in os.environ
-    monkeypatch.setenv("AWS_PROFILE", "lab")
+    before = dict(os.environ)
+    with io.aws_credentials_in_a_file() as path:
+        assert path is None and dict(os.environ) == before
+    monkeypatch.setenv("AWS_PROFILE", "lab")  # may name a profile whose config would win over these keys
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
     monkeypatch.setenv("AWS_SECURITY_TOKEN", "old-token")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token")
-    path = io.hide_aws_credentials()
-    assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(path)
-    assert not [k for k in io.CREDENTIAL_VARIABLES if k in os.environ]  # nothing left for Tune to copy
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert path.read_text().splitlines() == [
-        "[lab]",
-        "aws_access_key_id = AKIDEXAMPLE",
-        "aws_secret_access_key = wJalrXUtnFEMI",
-        "aws_session_token = session-token",
-    ]
-    import boto3  # the AWS SDK finds the same credentials through the file
-
-    creds = boto3.Session().get_credentials()
-    assert (creds.access_key, creds.secret_key, creds.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI", "session-token")
+    before = dict(os.environ)
+    with io.aws_credentials_in_a_file() as path:
+        assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(path)
+        assert os.environ["AWS_PROFILE"] == io.CREDENTIALS_PROFILE
+        assert not [k for k in io.CREDENTIAL_VARIABLES if k in os.environ]  # nothing left for Tune to copy
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert path.read_text().splitlines() == [
+            f"[{io.CREDENTIALS_PROFILE}]",
+            "aws_access_key_id = AKIDEXAMPLE",
+            "aws_secret_access_key = wJalrXUtnFEMI",
+            "aws_session_token = session-token",
+        ]
+        creds = boto3.Session().get_credentials()  # the AWS SDK finds the same credentials through the file
+        assert (creds.access_key, creds.secret_key, creds.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI", "session-token")
+    assert dict(os.environ) == before  # as it was; the file stays until exit, for a local Ray's workers
+    assert path.is_file()
