@@ -13,8 +13,8 @@ namespace, the node address is 127.0.0.1 and nothing the cluster opens is reacha
 its ports meet anybody else's). A worker node can also be given a private view of some folders (a mount
 namespace with bind mounts): that is how a test shows a node that does not see the driver's shard cache.
 
-``stop`` ends exactly the processes the cluster started: its process groups, then anything left whose
-command line names its root folder, then the namespace's holder. Never by name, never ``ray stop``.
+``stop`` ends exactly the processes the cluster started: its process groups, then anything left in its network
+namespace or naming its root folder, then the namespace's holder. Never by name, never ``ray stop``.
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ class RayCluster:
         deadline = time.monotonic() + 30
         while Path(f"/proc/{self.holder.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
             if self.holder.poll() is not None or time.monotonic() > deadline:
+                _signal_group(self.holder.pid, signal.SIGKILL)
                 raise RuntimeError("could not make a private network namespace (unshare --user --net)")
             time.sleep(0.05)
+        self.netns = os.readlink(f"/proc/{self.holder.pid}/ns/net")  # what every process of this cluster is in
         self.enter = ["nsenter", f"--target={self.holder.pid}", "--user", "--net", "--mount", "--preserve-credentials"]
 
     # ---- nodes
@@ -191,15 +193,24 @@ class RayCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             _signal_group(proc.pid, signal.SIGKILL)
+        # what is left: processes in the cluster's network namespace (job drivers run in a session of their own)
+        # or naming its root folder; then the namespace's holder
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if p.pid != self.holder.pid and (
+                    netns_of(p.pid) == self.netns or any(str(self.root) in a for a in p.info["cmdline"] or ())
+                ):
+                    p.kill()
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
-        time.sleep(0.5)
-        mine = str(self.root)
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if any(mine in part for part in p.info["cmdline"] or ()):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def netns_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:  # gone, or not ours to look at
+        return None
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

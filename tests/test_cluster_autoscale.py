@@ -24,9 +24,12 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO
-from ray_cluster import RayCluster, free_port
+from ray_cluster import RayCluster, can_isolate, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not can_isolate(), reason="needs unprivileged user, network and mount namespaces (unshare)"),
+]
 
 MAX_WORKERS = 2  # per worker type; cluster.yaml allows 8
 IDLE_MINUTES = 0.1  # cluster.yaml: 10
