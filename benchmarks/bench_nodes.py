@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
+
+from bench_graphs import best_of  # (run as a script: benchmarks/ is on the path)
 
 from ltc import nodes
 from ltc.graphs import GraphConfig
 from ltc.inputs import resolve_inputs
 from ltc.splits import SplitConfig
-
-
-def best_of(fn, repeat: int) -> float:
-    """Fastest of ``repeat`` runs, in seconds."""
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
