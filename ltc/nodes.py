@@ -187,7 +187,8 @@ def fetch_input(actor: Any, path: str, target: Path) -> int:
                     for offset in range(0, size, CHUNK_BYTES):
                         out.write(ray.get(actor.read.remote(path, name, offset, CHUNK_BYTES)))
                 if dest.stat().st_size != size:
-                    raise MissingFileError(f"{path}/{name}: copied {dest.stat().st_size} bytes, the driver has {size}")
+                    where = f"{path}/{name}" if is_dir else path
+                    raise MissingFileError(f"{where}: copied {dest.stat().st_size} bytes, the driver has {size}")
                 copied += size
             if target.is_dir():  # a folder without its manifest: left by a copy or build that did not finish
                 shutil.rmtree(target)
