@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -78,10 +77,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     Its credentials are random per run, so that a test can look for them in whatever ltc and Tune wrote.
     """
     import boto3
+    from ray_cluster import free_port
 
-    with socket.socket() as sock:  # a free port; moto binds it right after (a race no other test runs)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # moto binds it right after (a race no other test runs)
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with open(log, "w") as out:
@@ -152,6 +150,11 @@ def bucket_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
     """Key → bytes of every object under ``prefix`` in the server's bucket (read with the test's own client)."""
     client = _client(server)
     return {k: client.get_object(Bucket=server.bucket, Key=k)["Body"].read() for k in bucket_keys(server, prefix)}
+
+
+def leaks(blobs: dict[str, bytes], words: list[str]) -> list[tuple[str, str]]:
+    """(name, word) for every word found in a blob: what must not have been written (keys, secrets, options)."""
+    return [(name, w) for name, data in blobs.items() for w in words if w.encode() in data]
 
 
 def make_task(name: str = "ph", *, size: int, seed: int, transform: str = "minmax"):

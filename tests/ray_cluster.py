@@ -195,15 +195,21 @@ class RayCluster:
             _signal_group(proc.pid, signal.SIGKILL)
         # what is left: processes in the cluster's network namespace (job drivers run in a session of their own)
         # or naming its root folder; then the namespace's holder
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        named = {p.pid for p in naming(str(self.root))}
+        for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if p.pid != self.holder.pid and (
-                    netns_of(p.pid) == self.netns or any(str(self.root) in a for a in p.info["cmdline"] or ())
-                ):
+                if p.pid != self.holder.pid and (p.pid in named or netns_of(p.pid) == self.netns):
                     p.kill()
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def naming(text: str) -> list:
+    """Processes (psutil) whose command line names ``text``."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["pid", "cmdline"]) if any(text in a for a in p.info["cmdline"] or ())]
 
 
 def netns_of(pid: int) -> str | None:

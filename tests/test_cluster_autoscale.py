@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 import yaml
 from conftest import REPO
-from ray_cluster import RayCluster, can_isolate, free_port
+from ray_cluster import RayCluster, can_isolate, free_port, naming
 
 pytestmark = [
     pytest.mark.slow,
@@ -126,15 +125,6 @@ def gpu_nodes(record: dict) -> list[dict]:
 def autoscaler_log(cluster: RayCluster) -> str:
     logs = sorted(cluster.root.glob("head/session_*/logs/monitor.log"))
     return logs[-1].read_text()[-4000:] if logs else "(no monitor.log)"
-
-
-def naming(text: str) -> list[psutil.Process]:
-    """Processes whose command line names ``text``."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(text in arg for arg in proc.info["cmdline"] or ()):
-            found.append(proc)
-    return found
 
 
 def test_gpu_stage_scales_fake_gpu_workers_up_then_back_to_zero(tmp_path):

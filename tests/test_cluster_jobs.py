@@ -23,6 +23,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import leaks
 from ray_cluster import BIN, RayCluster, can_isolate, free_port, netns_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,8 +290,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     assert any("job-driver-" in name for name in logs)
     ray_logs = {n: data for n, data in logs.items() if "/logs/" in n}  # (the rest holds the job's copy of the repo)
     checks = ((written, [*keys, "endpoint_override"]), (logs, keys), (ray_logs, ["endpoint_override"]))
-    leaks = [(n, x) for blobs, words in checks for n, data in blobs.items() for x in words if x.encode() in data]
-    assert leaks == []
+    assert [found for blobs, words in checks for found in leaks(blobs, words)] == []
     print(
         f"\nbucket job: stopped at {stopped_at:.0f} s, done at {time.monotonic() - t0:.0f} s; "
         f"{len(objects)} objects in {storage}; trials per node "

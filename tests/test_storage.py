@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import aws_env, bucket_objects
+from conftest import aws_env, bucket_objects, leaks
 
 from ltc import io
 from ltc.errors import ConfigError, MissingFileError
@@ -178,10 +178,6 @@ def s3_ray(s3_server, monkeypatch):
         shutil.rmtree(ray_files, ignore_errors=True)
 
 
-def _leaks(blobs: dict[str, bytes], secrets: list[str]) -> list[tuple[str, str]]:
-    return [(name, s) for name, data in blobs.items() for s in secrets if s.encode() in data]
-
-
 @pytest.mark.slow
 def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path):
     import pandas as pd
@@ -231,10 +227,10 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
     # envs, which Ray logs: ltc moved them into a private credentials file first, io.aws_credentials_in_a_file)
     written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     written.update(bucket_objects(s3, prefix))
-    assert _leaks(written, [s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], "endpoint_override"]) == []
+    assert leaks(written, [s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], "endpoint_override"]) == []
     logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_socket()}
     assert any(name.endswith("runtime_env_agent.log") for name in logs)
-    assert _leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"], "endpoint_override"]) == []
+    assert leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"], "endpoint_override"]) == []
 
 
 @pytest.mark.slow
