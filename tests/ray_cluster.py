@@ -89,7 +89,9 @@ class RayCluster:
 
     # ---- nodes
 
-    def _start(self, name: str, args: list[str], *, env: dict[str, str] | None, hide: dict[Path, Path] | None) -> None:
+    def _start(
+        self, name: str, args: list[str], *, env: dict[str, str] | None, hide: dict[Path, Path] | None
+    ) -> subprocess.Popen:
         temp = self.root / name
         log = self.root / f"{name}.log"
         cmd = [str(BIN / "ray"), "start", *args, f"--temp-dir={temp}", "--block", "--disable-usage-stats"]
@@ -103,6 +105,7 @@ class RayCluster:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start ({name}) failed:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
+        return proc
 
     def start_head(
         self,
@@ -134,7 +137,8 @@ class RayCluster:
         num_gpus: int | None = None,
         env: dict[str, str] | None = None,
         hide: dict[Path, Path] | None = None,
-    ) -> None:
+    ) -> subprocess.Popen:
+        """A worker node; its ``ray start --block`` process, for ``stop_node``."""
         name = f"worker{len(self.procs)}"
         args = [
             f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
@@ -142,7 +146,15 @@ class RayCluster:
         ]  # fmt: skip
         if num_gpus is not None:
             args.append(f"--num-gpus={num_gpus}")
-        self._start(name, args, env=env, hide=hide)
+        return self._start(name, args, env=env, hide=hide)
+
+    def stop_node(self, node: subprocess.Popen) -> None:
+        """End one node as a lost machine ends (its whole process group), leaving the others running."""
+        _signal_group(node.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.wait(timeout=30)
+        _signal_group(node.pid, signal.SIGKILL)
+        node.wait()
 
     # ---- clients (subprocesses: this test process never joins the cluster)
 

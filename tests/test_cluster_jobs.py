@@ -99,15 +99,25 @@ class Cluster:
     cache: Path  # the driver's default shard cache (no LTC_CACHE): $XDG_CACHE_HOME/ltc/cache on the head
     private: dict[str, Path] = field(default_factory=dict)  # worker node id -> the folder it sees as `cache`
     bucket: Bucket | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # worker node id -> its `ray start`
 
     def add_worker(self, folder: Path) -> str:
         """A 1-CPU worker that sees ``folder`` where the head has its shard cache; its node id."""
         folder.mkdir(parents=True)
         before = {n["id"] for n in self.ray.nodes()}
-        self.ray.add_worker(num_cpus=1, hide={self.cache: folder})
+        proc = self.ray.add_worker(num_cpus=1, hide={self.cache: folder})
         (node,) = [n["id"] for n in self.ray.nodes() if n["id"] not in before]
-        self.private[node] = folder
+        self.private[node], self.procs[node] = folder, proc
         return node
+
+    def remove_worker(self, node: str) -> None:
+        """Worker ``node`` leaves the cluster (a lost machine); returns once Ray counts it dead."""
+        self.ray.stop_node(self.procs.pop(node))
+        del self.private[node]
+        deadline = time.monotonic() + 120
+        while node in {n["id"] for n in self.ray.nodes()}:
+            assert time.monotonic() < deadline, f"node {node} still alive"
+            time.sleep(1)
 
     def two_workers(self, tmp_path: Path) -> None:
         """At least two workers (a test run alone has the fixture's one)."""
@@ -260,6 +270,13 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     assert not (results / "s3check" / "stages" / "finetune.parquet").exists()
     assert not (results / "s3check" / "ray").exists()  # Tune's state is in the bucket only
     assert f"{prefix}/finetune/tuner.pkl" in bucket.keys(f"{prefix}/finetune/")
+    # the node that trained the best PT trial is lost and a fresh one joins: the resumed FT trials can find their
+    # starting checkpoint in the bucket only (Ray alone decides where trials run: without this, all of them could
+    # land on the node that trained it, and nothing would have been fetched)
+    done = pd.read_parquet(results / "s3check" / "stages" / "pretrain.parquet")
+    lost = done.loc[done.val_loss.idxmin(), "node_id"]
+    cluster.remove_worker(lost)
+    cluster.add_worker(tmp_path / "replacement")
 
     second = _finish(_submit(cluster, [*args, "--resume"], runtime_env=env, job_id=f"{prefix}-2"))
     assert "stage pretrain: finished earlier" in second and "stage finetune: resuming" in second
@@ -269,7 +286,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     pt, ft = trials[trials.kind == "pretrain"], trials[trials.kind == "finetune"]
     best = pt.loc[pt.val_loss.idxmin()]
     assert set(ft.init) == {best.checkpoint}  # FT starts from the best PT checkpoint, in the bucket …
-    assert (ft.node_id != best.node_id).any()  # … which FT trials on another node fetched from there
+    assert best.node_id == lost and lost not in set(ft.node_id)  # … which FT trials on other nodes fetched
     assert (trials.resumed_from_epoch > 0).any()  # stopped trials went on from their states in the bucket
     assert (trials.epochs_run == trials.stage.map({"pretrain": 4, "finetune": 40})).all()
 
