@@ -3,7 +3,7 @@
 Every file a reader must be able to trust (manifests, checkpoints, tables, reports) is written through
 ``write_atomic``: a killed writer leaves the old file or none, never half of one. Paths that may be
 object-storage URIs (``s3://…``, ``gs://…``; ``file://`` and plain paths are local) are read and
-copied through this module (``filesystem``, ``open_input``, ``copy_to_local``: pyarrow's filesystems). An
+copied through this module (``filesystem``, ``open_input``, ``copy_file``: pyarrow's filesystems). An
 S3-compatible endpoint is named by ``AWS_ENDPOINT_URL`` (``s3_endpoint``), credentials by the AWS variables or
 profile, never by the URI: ltc writes URIs into results and Tune state (``check_uri``).
 """
@@ -300,18 +300,3 @@ def copy_file(src: str, dest: str | os.PathLike[str]) -> Path:
             shutil.copyfileobj(fin, fout)
 
     return write_atomic(dest, write)
-
-
-_LOCAL_COPIES: dict[str, str] = {}  # URI → local file, per process (Ray reuses worker processes)
-
-
-def copy_to_local(uri: str) -> str:
-    """A local path for a local path or URI: URIs are copied once per process into a temp file."""
-    if not is_uri(uri):
-        return str(local_path(uri))
-    if uri not in _LOCAL_COPIES or not Path(_LOCAL_COPIES[uri]).is_file():
-        fd, local = tempfile.mkstemp(suffix=Path(uri).suffix or ".bin", prefix="ltc-")
-        os.close(fd)
-        copy_file(uri, local)
-        _LOCAL_COPIES[uri] = local
-    return _LOCAL_COPIES[uri]

@@ -49,22 +49,12 @@ def run_config(config: dict[str, Any]):
         fold=config.get("fold"),
         repeat=config.get("repeat"),
         holdout=tuple(config.get("holdout") or ()),
-        init=_local_init(config.get("init")),
+        # a URI as it is: load_checkpoint copies it for the load only, and results record where the run started
+        init=config.get("init") or None,
         strategy="all" if config["kind"] != "finetune" else config["strategy"],
         n_unfrozen=config.get("n_unfrozen"),
         train=TrainConfig(**config["train"], lr=config["lr"], seed=config["seed"], device="auto"),
     )
-
-
-def _local_init(init: str | None) -> str | None:
-    """The starting checkpoint on this node: a pretrained name as it is (``ltc.transfer.load_init`` loads it from
-    an installed package), a checkpoint path or URI copied here."""
-    from ltc.io import copy_to_local
-    from ltc.models import PRETRAINED
-
-    if not init:
-        return None
-    return init if init in PRETRAINED else copy_to_local(init)
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from conftest import aws_env, bucket_objects, leaks
 
 from ltc import io
+from ltc.checkpoints import load_checkpoint
 from ltc.errors import ConfigError, MissingFileError
 
 TINY = {"hidden": 16, "n_blocks": 2, "fc_dim": 16}
@@ -55,15 +57,14 @@ def test_io_reads_and_copies_objects_at_the_endpoint(s3, tmp_path):
     assert io.file_type(f"{base}/a/b.bin") == "file" and io.file_type(f"{base}/a") == "dir"
     with io.open_input(f"{base}/a/b.bin") as fh:
         assert fh.read() == b"\x00payload"
-    local = io.copy_to_local(f"{base}/a/b.bin")
-    assert Path(local).read_bytes() == b"\x00payload"
     assert io.copy_file(f"{base}/a/b.bin", tmp_path / "c.bin").read_bytes() == b"\x00payload"
     assert io.find_files(base, "b.bin") == [f"{base}/a/b.bin"]
     missing = f"{base}/a/none.bin"
     with pytest.raises(MissingFileError, match=f"^{re.escape(missing)} does not exist$"), io.open_input(missing):
         pass
     with pytest.raises(MissingFileError, match=re.escape(f"{missing} does not exist")):
-        io.copy_to_local(missing)
+        io.copy_file(missing, tmp_path / "none.bin")
+    assert not list(tmp_path.glob("none.bin*"))  # nothing half-written left behind
 
 
 def test_tune_gets_the_path_in_the_bucket_and_a_filesystem_that_pickles_without_credentials(s3):
@@ -206,6 +207,11 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
     # the FT trials started from the best PT trial's checkpoint, fetched from the bucket by their workers
     pt, ft = trials[trials.kind == "pretrain"], trials[trials.kind == "finetune"]
     assert set(ft.init) == {pt.loc[pt.val_loss.idxmin()].checkpoint}
+    # … and say so in what they wrote (the checkpoint's history, metrics.json): the URI, not a copy's temp path
+    for uri in ft.checkpoint:
+        key = uri.removeprefix(f"s3://{s3.bucket}/")
+        metrics = json.loads(objects[key.replace("checkpoint.pt", "metrics.json")])
+        assert metrics["init"] == load_checkpoint(uri)["history"][-1]["init"] == ft.init.iloc[0]
     # best checkpoints copied from the bucket into the results folder, byte for byte
     for stage in ("pt", "ft"):
         best = pd.read_parquet(tmp_path / "s3sweep" / "best" / stage / "best.parquet")
