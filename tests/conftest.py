@@ -70,12 +70,25 @@ class S3Server:
     env: dict[str, str]  # AWS_ENDPOINT_URL, made-up credentials for this run, AWS_REGION: set them with monkeypatch
 
 
+def moto_command(port: int) -> list[str]:
+    """moto's S3 server on 127.0.0.1:``port`` (the venv's ``moto_server``)."""
+    return [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+
+
+def aws_variables(endpoint: str) -> dict[str, str]:
+    """The AWS variables of a test server at ``endpoint``: credentials made up per run, so that a test can look
+    for them in whatever ltc, Tune and Ray wrote."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "AWS_REGION": "us-east-1",
+    }
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """moto's S3 server with one bucket, started once per session and stopped by its own process group.
-
-    Its credentials are random per run, so that a test can look for them in whatever ltc and Tune wrote.
-    """
+    """moto's S3 server with one bucket, started once per session and stopped by its own process group."""
     import boto3
     from ray_cluster import free_port
 
@@ -83,10 +96,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        server = subprocess.Popen(moto_command(port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -99,12 +109,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
-        env = {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
-            "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-            "AWS_REGION": "us-east-1",
-        }
+        env = aws_variables(endpoint)
         bucket = "ltc-test"
         boto3.client(
             "s3", endpoint_url=endpoint, region_name=env["AWS_REGION"],

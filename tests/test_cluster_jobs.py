@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import leaks
+from conftest import aws_variables, leaks, moto_command
 from ray_cluster import BIN, RayCluster, can_isolate, free_port, netns_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ class Bucket:
         port = ray.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
         log = ray.root / "moto.log"
         with open(log, "wb") as out:
-            ray.popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", port], stdout=out, stderr=out)
+            ray.popen(moto_command(int(port)), stdout=out, stderr=out)
         deadline = time.monotonic() + 60
         while b"Running on" not in log.read_bytes():
             assert time.monotonic() < deadline, log.read_text()[-2000:]
@@ -131,12 +130,7 @@ def cluster(tmp_path_factory):
     xdg = base / "xdg"
     cache = xdg / "ltc" / "cache"  # ltc.paths.cache_root's default here: the data home is read-only
     cache.mkdir(parents=True)
-    aws = {  # made up per run, so that the test can look for them in whatever was written
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
-        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-        "AWS_REGION": "us-east-1",
-    }
+    aws = aws_variables(f"http://127.0.0.1:{free_port()}")  # the bucket's server, in the cluster's namespace
     ray = RayCluster(env={"XDG_CACHE_HOME": str(xdg), **aws})
     ray.env.pop("LTC_CACHE", None)  # the session's private cache: not here, the default one is under test
     c = Cluster(ray, cache)
