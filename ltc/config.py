@@ -121,9 +121,11 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             raise ConfigError(f"{label}: missing key {name!r}")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:  # a dataclass's own checks
+    except ConfigError as err:  # a dataclass's own checks: say where it sits (the top level has no key)
+        if not where:
+            raise
+        raise ConfigError(f"{where}: {err}") from err
+    except (ValueError, TypeError) as err:
         raise ConfigError(f"{label}: {err}") from err
 
 

@@ -422,11 +422,12 @@ def test_a_stage_trains_its_own_model():
 @pytest.mark.parametrize(
     ("start_from", "extra", "match"),
     [
-        ({"pretrained": "chgnet-9"}, {}, r"pretrained='chgnet-9' is not a pretrained model; known chgnet-0.3.0"),
-        ({"pretrained": "chgnet-0.3.0", "stage": "pt"}, {}, "give stage or pretrained"),
-        ({"select": "best"}, {}, "give stage or pretrained"),
-        ({"pretrained": "chgnet-0.3.0", "select": "every"}, {}, "select and skip_seen go with a stage source only"),
-        ([{"pretrained": "chgnet-0.3.0"}, {"pretrained": "chgnet-0.3.0"}], {}, "lists each source stage once"),
+        ({"pretrained": "chgnet-9"}, {},
+         r"^stages\[1\].start_from: pretrained='chgnet-9' is not a pretrained model; known chgnet-0.3.0$"),
+        ({"pretrained": "chgnet-0.3.0", "stage": "pt"}, {}, r"^stages\[1\].start_from: give stage or pretrained"),
+        ([{"stage": "pt"}, {"select": "best"}], {}, r"^stages\[1\].start_from\[1\]: give stage or pretrained"),
+        ({"pretrained": "chgnet-0.3.0", "select": "every"}, {}, r"^stages\[1\].start_from: .*select and skip_seen"),
+        ([{"pretrained": "chgnet-0.3.0"}, {"pretrained": "chgnet-0.3.0"}], {}, r"^stages\[1\]: .*lists each source"),
         ({"stage": "pt"}, {"model": "chgnet"}, r"stage 'ft': model: a fine-tuning stage \(start_from\)"),
         # three_body: fine for a chgnet start, not for a cgcnn one
         ([{"pretrained": "chgnet-0.3.0"}, {"stage": "pt"}], {"strategies": ["three_body"]},

@@ -133,19 +133,14 @@ class Source:
     def __post_init__(self) -> None:
         if (self.stage is None) == (self.pretrained is None):
             raise ConfigError(
-                f"start_from: give stage or pretrained (exactly one), got stage={self.stage!r}, "
-                f"pretrained={self.pretrained!r}"
+                f"give stage or pretrained (exactly one), got stage={self.stage!r}, pretrained={self.pretrained!r}"
             )
         if self.pretrained is not None:
             if self.pretrained not in PRETRAINED:
                 known = ", ".join(PRETRAINED)
-                raise ConfigError(
-                    f"start_from: pretrained={self.pretrained!r} is not a pretrained model; known {known}"
-                )
+                raise ConfigError(f"pretrained={self.pretrained!r} is not a pretrained model; known {known}")
             if self.select != "best" or self.skip_seen:
-                raise ConfigError(
-                    f"start_from: pretrained={self.pretrained!r}: select and skip_seen go with a stage source only"
-                )
+                raise ConfigError(f"pretrained={self.pretrained!r}: select and skip_seen go with a stage source only")
 
     @property
     def name(self) -> str:
