@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -289,8 +290,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(describe(spec))
         return 0
     from ltc.results import summary
-    from ltc.sweep.driver import SweepInterrupted, run_sweep
+    from ltc.sweep.driver import SweepInterrupted, local_ray_on_loopback, run_sweep
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        local_ray_on_loopback()  # before ray is imported: a local Ray's servers on 127.0.0.1 only
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # after a Ctrl-C Tune suggests `Tuner.restore(...)`; an ltc user resumes with `ltc sweep --resume` (said below)
@@ -313,7 +316,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         again = [sys.argv[0] if sys.argv and sys.argv[0].endswith("ltc") else "ltc", *_resume_argv(args)]
         print(f"\nltc sweep: {err}. Resume with: {' '.join(again)}", file=sys.stderr)
         # Ray shuts its local cluster down at exit; another Ctrl-C meanwhile ends the process at once, quietly
-        import os
         import signal
 
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from ltc.sweep.driver import local_ray_on_loopback
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,10 @@ def _find_data_home() -> Path:
 
 
 DATA_HOME = _find_data_home()
+
+# the local Rays the tests start keep their servers on 127.0.0.1 (a shared machine), as `ltc sweep`'s own do
+# (ltc.sweep.driver.LOOPBACK_ONLY); RayCluster's nodes leave it out (its `ray start` clusters would refuse workers)
+local_ray_on_loopback()
 
 
 @pytest.fixture(scope="session", autouse=True)

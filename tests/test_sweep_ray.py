@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -10,6 +14,35 @@ import torch
 from conftest import REPO, assert_studies_match
 
 from ltc.sweep import AshaSpec, load_sweep, run_sweep, smoke, summary
+from ltc.sweep.driver import LOOPBACK_ONLY
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def listening(root: int) -> set[str]:
+    """The addresses that process ``root`` and its descendants listen on (TCP)."""
+    import psutil
+
+    ours = {root} | {p.pid for p in psutil.Process(root).children(recursive=True)}
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
+
+
+# `ltc sweep` up to the moment its local Ray has started, then the addresses it listens on; a SystemExit ends the
+# sweep there (ray.shutdown at exit)
+PROBE = r"""
+import json, os, sys
+import ltc.sweep.driver as driver
+from ltc.cli import main
+from test_sweep_ray import listening
+
+start = driver.init_ray
+def probe(*args, **kwargs):
+    start(*args, **kwargs)
+    print("LISTEN " + json.dumps(sorted(listening(os.getpid()))), flush=True)
+    raise SystemExit(0)
+driver.init_ray = probe
+sys.exit(main(sys.argv[1:]))
+"""
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +54,22 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
+
+
+def test_the_local_ray_of_ltc_sweep_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in (LOOPBACK_ONLY[0], "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", PROBE, "sweep", str(REPO / "sweeps/cluster_check.yaml"), "--results", str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("LISTEN ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    addresses = set(json.loads(lines[0].removeprefix("LISTEN ")))
+    assert addresses and addresses <= LOOPBACK  # GCS, raylet, workers, agents: never the machine's address
+
+
+def test_the_tests_local_ray_listens_on_loopback_only(local_ray):
+    addresses = listening(os.getpid())
+    assert addresses and addresses <= LOOPBACK
 
 
 def tiny_quickstart():

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -403,6 +404,24 @@ def make_tuner(
     )
 
 
+# Ray 2.60 turns a local node's 127.0.0.1 into the machine's address (`resolve_ip_for_localhost` in Ray's
+# services), so the GCS, raylet, workers and agents of a local Ray listen on every interface whatever
+# `_node_ip_address` says (Ray's token guards them). The one switch that keeps them all on loopback is Ray's
+# single-machine mode for Windows and macOS, read once when ray is imported. It is not documented as a bind
+# setting: tests/test_sweep_ray.py checks what it does on the pinned Ray.
+LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def local_ray_on_loopback() -> bool:
+    """Keep the local Ray this process will start on 127.0.0.1 (``LOOPBACK_ONLY``, inherited by its workers).
+    Call it before ray is imported; False when that is too late, or when the variable is set already."""
+    name, value = LOOPBACK_ONLY
+    if "ray" in sys.modules or name in os.environ:
+        return False
+    os.environ[name] = value
+    return True
+
+
 _CONNECTED = False  # init_ray joined a cluster (an address, $RAY_ADDRESS: also inside `ray job submit`)
 
 
@@ -439,7 +458,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
         _CONNECTED = True
     else:
-        # a new local cluster of its own, dashboard off, bound to this machine only. address="local": without
+        # a new local cluster of its own, dashboard off; on loopback only after local_ray_on_loopback (the CLI
+        # calls it), else on every interface behind Ray's token (see LOOPBACK_ONLY). address="local": without
         # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
         # another user's sweeps, or a dead one left by a killed driver, which fails `--resume`
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
