@@ -224,6 +224,14 @@ def naming(text: str) -> list:
     return [p for p in psutil.process_iter(["pid", "cmdline"]) if any(text in a for a in p.info["cmdline"] or ())]
 
 
+def listening(root: int) -> set[str]:
+    """The addresses that process ``root`` and its descendants listen on (TCP)."""
+    import psutil
+
+    ours = {root} | {p.pid for p in psutil.Process(root).children(recursive=True)}
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
+
+
 def netns_of(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/net")

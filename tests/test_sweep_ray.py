@@ -12,28 +12,21 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO, assert_studies_match
+from ray_cluster import listening
 
 from ltc.sweep import AshaSpec, load_sweep, run_sweep, smoke, summary
 from ltc.sweep.driver import LOOPBACK_ONLY
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
-
-def listening(root: int) -> set[str]:
-    """The addresses that process ``root`` and its descendants listen on (TCP)."""
-    import psutil
-
-    ours = {root} | {p.pid for p in psutil.Process(root).children(recursive=True)}
-    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
-
-
 # `ltc sweep` up to the moment its local Ray has started, then the addresses it listens on; a SystemExit ends the
-# sweep there (ray.shutdown at exit)
+# sweep there (ray.shutdown at exit). It imports nothing of the tests' but ray_cluster: conftest would set
+# LOOPBACK_ONLY itself, and the test would pass whatever ltc does.
 PROBE = r"""
 import json, os, sys
 import ltc.sweep.driver as driver
 from ltc.cli import main
-from test_sweep_ray import listening
+from ray_cluster import listening
 
 start = driver.init_ray
 def probe(*args, **kwargs):
