@@ -290,10 +290,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(describe(spec))
         return 0
     from ltc.results import summary
-    from ltc.sweep.driver import SweepInterrupted, local_ray_on_loopback, run_sweep
+    from ltc.sweep.driver import SweepInterrupted, run_sweep
 
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        local_ray_on_loopback()  # before ray is imported: a local Ray's servers on 127.0.0.1 only
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # after a Ctrl-C Tune suggests `Tuner.restore(...)`; an ltc user resumes with `ltc sweep --resume` (said below)

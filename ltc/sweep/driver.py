@@ -437,6 +437,9 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     """Connect to the cluster at ``address`` (or ``$RAY_ADDRESS``), else start a local Ray (of ``num_cpus``
     CPUs; default all), with the settings a sweep's Tune runs need."""
     global _CONNECTED
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        local_ray_on_loopback()  # before ray is imported (else a no-op): a local Ray's servers on 127.0.0.1 only
     import ray
 
     # A trial's checkpoint can force a snapshot of the experiment (needed for --resume); Tune warns about
@@ -451,15 +454,14 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     # Worker logs stay in Ray's session folder: the driver shows a progress bar, not a wall of logs.
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
         _CONNECTED = True
     else:
-        # a new local cluster of its own, dashboard off; on loopback only after local_ray_on_loopback (the CLI
-        # calls it), else on every interface behind Ray's token (see LOOPBACK_ONLY). address="local": without
+        # a new local cluster of its own, dashboard off; on loopback only if ray was imported after
+        # local_ray_on_loopback, else on every interface behind Ray's token (LOOPBACK_ONLY). address="local": without
         # it Ray joins the latest cluster started on this machine (/tmp/ray/ray_current_cluster), e.g. one of
         # another user's sweeps, or a dead one left by a killed driver, which fails `--resume`
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
