@@ -156,6 +156,14 @@ class RayCluster:
         _signal_group(node.pid, signal.SIGKILL)
         node.wait()
 
+    def processes(self, node: subprocess.Popen) -> list:
+        """The processes (psutil, with ``cmdline``) of worker ``node``, one started with ``hide``: they share a
+        mount namespace of their own. Ray titles its workers ``ray::IDLE``, ``ray::<Actor>.<method>``."""
+        import psutil
+
+        mnt = namespace_of(node.pid, "mnt")
+        return [p for p in psutil.process_iter(["pid", "cmdline"]) if namespace_of(p.pid, "mnt") == mnt]
+
     # ---- clients (subprocesses: this test process never joins the cluster)
 
     def popen(self, cmd: list[str], *, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
@@ -210,7 +218,7 @@ class RayCluster:
         named = {p.pid for p in naming(str(self.root))}
         for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if p.pid != self.holder.pid and (p.pid in named or netns_of(p.pid) == self.netns):
+                if p.pid != self.holder.pid and (p.pid in named or namespace_of(p.pid) == self.netns):
                     p.kill()
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
@@ -232,9 +240,10 @@ def listening(root: int) -> set[str]:
     return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours}
 
 
-def netns_of(pid: int) -> str | None:
+def namespace_of(pid: int, kind: str = "net") -> str | None:
+    """Process ``pid``'s namespace of ``kind`` (net, mnt: ``/proc/PID/ns``)."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/net")
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
     except OSError:  # gone, or not ours to look at
         return None
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import yaml
 from conftest import aws_variables, leaks, moto_command
-from ray_cluster import BIN, RayCluster, can_isolate, free_port, netns_of
+from ray_cluster import BIN, RayCluster, can_isolate, free_port, namespace_of
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "sweeps/cluster_check.yaml"
@@ -143,7 +143,7 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         ray.stop()
-    left = [p.pid for p in psutil.process_iter() if netns_of(p.pid) == ray.netns]
+    left = [p.pid for p in psutil.process_iter() if namespace_of(p.pid) == ray.netns]
     assert not left, f"processes left in the cluster's network namespace: {left}"
 
 
@@ -169,6 +169,21 @@ def _finish(job: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
+def _wait_for(condition, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Until ``condition()``, while the job runs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, job.communicate()[0][-5000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def _has_run_a_trial(folder: Path) -> bool:
+    """Whether a trial started on the node that sees ``folder`` as the shard cache: it copies its inputs first."""
+    shards = folder / "shards"
+    return shards.is_dir() and any(shards.iterdir())
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -177,13 +192,25 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
     t0 = time.monotonic()
     results = tmp_path / "results"
     job = _submit(cluster, [SWEEP, "--results", str(results)])
-    first = next(iter(cluster.private.values()))
-    # the second worker joins once the first one has started training (its copy of the inputs is there)
-    while not any(first.rglob("manifest.json")):
-        assert job.poll() is None, job.communicate()[0][-5000:]
-        time.sleep(0.5)
-    joined_at = time.monotonic() - t0
-    second = cluster.add_worker(tmp_path / "node2")
+    (node1, first), *_ = cluster.private.items()
+    # the second worker joins once the first one runs a trial
+    _wait_for(lambda: _has_run_a_trial(first), job)
+    # Ray alone picks where a trial runs, and Tune hands a finished trial's actor the next trial (reuse_actors):
+    # these trials last seconds, so a joining node could find nothing left to run. The first worker's trials
+    # pause (SIGSTOP) until the second one has started one: the stage's pending trials must go to the new node.
+    # (a trial runs in an actor of Tune's function trainable class)
+    on_first = cluster.ray.processes(cluster.procs[node1])
+    paused = [p for p in on_first if (p.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc")]
+    assert paused, "no trial running on the first worker"
+    for p in paused:
+        p.suspend()
+    try:
+        joined_at = time.monotonic() - t0
+        second = cluster.add_worker(tmp_path / "node2")
+        _wait_for(lambda: _has_run_a_trial(cluster.private[second]), job)
+    finally:
+        for p in paused:
+            p.resume()
     out = _finish(job)
     wall = time.monotonic() - t0
 
@@ -207,7 +234,9 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
             assert _files(folder / "shards" / name) == _files(cluster.cache / "shards" / name)
         assert sorted(p.name for p in (folder / "splits").iterdir() if p.suffix == ".json")
     print(
-        f"\njob: {wall:.0f} s; second worker joined at {joined_at:.0f} s; trials per node {per_node}; "
+        f"\njob: {wall:.0f} s; second worker joined at {joined_at:.0f} s (paused on the first: "
+        f"{[p.info['cmdline'][0] for p in paused]}); trials per node {per_node}, on the second "
+        f"{trials.kind[trials.node_id == second].value_counts().to_dict()}; "
         f"driver output tail:\n{out[-600:]}"
     )
 
