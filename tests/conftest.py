@@ -163,6 +163,17 @@ def bucket_objects(server: S3Server, prefix: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=server.bucket, Key=k)["Body"].read() for k in bucket_keys(server, prefix)}
 
 
+def read_files(folder: Path) -> dict[str, bytes]:
+    """Path -> bytes of every regular file under ``folder``; files that go while it reads (a live Ray's) are left
+    out."""
+    files = {}
+    for p in folder.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_file():  # (not a socket, not a folder)
+                files[str(p)] = p.read_bytes()
+    return files
+
+
 def leaks(blobs: dict[str, bytes], words: list[str]) -> list[tuple[str, str]]:
     """(name, word) for every word found in a blob: what must not have been written (keys, secrets, options)."""
     return [(name, w) for name, data in blobs.items() for w in words if w.encode() in data]

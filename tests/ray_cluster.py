@@ -216,10 +216,13 @@ class RayCluster:
         # what is left: processes in the cluster's network namespace (job drivers run in a session of their own)
         # or naming its root folder; then the namespace's holder
         named = {p.pid for p in naming(str(self.root))}
+        killed = []
         for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
                 if p.pid != self.holder.pid and (p.pid in named or namespace_of(p.pid) == self.netns):
                     p.kill()
+                    killed.append(p)
+        psutil.wait_procs(killed, timeout=30)  # a killed process lingers while it frees its memory
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -10,11 +10,13 @@ and the test reads the bucket with a client run there (``Bucket``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import aws_variables, leaks, moto_command
+from conftest import aws_variables, leaks, moto_command, read_files
 from ray_cluster import BIN, RayCluster, can_isolate, free_port, namespace_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,26 @@ class Cluster:
             assert time.monotonic() < deadline, f"node {node} still alive"
             time.sleep(1)
 
+    @contextlib.contextmanager
+    def paused_trials(self, nodes: list[str]) -> Iterator[list[str]]:
+        """Stop (SIGSTOP) the trials running on worker ``nodes`` for the block, then let them go on; yields
+        their process titles. A trial runs in an actor of Tune's function trainable class."""
+        trials = [
+            p
+            for node in nodes
+            for p in self.ray.processes(self.procs[node])
+            if (p.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc")
+        ]
+        assert trials, f"no trial running on {nodes}"
+        for p in trials:
+            p.suspend()
+        try:
+            yield [p.info["cmdline"][0] for p in trials]
+        finally:
+            for p in trials:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.resume()
+
     def two_workers(self, tmp_path: Path) -> None:
         """At least two workers (a test run alone has the fixture's one)."""
         if len(self.private) < 2:
@@ -198,19 +220,10 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
     # Ray alone picks where a trial runs, and Tune hands a finished trial's actor the next trial (reuse_actors):
     # these trials last seconds, so a joining node could find nothing left to run. The first worker's trials
     # pause (SIGSTOP) until the second one has started one: the stage's pending trials must go to the new node.
-    # (a trial runs in an actor of Tune's function trainable class)
-    on_first = cluster.ray.processes(cluster.procs[node1])
-    paused = [p for p in on_first if (p.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc")]
-    assert paused, "no trial running on the first worker"
-    for p in paused:
-        p.suspend()
-    try:
+    with cluster.paused_trials([node1]) as paused:
         joined_at = time.monotonic() - t0
         second = cluster.add_worker(tmp_path / "node2")
         _wait_for(lambda: _has_run_a_trial(cluster.private[second]), job)
-    finally:
-        for p in paused:
-            p.resume()
     out = _finish(job)
     wall = time.monotonic() - t0
 
@@ -235,7 +248,7 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
         assert sorted(p.name for p in (folder / "splits").iterdir() if p.suffix == ".json")
     print(
         f"\njob: {wall:.0f} s; second worker joined at {joined_at:.0f} s (paused on the first: "
-        f"{[p.info['cmdline'][0] for p in paused]}); trials per node {per_node}, on the second "
+        f"{paused}); trials per node {per_node}, on the second "
         f"{trials.kind[trials.node_id == second].value_counts().to_dict()}; "
         f"driver output tail:\n{out[-600:]}"
     )
@@ -279,16 +292,26 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     env = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}
     job = _submit(cluster, args, runtime_env=env, job_id=f"{prefix}-1")
 
-    def states() -> int:  # intermediate FT training states in the bucket
-        return sum(k.endswith("/train_state.pt") for k in bucket.keys(f"{prefix}/finetune/"))
+    def stored() -> dict[str, list[str]]:  # FT stage trial id -> the files of its checkpoints in the bucket
+        trials: dict[str, list[str]] = {}
+        for key in bucket.keys(f"{prefix}/finetune/"):
+            parts = key.split("/")[2:]  # <trial>/checkpoint_<n>/<file>, beside Tune's own files
+            if len(parts) == 3 and parts[1].startswith("checkpoint_"):
+                trials.setdefault(parts[0], []).append(parts[2])
+        return trials
 
-    while states() < 4:
-        assert job.poll() is None, job.communicate()[0][-5000:]
-        time.sleep(1)
+    # the stop comes once two FT trials have each stored two training states: the driver has taken the first
+    # of each (a trial reports a checkpoint and waits for the driver before it trains on)
+    _wait_for(lambda: sum(names.count("train_state.pt") >= 2 for names in stored().values()) >= 2, job)
     stopped_at = time.monotonic() - t0
-    stop = cluster.ray.run([str(BIN / "ray"), "job", "stop", "--address", cluster.ray.dashboard, f"{prefix}-1"])
-    assert stop.returncode == 0, stop.stdout + stop.stderr
-    first, _ = job.communicate(timeout=300)
+    # the running trials pause until the job has stopped, so that none of them finishes in the seconds the stop
+    # takes: each FT trial then runs in the resumed job
+    with cluster.paused_trials(list(cluster.private)):
+        assert not any("checkpoint.pt" in names for names in stored().values()), "an FT trial finished first"
+        stop = cluster.ray.run([str(BIN / "ray"), "job", "stop", "--address", cluster.ray.dashboard, f"{prefix}-1"])
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        first, _ = job.communicate(timeout=300)
+    stop_s = time.monotonic() - t0 - stopped_at
     assert "ltc sweep: interrupted in stage finetune" in first, first[-5000:]
     assert not (results / "s3check" / "stages" / "finetune.parquet").exists()
     assert not (results / "s3check" / "ray").exists()  # Tune's state is in the bucket only
@@ -310,7 +333,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     best = pt.loc[pt.val_loss.idxmin()]
     assert set(ft.init) == {best.checkpoint}  # FT starts from the best PT checkpoint, in the bucket …
     assert best.node_id == lost and lost not in set(ft.node_id)  # … which FT trials on other nodes fetched
-    assert (trials.resumed_from_epoch > 0).any()  # stopped trials went on from their states in the bucket
+    assert (trials.resumed_from_epoch > 0).sum() >= 2  # stopped trials went on from their states in the bucket
     assert (trials.epochs_run == trials.stage.map({"pretrain": 4, "finetune": 40})).all()
 
     # ltc predict on a checkpoint in the bucket, as a user on the head would
@@ -323,16 +346,17 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
 
     # no key, secret or endpoint option in the results, the bucket, or any node's Ray files and logs (job logs too)
     keys = [bucket.env["AWS_ACCESS_KEY_ID"], bucket.env["AWS_SECRET_ACCESS_KEY"]]
-    written = {str(p): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    written = read_files(results)
     objects = bucket.objects(prefix)
     written.update(objects)
-    logs = {str(p): p.read_bytes() for p in cluster.ray.root.rglob("*") if p.is_file() and not p.is_socket()}
+    logs = read_files(cluster.ray.root)
     assert any("job-driver-" in name for name in logs)
     ray_logs = {n: data for n, data in logs.items() if "/logs/" in n}  # (the rest holds the job's copy of the repo)
     checks = ((written, [*keys, "endpoint_override"]), (logs, keys), (ray_logs, ["endpoint_override"]))
     assert [found for blobs, words in checks for found in leaks(blobs, words)] == []
     print(
-        f"\nbucket job: stopped at {stopped_at:.0f} s, done at {time.monotonic() - t0:.0f} s; "
+        f"\nbucket job: stopped at {stopped_at:.0f} s (in {stop_s:.0f} s), done at {time.monotonic() - t0:.0f} s; "
+        f"{(trials.resumed_from_epoch > 0).sum()} FT trials resumed from a stored state; "
         f"{len(objects)} objects in {storage}; trials per node "
         f"{trials.node_id.value_counts().to_dict()}"
     )

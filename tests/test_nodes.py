@@ -82,6 +82,19 @@ def test_trials_of_one_node_copy_a_shard_folder_once_and_whole(l96_inputs, tmp_p
         ray.shutdown()
 
 
+def _until_dead(actor, timeout: float = 60) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.paths.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor still answers {timeout} s after ray.kill")
+
+
 def test_a_copy_that_fails_leaves_nothing_behind(l96_inputs, tmp_path):
     import ray
 
@@ -98,6 +111,7 @@ def test_a_copy_that_fails_leaves_nothing_behind(l96_inputs, tmp_path):
             with pytest.raises(MissingFileError, match=rf"{shard.name}: copied 100 bytes, the driver has"):
                 nodes.fetch_input(actor, str(src), node / "l96")
             ray.kill(actor, no_restart=True)  # the driver's server gone mid-stage
+            _until_dead(actor)  # ray.kill returns before the actor has gone: a call may still reach it
             with pytest.raises(ray.exceptions.RayActorError):
                 nodes.fetch_input(actor, str(src), node / "l96")
         assert sorted(p.name for p in node.iterdir()) == [".l96.lock"]  # no part, no half folder

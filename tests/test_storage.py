@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import aws_env, bucket_objects, leaks
+from conftest import aws_env, bucket_objects, leaks, read_files
 
 from ltc import io
 from ltc.checkpoints import load_checkpoint
@@ -231,10 +231,10 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
     # no credential, and no endpoint option, in anything ltc or Tune wrote: the results folder and the bucket;
     # and no credential in Ray's files and logs (Tune copies the driver's AWS variables into trials' runtime
     # envs, which Ray logs: ltc moved them into a private credentials file first, io.aws_credentials_in_a_file)
-    written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    written = read_files(tmp_path)
     written.update(bucket_objects(s3, prefix))
     assert leaks(written, [s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], "endpoint_override"]) == []
-    logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_socket()}
+    logs = read_files(ray_files)
     assert any(name.endswith("runtime_env_agent.log") for name in logs)
     assert leaks(logs, [s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"], "endpoint_override"]) == []
 

@@ -309,7 +309,8 @@ def test_an_interrupt_loses_nothing_and_resume_finishes_exactly(tmp_path, uninte
     epochs = {"pt": 16, "ft": 24}
     for name, n in epochs.items():
         assert (trials[trials.stage == name].epochs_run == n).all()  # the interrupted trials ended whole
-    assert trials[trials.stage == stage].resumed_from_epoch.max() > 0  # … from where they were
+    if len(signals) == 1:  # … from where they were (after a second Ctrl-C, from the last snapshot: maybe epoch 0)
+        assert trials[trials.stage == stage].resumed_from_epoch.max() > 0
     # the same numbers as without the interrupt (seeded, deterministic on CPU)
     _assert_same_numbers(trials, uninterrupted)
     assert_studies_match(results / "intr", trials)
