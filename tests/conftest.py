@@ -167,10 +167,12 @@ def read_files(folder: Path) -> dict[str, bytes]:
     """Path -> bytes of every regular file under ``folder``; files that go while it reads (a live Ray's) are left
     out."""
     files = {}
-    for p in folder.rglob("*"):
-        with contextlib.suppress(FileNotFoundError):
-            if p.is_file():  # (not a socket, not a folder)
-                files[str(p)] = p.read_bytes()
+    for parent, _, names in os.walk(folder):  # (os.walk passes over folders that go)
+        for name in names:
+            p = Path(parent) / name
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file():  # (not a socket)
+                    files[str(p)] = p.read_bytes()
     return files
 
 

@@ -162,6 +162,7 @@ class RayCluster:
         import psutil
 
         mnt = namespace_of(node.pid, "mnt")
+        assert mnt and mnt != namespace_of(self.holder.pid, "mnt"), "not a running node with a mount namespace"
         return [p for p in psutil.process_iter(["pid", "cmdline"]) if namespace_of(p.pid, "mnt") == mnt]
 
     # ---- clients (subprocesses: this test process never joins the cluster)
@@ -222,7 +223,10 @@ class RayCluster:
                 if p.pid != self.holder.pid and (p.pid in named or namespace_of(p.pid) == self.netns):
                     p.kill()
                     killed.append(p)
-        psutil.wait_procs(killed, timeout=30)  # a killed process lingers while it frees its memory
+        # a killed process lingers while it frees its memory (then as a zombie until reaped: gone for us)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in killed) and time.monotonic() < deadline:
+            time.sleep(0.1)
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -249,6 +253,16 @@ def namespace_of(pid: int, kind: str = "net") -> str | None:
         return os.readlink(f"/proc/{pid}/ns/{kind}")
     except OSError:  # gone, or not ours to look at
         return None
+
+
+def _alive(p) -> bool:
+    """Whether psutil process ``p`` still runs (a zombie does not)."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

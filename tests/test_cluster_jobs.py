@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,23 +120,30 @@ class Cluster:
             assert time.monotonic() < deadline, f"node {node} still alive"
             time.sleep(1)
 
-    @contextlib.contextmanager
-    def paused_trials(self, nodes: list[str]) -> Iterator[list[str]]:
-        """Stop (SIGSTOP) the trials running on worker ``nodes`` for the block, then let them go on; yields
-        their process titles. A trial runs in an actor of Tune's function trainable class."""
-        trials = [
+    def trials_on(self, nodes: list[str]) -> list[psutil.Process]:
+        """The processes of the trials on worker ``nodes``: actors of Tune's function trainable class (Ray
+        titles them ``ray::ImplicitFunc…``), from the moment Tune creates them."""
+        return [
             p
             for node in nodes
             for p in self.ray.processes(self.procs[node])
             if (p.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc")
         ]
-        assert trials, f"no trial running on {nodes}"
-        for p in trials:
-            p.suspend()
+
+    @contextlib.contextmanager
+    def paused_trials(self, nodes: list[str]) -> Iterator[list[str]]:
+        """Stop (SIGSTOP) the trials on worker ``nodes`` for the block, then let them go on; yields their
+        process titles."""
+        paused = []
         try:
-            yield [p.info["cmdline"][0] for p in trials]
+            for p in self.trials_on(nodes):
+                with contextlib.suppress(psutil.NoSuchProcess):  # (a trial's actor that has just gone)
+                    p.suspend()
+                    paused.append(p)
+            assert paused, f"no trial running on {nodes}"
+            yield [p.info["cmdline"][0] for p in paused]
         finally:
-            for p in trials:
+            for p in paused:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.resume()
 
@@ -191,12 +198,12 @@ def _finish(job: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
-def _wait_for(condition, job: subprocess.Popen, timeout: float = 300) -> None:
-    """Until ``condition()``, while the job runs."""
+def _wait_for(condition: Callable[[], object], what: str, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Until ``condition()`` holds, while the job runs."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert job.poll() is None, job.communicate()[0][-5000:]
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
         time.sleep(0.5)
 
 
@@ -214,16 +221,16 @@ def test_a_submitted_sweep_runs_on_both_workers_and_a_node_joining_mid_run_gets_
     t0 = time.monotonic()
     results = tmp_path / "results"
     job = _submit(cluster, [SWEEP, "--results", str(results)])
-    (node1, first), *_ = cluster.private.items()
-    # the second worker joins once the first one runs a trial
-    _wait_for(lambda: _has_run_a_trial(first), job)
+    (node1, _), *_ = cluster.private.items()
+    # the second worker joins once the first one runs a trial (its first: the other PT trial is pending)
+    _wait_for(lambda: cluster.trials_on([node1]), "trial on the first worker", job)
     # Ray alone picks where a trial runs, and Tune hands a finished trial's actor the next trial (reuse_actors):
-    # these trials last seconds, so a joining node could find nothing left to run. The first worker's trials
-    # pause (SIGSTOP) until the second one has started one: the stage's pending trials must go to the new node.
+    # these trials last seconds, so a joining node could find nothing left to run. The first worker's trial
+    # pauses (SIGSTOP) until the second worker has started one: the stage's pending trial must go to it.
     with cluster.paused_trials([node1]) as paused:
         joined_at = time.monotonic() - t0
         second = cluster.add_worker(tmp_path / "node2")
-        _wait_for(lambda: _has_run_a_trial(cluster.private[second]), job)
+        _wait_for(lambda: _has_run_a_trial(cluster.private[second]), "trial on the second worker", job)
     out = _finish(job)
     wall = time.monotonic() - t0
 
@@ -302,11 +309,15 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
 
     # the stop comes once two FT trials have each stored two training states: the driver has taken the first
     # of each (a trial reports a checkpoint and waits for the driver before it trains on)
-    _wait_for(lambda: sum(names.count("train_state.pt") >= 2 for names in stored().values()) >= 2, job)
+    def two_with_two_states() -> bool:
+        return sum(names.count("train_state.pt") >= 2 for names in stored().values()) >= 2
+
+    _wait_for(two_with_two_states, "two FT trials with two states each", job)
     stopped_at = time.monotonic() - t0
     # the running trials pause until the job has stopped, so that none of them finishes in the seconds the stop
     # takes: each FT trial then runs in the resumed job
     with cluster.paused_trials(list(cluster.private)):
+        # (fails loudly in the unlikely case that one FT trial ran all its epochs before another stored two states)
         assert not any("checkpoint.pt" in names for names in stored().values()), "an FT trial finished first"
         stop = cluster.ray.run([str(BIN / "ray"), "job", "stop", "--address", cluster.ray.dashboard, f"{prefix}-1"])
         assert stop.returncode == 0, stop.stdout + stop.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,8 @@ def test_trials_of_one_node_copy_a_shard_folder_once_and_whole(l96_inputs, tmp_p
         ray.shutdown()
 
 
-def _until_dead(actor, timeout: float = 60) -> None:
+def _until_dead(actor: Any, timeout: float = 60) -> None:
+    """Until a call to the killed ``InputServer`` actor fails."""
     import ray
 
     deadline = time.monotonic() + timeout
@@ -91,6 +93,8 @@ def _until_dead(actor, timeout: float = 60) -> None:
             ray.get(actor.paths.remote(), timeout=10)
         except ray.exceptions.RayActorError:
             return
+        except ray.exceptions.GetTimeoutError:
+            continue
         time.sleep(0.1)
     raise AssertionError(f"actor still answers {timeout} s after ray.kill")
 
