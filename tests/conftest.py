@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,16 @@ def read_files(folder: Path) -> dict[str, bytes]:
                 if p.is_file():  # (not a socket)
                     files[str(p)] = p.read_bytes()
     return files
+
+
+def most_at_once(started: Iterable[float], finished: Iterable[float]) -> int:
+    """The largest number of [started, finished) intervals that overlap (a finish before a start at a tie)."""
+    events = sorted([(t, 1) for t in started] + [(t, -1) for t in finished])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
 
 
 def leaks(blobs: dict[str, bytes], words: list[str]) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, most_at_once
 from ray_cluster import RayCluster, can_isolate, free_port, naming
 
 pytestmark = [
@@ -248,13 +248,9 @@ def test_gpu_stage_scales_fake_gpu_workers_up_then_back_to_zero(tmp_path):
     assert len(trials) == n_trials and (trials.status == "completed").all(), trials[["status", "error"]]
     assert set(trials.node_id) <= set(workers), (set(trials.node_id), set(workers))
     assert (trials.gpu_ids.str.len() > 0).all()
-    most = 0
-    for _, g in trials.assign(gpu=trials.node_id + "/" + trials.gpu_ids).groupby("gpu"):
-        running = 0
-        for _, step in sorted([(t, 1) for t in g.started] + [(t, -1) for t in g.finished]):
-            running += step
-            most = max(most, running)
-            assert running <= 1 / shape["gpu"]
+    per_gpu = [most_at_once(g.started, g.finished) for _, g in trials.groupby([trials.node_id, trials.gpu_ids])]
+    most = max(per_gpu)
+    assert most <= 1 / shape["gpu"], per_gpu
     assert most >= 2, "no two trials shared a GPU"
     resolution = max(b["t"] - a["t"] for a, b in itertools.pairwise(records))  # the watcher's
     for node in workers.values():  # the trials ran while their node was up

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
+from conftest import most_at_once
 from ray_cluster import BIN, RayCluster, can_isolate
 
 pytestmark = [
@@ -28,16 +29,6 @@ def three_nodes():
         yield cluster
     finally:
         cluster.stop()
-
-
-def most_at_once(started: pd.Series, finished: pd.Series) -> int:
-    """The largest number of [started, finished) intervals that overlap (a finish before a start at a tie)."""
-    events = sorted([(t, 1) for t in started] + [(t, -1) for t in finished])
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    return most
 
 
 def test_half_gpu_trials_spread_over_nodes_two_per_gpu(three_nodes, tmp_path):
