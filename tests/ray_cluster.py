@@ -32,8 +32,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent  # the venv's ray, ltc and moto_server
+TRIAL_TITLE = "ray::ImplicitFunc"  # Ray's process title for an actor of Tune's function trainable class: a trial
 
 
 def free_port() -> int:
@@ -127,7 +129,7 @@ class RayCluster:
             args.append(f"--num-gpus={num_gpus}")
         if autoscaling_config is not None:
             args.append(f"--autoscaling-config={autoscaling_config}")
-        self._start("head", args, env=env, hide=None)
+        self.head = self._start("head", args, env=env, hide=None)
         self.gcs, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
 
     def add_worker(
@@ -156,14 +158,19 @@ class RayCluster:
         _signal_group(node.pid, signal.SIGKILL)
         node.wait()
 
-    def processes(self, node: subprocess.Popen) -> list:
-        """The processes (psutil, with ``cmdline``) of worker ``node``, one started with ``hide``: they share a
-        mount namespace of their own. Ray titles its workers ``ray::IDLE``, ``ray::<Actor>.<method>``."""
+    @staticmethod
+    def trials(node: subprocess.Popen) -> list:
+        """The processes (psutil) of the Ray Tune trials on ``node`` (its ``ray start`` process: the raylet
+        starts the workers), from the moment Tune creates them: actors of Tune's function trainable class, which
+        Ray titles ``TRIAL_TITLE`` (``.__init__``, ``.train`` while Tune calls it)."""
         import psutil
 
-        mnt = namespace_of(node.pid, "mnt")
-        assert mnt and mnt != namespace_of(self.holder.pid, "mnt"), "not a running node with a mount namespace"
-        return [p for p in psutil.process_iter(["pid", "cmdline"]) if namespace_of(p.pid, "mnt") == mnt]
+        found = []
+        for p in psutil.Process(node.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if (p.cmdline() or [""])[0].startswith(TRIAL_TITLE):
+                    found.append(p)
+        return found
 
     # ---- clients (subprocesses: this test process never joins the cluster)
 
@@ -230,6 +237,35 @@ class RayCluster:
         _signal_group(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def until_each_node_runs_a_trial(nodes: list[subprocess.Popen], job: subprocess.Popen, timeout: float = 300) -> None:
+    """Until every node runs a trial (Tune calls ``train`` on it), a node's trials are held (SIGSTOP) from the
+    moment one of them runs; then they all go on. Why: Tune hands a trial whose actor is still starting to
+    an actor that a finished trial freed on another node (reuse_actors), so on a loaded machine a node slow to
+    start its workers could run none. A held trial cannot finish and free its actor."""
+    import psutil
+
+    running: set[int] = set()
+    held: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(running) < len(nodes):
+            for i, node in enumerate(nodes):
+                for p in RayCluster.trials(node):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if p.cmdline()[0].endswith(".train"):
+                            running.add(i)
+                        if i in running and p.pid not in held:
+                            p.suspend()
+                            held[p.pid] = p
+            assert job.poll() is None, job.communicate()[0][-5000:]
+            assert time.monotonic() < deadline, f"nodes running a trial after {timeout:.0f} s: {sorted(running)}"
+            time.sleep(0.1)
+    finally:
+        for p in held.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
 
 
 def naming(text: str) -> list:

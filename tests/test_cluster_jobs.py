@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 from conftest import aws_variables, leaks, moto_command, read_files
-from ray_cluster import BIN, RayCluster, can_isolate, free_port, namespace_of
+from ray_cluster import BIN, RayCluster, can_isolate, free_port, namespace_of, until_each_node_runs_a_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "sweeps/cluster_check.yaml"
@@ -121,27 +121,22 @@ class Cluster:
             time.sleep(1)
 
     def trials_on(self, nodes: list[str]) -> list[psutil.Process]:
-        """The processes of the trials on worker ``nodes``: actors of Tune's function trainable class (Ray
-        titles them ``ray::ImplicitFunc…``), from the moment Tune creates them."""
-        return [
-            p
-            for node in nodes
-            for p in self.ray.processes(self.procs[node])
-            if (p.info["cmdline"] or [""])[0].startswith("ray::ImplicitFunc")
-        ]
+        """The processes of the trials on worker ``nodes`` (``RayCluster.trials``)."""
+        return [p for node in nodes for p in self.ray.trials(self.procs[node])]
 
     @contextlib.contextmanager
     def paused_trials(self, nodes: list[str]) -> Iterator[list[str]]:
         """Stop (SIGSTOP) the trials on worker ``nodes`` for the block, then let them go on; yields their
         process titles."""
-        paused = []
+        paused: dict[psutil.Process, str] = {}  # process -> its title
         try:
             for p in self.trials_on(nodes):
                 with contextlib.suppress(psutil.NoSuchProcess):  # (a trial's actor that has just gone)
+                    title = p.cmdline()[0]
                     p.suspend()
-                    paused.append(p)
+                    paused[p] = title
             assert paused, f"no trial running on {nodes}"
-            yield [p.info["cmdline"][0] for p in paused]
+            yield list(paused.values())
         finally:
             for p in paused:
                 with contextlib.suppress(psutil.NoSuchProcess):
@@ -269,6 +264,7 @@ def test_with_ltc_cache_on_a_folder_every_node_sees_nothing_is_copied(cluster, t
     before = {node: sorted(f.rglob("*")) for node, f in cluster.private.items()}
     t0 = time.monotonic()
     job = _submit(cluster, [SWEEP, "--results", str(results)], runtime_env={"env_vars": {"LTC_CACHE": str(shared)}})
+    until_each_node_runs_a_trial(list(cluster.procs.values()), job)
     _finish(job)
     trials = pd.read_parquet(results / "cluster_check" / "trials.parquet")
     assert len(trials) == 6 and (trials.status == "completed").all()

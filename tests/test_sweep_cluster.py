@@ -7,11 +7,14 @@ run in it as a user on the head would.
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+
 import pandas as pd
 import pytest
 import yaml
 from conftest import most_at_once
-from ray_cluster import BIN, RayCluster, can_isolate
+from ray_cluster import BIN, RayCluster, can_isolate, until_each_node_runs_a_trial
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,19 +23,20 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def three_nodes():
+def three_nodes() -> Iterator[tuple[RayCluster, list[subprocess.Popen]]]:
+    """The cluster and its nodes' ``ray start`` processes."""
     cluster = RayCluster()
     try:
         cluster.start_head(num_cpus=2, num_gpus=1)
-        for _ in range(2):
-            cluster.add_worker(num_cpus=2, num_gpus=1)
-        yield cluster
+        nodes = [cluster.head, *(cluster.add_worker(num_cpus=2, num_gpus=1) for _ in range(2))]
+        yield cluster, nodes
     finally:
         cluster.stop()
 
 
 def test_half_gpu_trials_spread_over_nodes_two_per_gpu(three_nodes, tmp_path):
-    assert len(three_nodes.nodes()) == 3
+    cluster, nodes = three_nodes
+    assert len(cluster.nodes()) == 3
     spec = {
         "name": "gpus",
         "model_config": {"hidden": 16, "n_blocks": 2, "fc_dim": 16},
@@ -44,9 +48,11 @@ def test_half_gpu_trials_spread_over_nodes_two_per_gpu(three_nodes, tmp_path):
     }  # fmt: skip
     sweep = tmp_path / "gpus.yaml"
     sweep.write_text(yaml.safe_dump(spec))
-    cmd = [str(BIN / "ltc"), "sweep", str(sweep), "--results", str(tmp_path), "--address", three_nodes.gcs]
-    run = three_nodes.run(cmd)
-    assert run.returncode == 0, run.stderr[-5000:]
+    cmd = [str(BIN / "ltc"), "sweep", str(sweep), "--results", str(tmp_path), "--address", cluster.gcs]
+    job = cluster.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    until_each_node_runs_a_trial(nodes, job)
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-5000:]
 
     trials = pd.read_parquet(tmp_path / "gpus" / "trials.parquet")
     assert len(trials) == 18 and (trials.status == "completed").all()
