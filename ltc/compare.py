@@ -58,10 +58,8 @@ def scratch_for(rows: pd.DataFrame, cell: tuple[str, str], scratch: list[tuple[s
 
 
 def is_kappa(name: str) -> bool:
-    try:
-        return datasets.spec(name).kappa
-    except (KeyError, ValueError):
-        return False
+    found = datasets.described(name)
+    return found is not None and found.kappa
 
 
 def headline(name: str) -> Headline:

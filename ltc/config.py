@@ -129,17 +129,22 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{label}: {err}") from err
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read ``path`` (YAML) into ``cls``; a YAML syntax error names the file and line."""
+def read_yaml(path: str | Path, *, what: str = "file") -> Any:
+    """The data of YAML file ``path``; a missing file or a YAML syntax error names the file (and line)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"sweep file {path} does not exist")
+        raise MissingFileError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read ``path`` (YAML) into ``cls``; a YAML syntax error names the file and line."""
+    data = read_yaml(path, what="sweep file")
     try:
         return from_dict(cls, data)
     except ConfigError as err:

@@ -1,4 +1,4 @@
-"""Dataset registry and readers: dataset name → records (id, structure, target) + rejected rows.
+"""Datasets: a name → records (id, structure, target) + rejected rows. Built-in sets, and the user's own.
 
 Every dataset of ``shared/data/SOURCES.md`` has a short stable name (``ltc datasets`` lists them).
 A dataset is read from ``$LTC_DATA_HOME/<folder>/`` through the first of its sources whose file is
@@ -6,23 +6,32 @@ present; names that matminer knows can also be downloaded through ``matminer.dat
 into that same folder. Reading is cheap and keeps structures unparsed (``RawRecord``): parsing happens
 in the shard builders, in parallel, where a structure that fails to parse becomes a rejected row.
 
+A user's own dataset (``UserDataset``: a folder with ``id_prop.csv``, an extended XYZ file, a CSV or Parquet
+table, a JSON list of records) becomes a ``DatasetSpec`` like the built-in ones (``user_spec``), known by name
+while it is declared (``declare``: a sweep file's ``datasets:``, or a path given to the CLI). Its structures are
+read by pymatgen's and ASE's own readers; from its records on, nothing downstream knows the difference.
+
 Nothing is dropped silently: every row of the source file ends up either as a ``RawRecord`` or as a
-``Rejected`` row with its reason (missing or non-finite target, duplicate id, missing field).
+``Rejected`` row with its reason (missing or non-finite target, duplicate id, missing field, no structure
+file, a kappa that cannot be one).
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ltc.errors import ConfigError, DataError, LtcError, MissingFileError
 from ltc.paths import data_home as _data_home
@@ -60,7 +69,8 @@ class RawRecord:
     """One row of a dataset with its structure still unparsed.
 
     ``fmt`` says how to parse ``payload``: ``jarvis`` (JARVIS Atoms dict), ``pymatgen`` (``Structure.as_dict``),
-    ``cif`` / ``poscar`` (strings) or ``structure`` (an already built pymatgen ``Structure``).
+    ``cif`` / ``poscar`` (strings), ``structure`` (an already built pymatgen ``Structure``), ``file`` (the path of
+    a structure file, read by pymatgen, else ASE) or ``ase`` (an ``ase.Atoms``).
     ``target`` is in the dataset's raw physical units.
     """
 
@@ -84,6 +94,10 @@ def parse_structure(fmt: str, payload: Any):
 
     if fmt == "structure":
         return payload
+    if fmt == "file":
+        return read_structure_file(Path(payload))
+    if fmt == "ase":
+        return ase_to_structure(payload)
     if fmt == "jarvis":
         for key in ("lattice_mat", "elements", "coords"):
             if key not in payload:
@@ -113,6 +127,51 @@ def parse_structure(fmt: str, payload: Any):
             warnings.simplefilter("ignore")
             return Structure.from_str(payload, fmt=fmt)
     raise ValueError(f"unknown structure format {fmt=}")
+
+
+def read_structure_file(path: Path):
+    """One structure from a file, by pymatgen's reader for its name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON …),
+    else by ASE's (any format ASE knows). Raises ``ValueError`` naming the file and both readers' complaints."""
+    import warnings
+
+    from pymatgen.core import Structure
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pymatgen's CIF warnings on rounded coordinates
+            return Structure.from_file(path)
+    except Exception as pmg_err:  # any reader failure: ASE may still know the format
+        try:
+            import ase.io
+
+            frames = ase.io.read(path, index=":")
+        except Exception as ase_err:
+            raise ValueError(
+                f"{path.name}: pymatgen cannot read it ({type(pmg_err).__name__}: {_first_line(pmg_err)}), "
+                f"nor can ASE ({type(ase_err).__name__}: {_first_line(ase_err)})"
+            ) from None
+        if len(frames) != 1:
+            raise ValueError(f"{path.name} holds {len(frames)} structures; give one structure per file") from None
+        return ase_to_structure(frames[0])
+
+
+def ase_to_structure(atoms):
+    """An ``ase.Atoms`` as a pymatgen ``Structure`` (pymatgen's ``AseAtomsAdaptor``); it must be periodic."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if len(atoms) == 0:
+        raise EmptyStructureError
+    if not all(atoms.pbc):
+        raise ValueError(f"not a crystal: periodic boundary conditions pbc={list(map(bool, atoms.pbc))}, need all true")
+    if atoms.cell.volume <= 0:
+        raise ValueError(f"not a crystal: cell volume {atoms.cell.volume:g} Å^3")
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message, first line only (readers' messages can run to several lines)."""
+    text = str(err).strip()
+    return (text.splitlines() or [""])[0][:200]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +211,8 @@ def _json_rows(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-Row = tuple[str, str, Any, Any] | Rejected  # (id, fmt, payload, raw target) or a rejected row
+# (id, fmt, payload, raw target), optionally with where the row is ("id_prop.csv line 7"), or a rejected row
+Row = tuple[str, str, Any, Any] | tuple[str, str, Any, Any, str] | Rejected
 
 
 class Source:
@@ -169,6 +229,10 @@ class Source:
 
     def describe(self) -> str:
         return self.file
+
+    def content_files(self, folder: Path) -> list[Path]:
+        """Files the rows are read from besides ``file`` (a folder's structure files): part of the fingerprint."""
+        return []
 
 
 def _dict_rows(path: Path, *, id_key: str, structure_key: str, target_key: str, fmt: str) -> Iterator[Row]:
@@ -296,6 +360,298 @@ def load_matminer(name: str, folder: Path, *, download: bool):
 
 
 # --------------------------------------------------------------------------------------------------
+# Sources of a user's own data (``UserDataset``): the field's layouts, read by pymatgen, ASE, pandas and matminer.
+
+ID_PROP = "id_prop.csv"  # CGCNN's and ALIGNN's convention: id,target rows without a header
+DECLARATION_FILE = "dataset.yaml"  # a folder's own declaration (the keys of UserDataset, and its name)
+LAYOUTS: dict[str, str] = {
+    "id_prop": f"a folder with {ID_PROP} (id,target rows, no header) and one structure file per id beside it",
+    "extxyz": "an extended XYZ file (.xyz, .extxyz), the target in each frame's info",
+    "table": "a CSV or Parquet table with an id, a target and a structure column (CIF text or a pymatgen dict)",
+    "json": "a JSON list of records with an id, a target and a structure (a pymatgen dict or CIF text)",
+}
+_SUFFIX_LAYOUT = {".xyz": "extxyz", ".extxyz": "extxyz", ".csv": "table", ".parquet": "table", ".json": "json"}
+_COMPRESSED = (".gz", ".bz2", ".xz")  # pandas, ASE and pymatgen open these themselves
+# Structure files an id of id_prop.csv may name, by suffix (the id itself may be a file name, as in ALIGNN's)
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar", ".json", ".extxyz", ".xyz", ".xsf", ".cssr", ".res")
+ID_KEYS = ("id", "material_id", "mpd_id", "jid", "name")  # tried in this order when `id` is not given
+STRUCTURE_KEYS = ("structure", "cif", "atoms", "poscar")  # likewise for `structure`
+KAPPA_UNITS = "W/(m K)"
+# Above this a lattice thermal conductivity is a unit mistake, not a crystal: diamond, the highest known, is
+# ~2,000-3,300 W/(m K) at 300 K. Values <= 0 are no conductivity at all.
+KAPPA_MAX = 1e4
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a safe path component, no '+' (multi-property joins)
+
+
+def _structure_payload(value: Any) -> tuple[str, Any] | str:
+    """(fmt, payload) for a structure cell of a table or a JSON record, else the reason it cannot be one."""
+    from pymatgen.core import Structure
+
+    if isinstance(value, Structure):
+        return "structure", value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return "missing structure: empty"
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"unparsable structure: JSON text that is not valid JSON ({err})"
+        elif "_cell_length_a" in text or text.startswith("data_"):
+            return "cif", text
+        else:
+            return "poscar", text
+    if isinstance(value, dict):
+        return ("jarvis", value) if "lattice_mat" in value else ("pymatgen", value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing structure: empty"
+    return f"unparsable structure: a {type(value).__name__}, not CIF or POSCAR text or a pymatgen dict"
+
+
+def _pick_key(given: str | None, options: tuple[str, ...], found: Iterable[str], what: str, where: Path) -> str:
+    """The key (column) ``given``, else the first of ``options`` present; an error names what is there."""
+    found = list(found)
+    if given is not None:
+        if given not in found:
+            raise DatasetFileError(f"{where}: no {what} {given!r}; found {found[:20]}")
+        return given
+    key = next((k for k in options if k in found), None)
+    if key is None:
+        raise DatasetFileError(
+            f"{where}: no {what} among {list(options)} (found {found[:20]}); name it in the declaration"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class IdPropFolder(Source):
+    """CGCNN's and ALIGNN's layout: ``id_prop.csv`` (``id,target`` rows, no header) and a structure file per id
+    beside it: ``<id>`` itself (ALIGNN's ids are file names) or ``<id>`` + one of ``STRUCTURE_SUFFIXES``."""
+
+    file: str = ID_PROP
+    fmt: str = "file"
+
+    def _lines(self, folder: Path) -> Iterator[tuple[int, list[str]]]:
+        path = folder / self.file
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark
+        except UnicodeDecodeError as err:
+            raise DatasetFileError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise DatasetFileError(f"{path}: cannot read it ({err})") from None
+        reader = csv.reader(io.StringIO(text))
+        try:
+            for fields in reader:
+                fields = [f.strip() for f in fields]
+                if not any(fields):
+                    continue
+                if len(fields) != 2:
+                    raise DatasetFileError(
+                        f"{path} line {reader.line_num}: {len(fields)} fields; expected 2 (id,target), e.g. mp-1,12.3"
+                    )
+                yield reader.line_num, fields
+        except csv.Error as err:
+            raise DatasetFileError(f"{path} line {reader.line_num}: {err}") from None
+
+    def _find(self, folder: Path, rid: str, names: set[str]) -> Path | str:
+        """The structure file of ``rid``, or the reason there is none."""
+        inside = (folder / rid).resolve()
+        if not inside.is_relative_to(folder.resolve()):
+            return f"missing structure: id {rid!r} points outside {folder}"
+        candidates = (
+            [rid]
+            + [rid + s for s in STRUCTURE_SUFFIXES]
+            + [rid + s + c for s in STRUCTURE_SUFFIXES for c in _COMPRESSED]
+        )
+        nested = "/" in rid or os.sep in rid
+        hits = [c for c in candidates if ((folder / c).is_file() if nested else c in names) and c != self.file]
+        if len(hits) > 1:
+            return f"ambiguous structure: several files for id {rid!r} ({', '.join(hits)}); keep one"
+        if not hits:
+            tried = ", ".join([rid, *(rid + s for s in STRUCTURE_SUFFIXES[:3])])
+            return f"missing structure: no file for id {rid!r} in {folder} (looked for {tried}, …)"
+        return folder / hits[0]
+
+    def _files(self, folder: Path) -> Iterator[tuple[int, str, Path | str, str]]:
+        """(line, id, structure file or why none, target text) per row; a header line is skipped."""
+        names = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+        first = True
+        for line, (rid, target) in self._lines(folder):
+            found = self._find(folder, rid, names)
+            if first and isinstance(found, str) and _finite_target(target)[0] is None:
+                log.info("%s line %d: %r looks like a header; skipped", folder / self.file, line, f"{rid},{target}")
+                first = False
+                continue
+            first = False
+            yield line, rid, found, target
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        for line, rid, found, target in self._files(folder):
+            where = f"{self.file} line {line}"
+            if not rid:
+                yield Rejected(f"line {line}", f"missing id: empty ({where})")
+            elif isinstance(found, str):
+                yield Rejected(rid, f"{found} ({where})")
+            else:
+                yield rid, self.fmt, str(found), target, where
+
+    def content_files(self, folder: Path) -> list[Path]:
+        return [found for _, _, found, _ in self._files(folder) if isinstance(found, Path)]
+
+    def describe(self) -> str:
+        return f"{self.file} + structure files"
+
+
+@dataclass(frozen=True)
+class ExtXYZ(Source):
+    """An extended XYZ file (ASE's reader): one structure per frame, the target in each frame's ``info``."""
+
+    file: str
+    target_key: str
+    id_key: str | None = None  # default: info "id" when the frames have it, else the frame's index
+    fmt: str = "ase"
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        import ase.io
+
+        path = folder / self.file
+        frames = ase.io.iread(str(path), index=":", format="extxyz")
+        line, i = 1, 0
+        while True:
+            try:
+                atoms = next(frames)
+            except StopIteration:
+                return
+            except Exception as err:  # ASE's reader: the file from here on cannot be read
+                raise DatasetFileError(
+                    f"{path} line {line}: frame {i} cannot be read by ASE ({type(err).__name__}: {_first_line(err)})"
+                ) from None
+            where = f"{self.file} frame {i}, line {line}"
+            line += len(atoms) + 2  # a frame: a count line, a comment line, a line per atom
+            results = dict(atoms.calc.results) if atoms.calc is not None else {}  # ASE moves energy=… there
+            info = {**results, **atoms.info}
+            rid = info.get(self.id_key or "id")
+            if rid is None and self.id_key is not None:
+                yield Rejected(f"frame {i}", f"missing id: no info key {self.id_key!r} ({where})")
+            elif self.target_key not in info:
+                yield Rejected(
+                    str(i) if rid is None else str(rid), f"missing target: no info key {self.target_key!r} ({where})"
+                )
+            else:
+                target = info[self.target_key]
+                atoms.calc, atoms.info = None, {}  # the structure only travels to the graph builders
+                yield (str(i) if rid is None else str(rid)), self.fmt, atoms, target, where
+            i += 1
+
+    def describe(self) -> str:
+        return f"{self.file} (info {self.target_key!r}{f', id {self.id_key!r}' if self.id_key else ''})"
+
+
+def _record_rows(
+    records: Iterable[Mapping[str, Any]], *, path: Path, target: str, id_key: str | None, structure_key: str | None,
+    what: str,
+) -> Iterator[Row]:  # fmt: skip
+    """Rows of a table's or a JSON list's records: ids, sniffed structures (``_structure_payload``), targets."""
+    records = list(records)
+    keys: dict[str, None] = {}
+    for rec in records[:1000]:  # every key some record has (JSON records need not share them)
+        if isinstance(rec, Mapping):
+            keys.update(dict.fromkeys(rec))
+    if records:
+        id_key = _pick_key(id_key, ID_KEYS, keys, f"id {what}", path)
+        structure_key = _pick_key(structure_key, STRUCTURE_KEYS, keys, f"structure {what}", path)
+        _pick_key(target, (), keys, f"target {what}", path)
+    for i, rec in enumerate(records):
+        where = f"{path.name} row {i + 1}"
+        if not isinstance(rec, Mapping):
+            yield Rejected(f"row {i + 1}", f"bad record: a {type(rec).__name__}, not an object ({where})")
+            continue
+        rid = rec.get(id_key)  # type: ignore[arg-type]
+        if rid is None or (isinstance(rid, float) and math.isnan(rid)) or str(rid).strip() == "":
+            yield Rejected(f"row {i + 1}", f"missing id: empty {id_key!r} ({where})")
+            continue
+        rid = str(rid).strip()
+        found = _structure_payload(rec.get(structure_key))  # type: ignore[arg-type]
+        if isinstance(found, str):
+            yield Rejected(rid, f"{found} ({where})")
+            continue
+        yield rid, found[0], found[1], rec.get(target), where
+
+
+@dataclass(frozen=True)
+class Table(Source):
+    """A CSV (pandas) or Parquet (pyarrow) table: one row per structure, CIF text or a pymatgen dict (a JSON string
+    in CSV) in the structure column."""
+
+    file: str
+    target_key: str
+    id_key: str | None = None
+    structure_key: str | None = None
+    fmt: str = "auto"  # per row: see _structure_payload
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        path = folder / self.file
+        parquet = ".parquet" in [x.lower() for x in path.suffixes]
+        try:
+            if parquet:
+                import pyarrow.parquet as pq
+
+                records = pq.read_table(path).to_pylist()
+            else:
+                import pandas as pd
+
+                # every cell as text: ids stay as written ("007"), a bad target is a row's reason, not the file's
+                df = pd.read_csv(path, dtype=str, keep_default_na=False)
+                records = df.to_dict("records")
+        except Exception as err:  # pandas and pyarrow raise many kinds on a damaged file
+            raise DatasetFileError(
+                f"{path}: cannot read as {'Parquet' if parquet else 'CSV'} ({type(err).__name__}: {_first_line(err)})"
+            ) from None
+        yield from _record_rows(
+            records, path=path, target=self.target_key, id_key=self.id_key, structure_key=self.structure_key,
+            what="column",
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        return f"{self.file} (column {self.target_key!r})"
+
+
+@dataclass(frozen=True)
+class JSONRecords(Source):
+    """A JSON list of records (``[{"id": …, "structure": {pymatgen dict}, "<target>": …}, …]``, pymatgen's and
+    matminer's style), or a DataFrame matminer stored as JSON (``store_dataframe_as_json``; read by matminer)."""
+
+    file: str
+    target_key: str
+    id_key: str | None = None
+    structure_key: str | None = None
+    fmt: str = "auto"
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        path = folder / self.file
+        data = _load_json(path)
+        if isinstance(data, dict) and {"columns", "data"} <= set(data):
+            from matminer.utils.io import load_dataframe_from_json
+
+            try:
+                df = load_dataframe_from_json(str(path), pbar=False)
+            except Exception as err:
+                raise DatasetFileError(f"{path}: matminer cannot read it ({type(err).__name__}: {err})") from None
+            data = df.reset_index().to_dict("records") if df.index.name else df.to_dict("records")
+        if not isinstance(data, list):
+            raise DatasetFileError(
+                f"{path}: expected a JSON list of records (or a matminer DataFrame), found {type(data).__name__}"
+            )
+        yield from _record_rows(
+            data, path=path, target=self.target_key, id_key=self.id_key, structure_key=self.structure_key, what="key"
+        )
+
+    def describe(self) -> str:
+        return f"{self.file} (key {self.target_key!r})"
+
+
+# --------------------------------------------------------------------------------------------------
 # The registry.
 
 
@@ -315,6 +671,7 @@ class DatasetSpec:
     devi_prop: str | None = None  # name in Devi et al.'s files, if the set is one of theirs
     kappa: bool = False  # lattice thermal conductivity (report MAPE and MAE on log10 kappa too)
     notes: str = ""
+    declaration: UserDataset | None = None  # a user's own dataset: how it was declared (folder is then absolute)
 
     @property
     def matminer(self) -> MatminerDataset | None:
@@ -497,11 +854,292 @@ REGISTRY: dict[str, DatasetSpec] = {
 
 
 def spec(name: str) -> DatasetSpec:
-    """The registry entry for ``name``; the error lists the known names."""
-    try:
+    """The dataset ``name``: built in, or declared (``declare``); the error lists the known names."""
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}") from None
+    for layer in reversed(_DECLARED):
+        if name in layer:
+            return layer[name]
+    hint = ""
+    if isinstance(name, str) and any(c in name for c in "/\\."):
+        hint = (
+            "; a dataset of your own is declared under a sweep file's `datasets:` and used by its name, or given by "
+            "its path to `ltc prepare PATH` / `ltc train --dataset PATH` (README: Your own data)"
+        )
+    raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(known_names())}{hint}") from None
+
+
+def known_names() -> list[str]:
+    """Built-in names, then the declared ones."""
+    out = list(REGISTRY)
+    for layer in _DECLARED:
+        out.extend(n for n in layer if n not in out)
+    return out
+
+
+def is_known(name: str) -> bool:
+    return name in REGISTRY or any(name in layer for layer in _DECLARED)
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own datasets: declared once, then used by name exactly as a built-in one.
+
+
+@dataclass(frozen=True)
+class UserDataset:
+    """How to read a dataset of the user's own: a sweep file's ``datasets:`` entry, or a ``dataset.yaml``.
+
+    ``path``: a folder with ``id_prop.csv`` (or with a ``dataset.yaml`` that says the rest), an extended XYZ file,
+    a CSV / Parquet table or a JSON list of records (``LAYOUTS``; ``format`` when the suffix does not tell).
+    ``target``: the property's name; for extxyz, tables and JSON also the info key / column that holds it.
+    ``id`` / ``structure``: the id and structure keys of tables and JSON (default: the first of ``ID_KEYS`` /
+    ``STRUCTURE_KEYS`` present), the info key of each frame's id in extxyz (default ``id``, else the frame's index).
+    ``kappa``: a lattice thermal conductivity: judged on log10 kappa and MAPE, ranked lowest first, values <= 0 or
+    above ``KAPPA_MAX`` rejected; its units default to W/(m K).
+    """
+
+    path: str
+    target: str | None = None
+    units: str | None = None
+    kappa: bool = False
+    title: str | None = None
+    format: Literal["auto", "id_prop", "extxyz", "table", "json"] = "auto"
+    id: str | None = None
+    structure: str | None = None
+
+    def __post_init__(self) -> None:
+        if not str(self.path).strip():
+            raise ConfigError("path: empty; give a folder with id_prop.csv, an extxyz file, a table or a JSON file")
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it can name a dataset (a short safe path component: letters, digits, '_' and '-')."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"dataset name {name!r}: use letters, digits, '_' and '-' (at most 64, starting with a letter or digit)"
+        )
+    return name
+
+
+def absolute_path(path: str | os.PathLike[str], base: Path) -> Path:
+    """``path`` made absolute against ``base`` (``~`` expanded; not resolved: a symlinked folder keeps its name)."""
+    p = Path(path).expanduser()
+    return Path(os.path.abspath(p if p.is_absolute() else base / p))
+
+
+def read_declaration_file(folder: Path) -> dict[str, Any]:
+    """``folder/dataset.yaml`` as a mapping, its ``path`` (default: the folder) made absolute against the folder."""
+    import yaml
+
+    file = folder / DECLARATION_FILE
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DatasetFileError(f"{file}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DatasetFileError(f"{file}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise DatasetFileError(f"{file}: expected a mapping (target: …, units: …, kappa: …), got {type(data).__name__}")
+    return {**data, "path": str(absolute_path(data.get("path", "."), folder))}
+
+
+def declaration(entry: Mapping[str, Any] | str, *, base: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+    """A declaration as a plain mapping with an absolute ``path`` (relative paths resolve against ``base``), merged
+    with the ``dataset.yaml`` of a folder it points at (the entry's own keys win); and the name that file gives."""
+    raw = {"path": entry} if isinstance(entry, str) else dict(entry)
+    if "path" not in raw:
+        raise ConfigError("missing key 'path' (a folder with id_prop.csv, an extxyz file, a table or a JSON file)")
+    if not isinstance(raw["path"], str):
+        raise ConfigError(f"path: expected a string, got {raw['path']!r}")
+    path = absolute_path(raw["path"], Path(base))
+    name = None
+    if path.is_dir() and (path / DECLARATION_FILE).is_file():
+        own = read_declaration_file(path)
+        name = own.pop("name", None)
+        raw = {**own, **{k: v for k, v in raw.items() if k != "path"}}
+    else:
+        raw["path"] = str(path)
+    return raw, name
+
+
+def user_spec(name: str, decl: UserDataset) -> DatasetSpec:
+    """The ``DatasetSpec`` of a user's dataset ``name`` (a safe name that is not a built-in one's)."""
+    check_name(name)
+    if name in REGISTRY:
+        raise ConfigError(f"dataset name {name!r} is a built-in dataset's (see `ltc datasets`); give yours another")
+    path = Path(decl.path)
+    layout = decl.format if decl.format != "auto" else _layout_of(name, path)
+    if layout != "id_prop" and decl.target is None:
+        raise ConfigError(
+            f"dataset {name!r}: {path.name} is read as {layout}: name the "
+            f"{'info key' if layout == 'extxyz' else 'column'} that holds the target (target: …)"
+        )
+    target = decl.target or "target"
+    source: Source
+    if layout == "id_prop":
+        folder, source = path, IdPropFolder()
+    elif layout == "extxyz":
+        folder, source = path.parent, ExtXYZ(path.name, target, decl.id)
+    elif layout == "table":
+        folder, source = path.parent, Table(path.name, target, decl.id, decl.structure)
+    else:
+        folder, source = path.parent, JSONRecords(path.name, target, decl.id, decl.structure)
+    return DatasetSpec(
+        name=name,
+        title=decl.title or f"{name} ({LAYOUTS[layout].split(' (')[0].split(',')[0]})",
+        target=target,
+        units=decl.units if decl.units is not None else (KAPPA_UNITS if decl.kappa else ""),
+        folder=str(folder),
+        sources=(source,),
+        full_size=0,
+        transform=default_transform(decl.kappa),
+        reference=str(path),
+        kappa=decl.kappa,
+        declaration=decl,
+    )
+
+
+def default_transform(kappa: bool) -> str:
+    """The target transform of a dataset: as for the built-in sets, log10(kappa + 1) standardised for kappa
+    (ParAIsite's), else min-max to [-1, 1] (Devi et al.'s)."""
+    return "log10p1+standardize" if kappa else "minmax"
+
+
+def _layout_of(name: str, path: Path) -> str:
+    if path.is_dir() or (not path.exists() and not path.suffix):
+        return "id_prop"
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    layout = _SUFFIX_LAYOUT.get(suffixes[-1] if suffixes else "")
+    if layout is None:
+        known = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+        raise ConfigError(
+            f"dataset {name!r}: cannot tell how to read {path.name} (by its suffix); give format: ({known})"
+        )
+    return layout
+
+
+def from_path(
+    path: str | os.PathLike[str],
+    *,
+    target: str | None = None,
+    units: str | None = None,
+    kappa: bool | None = None,
+    base: str | os.PathLike[str] = ".",
+) -> DatasetSpec:
+    """A dataset given by its path (``ltc prepare PATH``, ``ltc train --dataset PATH``): named by its folder's
+    ``dataset.yaml`` (``name:``), else by the folder or file name; the arguments given win over that file."""
+    from ltc.config import from_dict
+
+    given = {k: v for k, v in (("target", target), ("units", units), ("kappa", kappa)) if v is not None}
+    raw, name = declaration({"path": str(path), **given}, base=base)
+    if name is None:
+        p = Path(raw["path"])
+        stem = p.name if p.is_dir() else p.name.split(".")[0]
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", stem).lstrip("_-") or "data"
+        if name in REGISTRY:
+            raise ConfigError(
+                f"{path}: its name {name!r} is a built-in dataset's; name yours in {p / DECLARATION_FILE} (name: …) "
+                "or rename the folder"
+            )
+    try:
+        return user_spec(str(name), from_dict(UserDataset, raw, "dataset"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def declarations_in(path: str | os.PathLike[str]) -> dict[str, DatasetSpec]:
+    """The datasets a YAML file declares under ``datasets:`` (a sweep file, or a file of that key alone), their
+    paths resolved against the file's folder."""
+    from ltc.config import from_dict, read_yaml
+
+    data = read_yaml(path, what="datasets file")
+    declared = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(declared, dict) or not declared:
+        raise ConfigError(f"{path}: no `datasets:` mapping of names to declarations (path: …, target: …)")
+    out = {}
+    for name, entry in declared.items():
+        try:
+            raw = declaration(entry, base=Path(path).resolve().parent)[0] if isinstance(entry, (str, dict)) else entry
+            out[name] = user_spec(str(name), from_dict(UserDataset, raw, "dataset"))
+        except (ConfigError, DatasetError) as err:
+            raise ConfigError(f"{path}: datasets.{name}: {err}") from None
+    return out
+
+
+class Declared:
+    """User datasets known by name while it lasts: a ``with`` block, or until ``close()`` (a notebook)."""
+
+    def __init__(self, specs: Mapping[str, DatasetSpec] | Iterable[DatasetSpec]) -> None:
+        items = specs.values() if isinstance(specs, Mapping) else specs
+        self.layer = {s.name: s for s in items}
+        for s in self.layer.values():
+            if s.name in REGISTRY:
+                raise ConfigError(f"dataset name {s.name!r} is a built-in dataset's; give yours another")
+        _DECLARED.append(self.layer)
+        remember(self.layer.values())
+
+    def close(self) -> None:
+        for i, layer in enumerate(_DECLARED):
+            if layer is self.layer:  # by identity: two layers may hold equal declarations
+                del _DECLARED[i]
+                return
+
+    def __enter__(self) -> Declared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def declare(specs: Mapping[str, DatasetSpec] | Iterable[DatasetSpec]) -> Declared:
+    """Make ``specs`` (``user_spec``) known to ``spec``, ``locate``, ``read`` … by name; see ``Declared``."""
+    return Declared(specs)
+
+
+_DECLARED: list[dict[str, DatasetSpec]] = []  # layers pushed by ``declare``, innermost last
+# Every dataset declared in this process, the latest by each name: what results tables mean by a name (units,
+# kappa) after its sweep's declaration has ended (``described``). Never read from: only ``spec`` locates files.
+_SEEN: dict[str, DatasetSpec] = {}
+
+
+def remember(specs: Iterable[DatasetSpec]) -> None:
+    """Note what these datasets are, for ``described`` (``declare`` does it; so does loading a results folder)."""
+    _SEEN.update({s.name: s for s in specs if s.name not in REGISTRY})
+
+
+def described(name: str) -> DatasetSpec | None:
+    """What ``name`` is, for reading results: a built-in or declared dataset, else the latest one declared under that
+    name in this process (a sweep that has ended, a results folder loaded), else None."""
+    if is_known(name):
+        return spec(name)
+    return _SEEN.get(name)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What training and metrics need to know of a dataset's target."""
+
+    target: str
+    units: str
+    kappa: bool
+    transform: str  # the default target transform
+
+
+def target_info(name: str, manifest: Mapping[str, Any]) -> TargetInfo:
+    """``name``'s target: from the registry for a built-in set (its manifest may predate these fields), else from
+    its shards' manifest, which the driver wrote from the declaration."""
+    if name in REGISTRY:
+        s = REGISTRY[name]
+        return TargetInfo(s.target, s.units, s.kappa, s.transform)
+    missing = [k for k in ("target", "units", "kappa", "transform") if k not in manifest]
+    if missing:
+        raise DatasetFileError(f"shards of {name!r}: the manifest lacks {missing}; run `ltc prepare` to rebuild them")
+    return TargetInfo(str(manifest["target"]), str(manifest["units"]), bool(manifest["kappa"]), manifest["transform"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,6 +1195,9 @@ def local_source(name: str, *, data_home: str | os.PathLike[str] | None = None) 
 
 def _missing_message(s: DatasetSpec, folder: Path, why: str) -> str:
     files = " or ".join(src.file for src in s.sources)
+    if s.declaration is not None:
+        what = f"{folder} (a folder with {ID_PROP})" if isinstance(s.sources[0], IdPropFolder) else str(folder / files)
+        return f"dataset {s.name!r}: {what} does not exist{why}"
     return (
         f"dataset {s.name!r} has no local file: put {files} in {folder} "
         f"(set LTC_DATA_HOME to a folder laid out like shared/data; see SOURCES.md){why}"
@@ -575,6 +1216,8 @@ def locate(name: str, *, data_home: str | os.PathLike[str] | None = None, downlo
     if download is None:
         download = os.environ.get("LTC_DOWNLOAD", "1") != "0"
     found = local_source(name, data_home=home)
+    if found is None and s.declaration is not None:
+        raise DatasetNotFoundError(_missing_message(s, folder, ""))
     if found is None:
         mm = s.matminer
         if mm is None:
@@ -600,39 +1243,61 @@ def read(
     Raises ``DatasetNotFoundError`` naming the file to put where, ``DatasetFileError`` naming a damaged file.
     """
     file = name if isinstance(name, DatasetFile) else locate(name, data_home=data_home, download=download)
-    records, rejected = _check_rows(file.source.rows(file.path.parent))
+    records, rejected = _check_rows(file.source.rows(file.path.parent), kappa=file.spec.kappa)
     return RawDataset(file=file, records=records, rejected=rejected)
 
 
-def _check_rows(rows: Iterator[Row]) -> tuple[list[RawRecord], list[Rejected]]:
-    """Split rows into records and rejections: bad targets and duplicate ids become rejected rows."""
+def _kappa_problem(kappa: float) -> str | None:
+    """Why ``kappa`` (W/(m K)) cannot be a lattice thermal conductivity, or None."""
+    if kappa <= 0:
+        return f"bad target: kappa {kappa:g} <= 0 (a thermal conductivity is positive)"
+    if kappa > KAPPA_MAX:
+        return f"bad target: kappa {kappa:g} > {KAPPA_MAX:,.0f} W/(m K) (diamond's is ~2,000-3,300): a unit mistake?"
+    return None
+
+
+def _check_rows(rows: Iterator[Row], *, kappa: bool = False) -> tuple[list[RawRecord], list[Rejected]]:
+    """Split rows into records and rejections: bad targets (for ``kappa``, outside (0, KAPPA_MAX]) and duplicate ids
+    become rejected rows, each reason saying where its row is when the source tells (``id_prop.csv line 7``)."""
     records: list[RawRecord] = []
     rejected: list[Rejected] = []
-    first_row: dict[str, int] = {}
+    first_row: dict[str, str] = {}
     for i, row in enumerate(rows):
         if isinstance(row, Rejected):
             rejected.append(row)
             continue
-        rid, fmt, payload, raw_target = row
+        rid, fmt, payload, raw_target, *rest = row
+        where = rest[0] if rest else None
         target, why = _finite_target(raw_target)
+        if why is None and kappa:
+            why = _kappa_problem(target)  # type: ignore[arg-type]
         if why is not None:  # checked first: a bad first copy must not make a good second one a "duplicate"
-            rejected.append(Rejected(rid, why))
+            rejected.append(Rejected(rid, f"{why} ({where})" if where else why))
             continue
         if rid in first_row:
-            rejected.append(Rejected(rid, f"duplicate id: first at row {first_row[rid]}, again at row {i}"))
+            again = f"again at {where}" if where else f"again at row {i}"
+            rejected.append(Rejected(rid, f"duplicate id: first at {first_row[rid]}, {again}"))
             continue
-        first_row[rid] = i
+        first_row[rid] = where or f"row {i}"
         records.append(RawRecord(rid, fmt, payload, target))
     return records, rejected
 
 
 def fingerprint(path: Path, s: DatasetSpec, src: Source) -> str:
-    """Content hash of a dataset: the file bytes plus what the reader takes from them."""
+    """Content hash of a dataset: the file bytes (and a folder's structure files) plus what the reader takes from
+    them (a user dataset's reading keys and kappa flag, which rejects rows)."""
     h = hashlib.sha256()
-    h.update(json.dumps([READER_VERSION, s.name, s.target, type(src).__name__, src.describe()]).encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    header: list[Any] = [READER_VERSION, s.name, s.target, type(src).__name__, src.describe()]
+    if s.declaration is not None:  # built-in keys stay as they were
+        header.append({"kappa": s.kappa, "source": repr(src)})
+    h.update(json.dumps(header).encode())
+    extra = src.content_files(path.parent)
+    for file in [path, *extra]:
+        if file is not path:
+            h.update(b"\0" + str(file.relative_to(path.parent)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -221,7 +221,7 @@ def predict(
     for c in configs:
         check_construction(c)  # a missing package is one error, not an error row per structure
     path = Path(input)
-    if path.exists():
+    if path.exists() and not datasets.is_known(input):
         files = structure_files(path) if path.is_dir() else [path]
         if not files:
             raise MissingFileError(f"{path} holds no CIF or POSCAR files (*.cif, *.vasp, *.poscar, POSCAR*, CONTCAR*)")
@@ -253,7 +253,7 @@ def predict(
             ]
         )
         table = pd.concat([table, errors], ignore_index=True) if not errors.empty else table
-    elif input in datasets.REGISTRY:  # the dataset's shards, with its true values
+    elif datasets.is_known(input):  # the dataset's shards (built-in or declared), with its true values
         shard_sets = {c: ShardSet.open(input, graph=c, home=home, cache=cache) for c in configs}
         ids = list(shard_sets[configs[0]].ids)
         for s in shard_sets.values():  # graphs rejected under one setting but not another: use the common ones

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ltc import compare, datasets
-from ltc.errors import MissingFileError
+from ltc.errors import DataError, MissingFileError
 from ltc.io import filesystem, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,14 @@ MISSING = compare.MISSING
 def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``RESULTS_DIR/trials.parquet`` with a ``start`` column (the trial's source lineage, or its kind).
 
-    Tables of older ltc versions are brought to the current columns (``group`` → ``source_key``).
+    Tables of older ltc versions are brought to the current columns (``group`` → ``source_key``). The folder's own
+    datasets (its sweep's ``datasets:``) are remembered, so that their names mean what they meant in the sweep
+    (kappa: judged on log10; units) in the tables and figures made from it (``datasets.described``).
     """
     path = Path(results_dir) / "trials.parquet"
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
+    datasets.remember(declared_in(results_dir).values())
     return with_start(upgrade(pd.read_parquet(path)))
 
 
@@ -68,10 +71,8 @@ def best_per_setting(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def _units(name: str) -> str:
-    try:
-        return datasets.spec(name).units
-    except (KeyError, ValueError):
-        return ""
+    found = datasets.described(name)
+    return found.units if found is not None else ""
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -404,6 +405,24 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
     return lines
 
 
+def declared_in(results_dir: str | os.PathLike[str]) -> dict[str, datasets.DatasetSpec]:
+    """The user datasets a sweep's results folder declared (from its ``sweep.json``), as specs to ``declare``: what
+    their names mean (units, kappa) in its tables. Their files need not exist any more."""
+    from ltc.config import from_dict
+
+    stored = Path(results_dir) / "sweep.json"
+    if not stored.is_file():
+        return {}
+    try:
+        spec = json.loads(json.loads(stored.read_text())["spec"])
+        return {
+            name: datasets.user_spec(name, from_dict(datasets.UserDataset, decl, f"datasets.{name}"))
+            for name, decl in (spec.get("datasets") or {}).items()
+        }
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{stored}: cannot read the sweep's declared datasets ({type(err).__name__}: {err})") from None
+
+
 def write_report(results_dir: str | os.PathLike[str]) -> Report:
     """Write ``RESULTS_DIR/report.md`` and its PNG figures beside it."""
     folder = Path(results_dir)
@@ -563,8 +582,9 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             if key not in row:
                 row[key] = m.get(key)
         tasks: dict[str, dict[str, Any]] = {}
+        trained = set(cfg.get("datasets") or [])
         for key, value in m.items():  # multi-property trials: "<dataset>/test_mae" …
-            if isinstance(key, str) and "/" in key and key.split("/", 1)[0] in datasets.REGISTRY:
+            if isinstance(key, str) and "/" in key and key.split("/", 1)[0] in trained:
                 tasks.setdefault(key.split("/", 1)[0], {})[key.split("/", 1)[1]] = value
         row["task_metrics"] = json.dumps(tasks) if tasks else None
         if not done:

@@ -97,7 +97,7 @@ def schema_for(graph: GraphConfig) -> pa.Schema:
 
 # Below this much work (in JSON-structure units), building in-process beats starting worker processes.
 PARALLEL_MIN_COST = 4096
-_PARSE_COST = {"cif": 20, "poscar": 5}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
+_PARSE_COST = {"cif": 20, "poscar": 5, "file": 20, "ase": 3}  # CIF parsing costs ~25x a JARVIS or pymatgen dict
 _HASH_CHUNK = 1 << 20
 
 
@@ -210,6 +210,10 @@ def prepare(
             "title": raw.spec.title,
             "target": raw.spec.target,
             "units": raw.spec.units,
+            # what a trial needs to know of the dataset, which it never looks up (a user's dataset is declared on
+            # the driver only): kappa (metrics, rejected rows) and the default target transform
+            "kappa": raw.spec.kappa,
+            "transform": raw.spec.transform,
             "source_file": str(raw.path.relative_to(home_path))
             if raw.path.is_relative_to(home_path)
             else str(raw.path),
@@ -683,6 +687,12 @@ class ShardSet:
     def _column(self, name: str) -> np.ndarray:
         parts = [s.table.column(name).to_numpy() for s in self._shards]
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    @cached_property
+    def target(self) -> datasets.TargetInfo:
+        """What the set's target is (units, kappa, default transform): a built-in dataset's from the registry, a
+        user's from the manifest (a trial has no declarations: ``datasets.declare`` runs on the driver)."""
+        return datasets.target_info(self.name, self.manifest)
 
     @cached_property
     def ids(self) -> list[str]:

@@ -331,7 +331,8 @@ class RunConfig:
         if not self.datasets:
             raise ConfigError("a run needs at least one dataset")
         for name in self.datasets:
-            datasets.spec(name)
+            # the name's syntax only: a declared dataset is unknown in a trial's process (inputs resolve it)
+            datasets.check_name(name)
         if len(set(self.datasets)) != len(self.datasets):
             raise ConfigError(f"datasets={list(self.datasets)} names a dataset twice")
         if self.init is None and self.model is None:
@@ -430,7 +431,7 @@ def train_run(
         if shards.graph != graph:
             raise ConfigError(f"shards {shards.path} hold graphs {shards.graph}; this run needs {graph}")
         ids = inputs.split_ids(name)
-        spec = datasets.spec(shards.name)
+        info = shards.target
         size = stage.size
         if stage.max_size is not None:
             size = None  # capped below, after the pool is known
@@ -446,8 +447,8 @@ def train_run(
             split = make_split(shards, size=stage.max_size, seed=stage.seed, **where)
         if len(split.train) == 0:
             raise ConfigError(f"{shards.name}: no training structures (size={stage.size}, seed={stage.seed})")
-        scaler = TargetScaler.fit(stage.transform or spec.transform, shards.y[split.train])
-        tasks.append(Task(shards.name, shards, split, scaler, kappa=spec.kappa))
+        scaler = TargetScaler.fit(stage.transform or info.transform, shards.y[split.train])
+        tasks.append(Task(shards.name, shards, split, scaler, kappa=info.kappa))
 
     torch.manual_seed(stage.train.seed)  # fresh heads of a fine-tuned model are seeded too
     if ckpt is not None:
@@ -533,8 +534,8 @@ def train_run(
             "targets": [
                 {
                     "dataset": t.name,
-                    "target": datasets.spec(t.name).target,
-                    "units": datasets.spec(t.name).units,
+                    "target": t.shards.target.target,
+                    "units": t.shards.target.units,
                     "kappa": t.kappa,
                     "scaler": t.scaler.to_dict(),
                 }
@@ -610,7 +611,7 @@ def train_kfold(
     table = pd.concat(preds, ignore_index=True)
     result = {}
     for name, g in table.groupby("dataset", sort=False):
-        result[name] = pooled_metrics(g, kappa=datasets.spec(name).kappa)
+        result[name] = pooled_metrics(g, kappa=inputs.open_shards(str(name)).target.kappa)
     cv = {"folds": stage.split.folds, "repeats": stage.split.repeats, "datasets": result}
     write_json_atomic(out / "cv.json", _json_safe(cv))
     write_parquet_atomic(out / "oof_predictions.parquet", table)

@@ -80,15 +80,16 @@ def _relabelled_home(tmp_path, test_ids: set[str], factor: float):
 
 
 def test_the_test_fold_never_reaches_its_own_models_selection(tmp_path, l96):
-    """Change every target of one test fold by 1000x: the run picks the same epoch with the same validation
-    losses and predicts the same; only its test metrics change. Selection cannot have looked at the fold."""
+    """Change every target of one test fold by 5x: the run picks the same epoch with the same validation losses and
+    predicts the same; only its test metrics change. Selection cannot have looked at the fold. (Not more: L96 tops
+    1,769 W/(m K), and a kappa above 10,000 is a rejected row.)"""
     fold, repeat = 3, 1
     stage = RunConfig(datasets=("l96",), model="cgcnn", model_config=TINY, seed=repeat, split=KFOLD, fold=fold,
                       repeat=repeat, train=TrainConfig(epochs=6, batch_size=16, seed=repeat))  # fmt: skip
     test = make_split(l96, size=None, seed=repeat, config=KFOLD, fold=fold, repeat=repeat).test
     test_ids = {l96.ids[i] for i in test}
     runs = {}
-    for name, factor in (("orig", 1.0), ("relabelled", 1000.0)):
+    for name, factor in (("orig", 1.0), ("relabelled", 5.0)):
         home = _relabelled_home(tmp_path / name, test_ids, factor)
         inputs = resolve_inputs(["l96"], graph=GraphConfig(), split=KFOLD, home=home, cache=tmp_path / name / "c")
         metrics = train_run(stage, tmp_path / name / "out", inputs=inputs)
@@ -98,7 +99,7 @@ def test_the_test_fold_never_reaches_its_own_models_selection(tmp_path, l96):
     assert set(pa[pa.split == "test"].id) == test_ids  # the fold is the test set
     assert a["best_epoch"] == b["best_epoch"] and a["val_loss"] == b["val_loss"] and a["val_mae"] == b["val_mae"]
     np.testing.assert_array_equal(pa.y_pred.to_numpy(), pb.y_pred.to_numpy())  # same model
-    assert b["test_mae"] > 100 * a["test_mae"]  # … which the changed fold does see, at test time only
+    assert b["test_mae"] > 3 * a["test_mae"]  # … which the changed fold does see, at test time only
 
 
 def test_train_kfold_pools_out_of_fold_predictions(tmp_path):
