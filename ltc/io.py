@@ -292,6 +292,17 @@ def open_input(uri: str) -> Any:
         yield stream
 
 
+def put_file(src: str, dest: str) -> None:
+    """Copy ``src`` (local path or URI) to ``dest`` (local path or URI); a local ``dest`` appears whole or not at
+    all, an object appears when its upload completes."""
+    if not is_uri(dest):
+        copy_file(src, dest)
+        return
+    fs, path = filesystem(dest)
+    with open_input(src) as fin, fs.open_output_stream(path) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 def copy_file(src: str, dest: str | os.PathLike[str]) -> Path:
     """Copy ``src`` (local path or URI) to the local file ``dest``, atomically."""
 

@@ -424,8 +424,8 @@ def test_a_stage_trains_its_own_model():
     [
         ({"pretrained": "chgnet-9"}, {},
          r"^stages\[1\].start_from: pretrained='chgnet-9' is not a pretrained model; known chgnet-0.3.0$"),
-        ({"pretrained": "chgnet-0.3.0", "stage": "pt"}, {}, r"^stages\[1\].start_from: give stage or pretrained"),
-        ([{"stage": "pt"}, {"select": "best"}], {}, r"^stages\[1\].start_from\[1\]: give stage or pretrained"),
+        ({"pretrained": "chgnet-0.3.0", "stage": "pt"}, {}, r"^stages\[1\].start_from: give stage, pretrained or"),
+        ([{"stage": "pt"}, {"select": "best"}], {}, r"^stages\[1\].start_from\[1\]: give stage, pretrained"),
         ({"pretrained": "chgnet-0.3.0", "select": "every"}, {}, r"^stages\[1\].start_from: .*select and skip_seen"),
         ([{"pretrained": "chgnet-0.3.0"}, {"pretrained": "chgnet-0.3.0"}], {}, r"^stages\[1\]: .*lists each source"),
         ({"stage": "pt"}, {"model": "chgnet"}, r"stage 'ft': model: a fine-tuning stage \(start_from\)"),

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ltc import io
+from ltc import datasets, io
 from ltc.errors import AlreadyExistsError, ConfigError, LtcError
 from ltc.inputs import resolve_inputs_by_graph
 from ltc.sweep import studies
 from ltc.sweep.plan import (
     Setting,
+    Start,
     check_sizes,
     graphs_of,
     holdout_splits,
@@ -138,7 +139,7 @@ def run_sweep(
     from ltc.paths import cache_root
     from ltc.paths import data_home as _data_home
 
-    with _interrupts():
+    with _interrupts(), datasets.declare(spec.declared_datasets()):  # its own datasets, by name, while it runs
         try:
             _check_job_paths(results=results, storage=storage or spec.storage, cache=cache, data_home=data_home)
             home = str(_data_home(data_home).resolve())
@@ -211,6 +212,7 @@ def _run_or_read_stage(
     starts = None
     if stage.sources:
         starts = select_starts(plan_starts(stage, settings_by_stage), tables)
+        starts = [keep_given(paths, stage.name, s) if s.given else s for s in starts]
     settings = plan_stage(spec, stage, starts)
     settings_by_stage[stage.name] = settings
     done_table = paths.stage_table(stage.name)
@@ -240,6 +242,17 @@ def _run_or_read_stage(
     io.write_parquet_atomic(done_table, table)
     io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
     return table
+
+
+def keep_given(paths: SweepPaths, stage: str, start: Start) -> Start:
+    """A given checkpoint start with its checkpoint copied into the sweep's storage (``starts/<stage>/<label>/``),
+    once: every node reaches the storage (a user's file may be on the driver's disk only), and the sweep trains from
+    the bytes it started with even if the file is edited or moved before a ``--resume``."""
+    label = start.label.replace(":", "-")
+    kept = f"{paths.storage.rstrip('/')}/starts/{stage}/{label}/checkpoint.pt"
+    if not io.exists(kept):
+        io.put_file(str(start.checkpoint), kept)
+    return dataclasses.replace(start, checkpoint=kept)
 
 
 def spec_identity(spec_json: str) -> str:

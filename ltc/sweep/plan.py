@@ -48,9 +48,15 @@ class Start:
     size: int | None
     seed: int | None = None
     checkpoint: str | None = None  # known once the source stage has run; a pretrained start: its name
-    stage: str = ""  # the source stage (a stage may start from several); "" for a pretrained start
+    stage: str = ""  # the source stage (a stage may start from several); "" for a pretrained or given start
     arch: Arch | None = None  # the model and graphs the start's weights belong to (what FT from it trains)
     pretrained: bool = False  # source_key is a name in ltc.models.PRETRAINED, resolved by ltc.transfer.load_init
+    given: bool = False  # a checkpoint the sweep file gives (``start_from: {checkpoint: …}``), not a stage's
+
+    @property
+    def fixed(self) -> bool:
+        """Its checkpoint is known before the sweep runs (a pretrained name, a given file), not chosen from a stage."""
+        return self.pretrained or self.given
 
     @property
     def label(self) -> str:
@@ -132,7 +138,7 @@ def holdout_splits(spec: SweepSpec, stage: StageSpec) -> dict[str, SplitConfig]:
 def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[Start]:
     """The starts of ``stage``: per source stage in ``start_from``, one per source key of that stage, or per
     (source key, seed) with ``select: every``. ``settings``: the earlier stages' settings by stage name."""
-    from ltc.sweep.spec import pretrained_arch
+    from ltc.sweep.spec import given_checkpoints, pretrained_arch
 
     starts: dict[tuple[str, str, int | None], Start] = {}
     for src in stage.sources:
@@ -140,12 +146,25 @@ def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[St
             name = src.pretrained
             starts[("", name, None)] = Start(name, (), None, None, name, "", pretrained_arch(name), pretrained=True)
             continue
+        if src.checkpoint is not None:  # a file (or each of a folder's): its label, its own architecture
+            for g in given_checkpoints(src):
+                starts[(f"checkpoint {len(starts)}", g.label, None)] = Start(
+                    g.label, g.datasets, g.size, None, g.path, "", g.arch, given=True
+                )
+            continue
         assert src.stage is not None
         for s in settings[src.stage]:
             if s.kind == "scratch":
                 continue  # baselines are not sources
             seed = s.seed if src.select == "every" else None
-            twin = next((t for (t, k, sd) in starts if (k, sd) == (s.source_key, seed) and t != src.stage), None)
+            twin = next(
+                (
+                    t
+                    for (t, k, sd), st in starts.items()
+                    if (k, sd) == (s.source_key, seed) and t != src.stage and st.stage
+                ),
+                None,
+            )
             if twin is not None:  # one label (the setting keys' from=…) would name two different checkpoints
                 raise ConfigError(
                     f"stage {stage.name!r}: start_from stages {twin!r} and {src.stage!r} both produce source "
@@ -155,6 +174,12 @@ def plan_starts(stage: StageSpec, settings: dict[str, list[Setting]]) -> list[St
                 (src.stage, s.source_key, seed),
                 Start(s.source_key, s.datasets, s.size or s.max_size, seed, stage=src.stage, arch=s.arch),
             )
+    labels = [st.label for st in starts.values()]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice is not None:  # results and setting keys would mix two starts
+        raise ConfigError(
+            f"stage {stage.name!r}: two of its starts are called {twice!r}; give a checkpoint start a label"
+        )
     return list(starts.values())
 
 
@@ -185,7 +210,7 @@ def plan_stage(spec: SweepSpec, stage: StageSpec, starts: list[Start] | None) ->
             out.append(Setting(key, stage.name, "pretrain", group, size, max_size, seed, "all", **common, arch=arch))
             continue
         for start, strategy in itertools.product(starts or [], stage.strategies):
-            if not start.pretrained and stage.source(start.stage).skip_seen and set(group) & set(start.datasets):
+            if not start.fixed and stage.source(start.stage).skip_seen and set(group) & set(start.datasets):
                 continue
             key = f"{stage.name}|from={start.label}|{label}|{strategy}|{unit}"
             out.append(Setting(key, stage.name, "finetune", group, size, max_size, seed, strategy, start, **common,
@@ -298,7 +323,7 @@ def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
 
     out = []
     for start in planned:
-        if start.pretrained:  # its checkpoint is its name, resolved inside the trial (ltc.transfer.load_init)
+        if start.fixed:  # a pretrained name (resolved inside the trial by ltc.transfer.load_init) or a given file
             out.append(start)
             continue
         table = tables[start.stage]
@@ -393,6 +418,17 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
     a dataset with no local file yet (matminer downloads it when the stage is prepared) is checked exactly
     by ``check_sizes`` then.
     """
+    with datasets.declare(spec.declared_datasets()):
+        _validate(spec, home=home, cache=cache, counts=counts)
+
+
+def _validate(spec: SweepSpec, *, home: str | None, cache: str | None, counts: bool) -> None:
+    for name in spec.declared_datasets():  # a declared path that is not there fails now
+        if datasets.local_source(name) is None:
+            try:
+                datasets.locate(name, download=False)
+            except datasets.DatasetNotFoundError as err:
+                raise ConfigError(f"datasets.{name}: {err}") from None
     for i, stage in enumerate(spec.stages):
         search = spec.search_for(stage)
         fixed = search.n_unfrozen if isinstance(search.n_unfrozen, int) else None
@@ -502,7 +538,7 @@ def describe(spec: SweepSpec) -> str:
         origin = (
             "from "
             + ", ".join(f"{src.stage} ({src.select})" if src.stage else f"pretrained {src.pretrained}"
-                        for src in stage.sources)
+                        if src.pretrained else f"checkpoint {src.name}" for src in stage.sources)
             if stage.sources
             else "from scratch"
         )  # fmt: skip

@@ -1,9 +1,10 @@
 """The sweep file: frozen dataclasses read by the strict YAML loader (``ltc.config``). No Ray here.
 
-A sweep file names the model, graph settings, test split, resources, the Optuna search, early stopping
-and the stages in order (see README "Sweeps"). Each dataclass checks its own values; what needs the
-data or the model (sizes against row counts, ``n_unfrozen`` against the model's blocks) is checked by
-``ltc.sweep.plan.validate``, still before anything runs.
+A sweep file names the model, graph settings, test split, resources, the Optuna search, early stopping,
+the user's own datasets (``datasets:``) and the stages in order (see README "Sweeps"). Each dataclass checks
+its own values; what needs the data or the model (sizes against row counts, ``n_unfrozen`` against the
+model's blocks) is checked by ``ltc.sweep.plan.validate``, still before anything runs. Paths in a sweep file
+(a dataset's ``path``, a start's ``checkpoint``) resolve against the file's folder (``load_sweep``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from ltc import datasets
-from ltc.config import load_yaml
+from ltc.config import from_dict, read_yaml
+from ltc.datasets import UserDataset
 from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
 from ltc.models import MODELS, PRETRAINED
@@ -120,32 +124,103 @@ class ResourcesOverride:
         return _override(base, self)
 
 
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,99}")  # no '|', '>' or '[': setting keys hold labels
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where a stage's starting weights come from: checkpoints of an earlier stage (``stage``), or a pretrained
-    model by name (``pretrained``, a key of ``ltc.models.PRETRAINED``); exactly one of the two."""
+    """Where a stage's starting weights come from, exactly one of: checkpoints of an earlier stage (``stage``), a
+    pretrained model by name (``pretrained``, a key of ``ltc.models.PRETRAINED``), or a checkpoint the user has
+    (``checkpoint``: an ltc checkpoint file or URI, or a folder such as ``best/<stage>/<cell>/`` whose checkpoints,
+    the fold models of a K-fold cell, are each a start). ``label`` names a checkpoint start in keys and reports
+    (default: the file's name, or its folder's for a ``checkpoint.pt``)."""
 
     stage: str | None = None
     pretrained: str | None = None
+    checkpoint: str | None = None
+    label: str | None = None
     select: Literal["best", "every"] = "best"  # best per source dataset+size, or best per source setting (seed)
     skip_seen: bool = False  # no FT on a dataset the source trained on (Devi's 7×6 pairs, MPT leave-one-out)
 
     def __post_init__(self) -> None:
-        if (self.stage is None) == (self.pretrained is None):
+        given = {k: getattr(self, k) for k in ("stage", "pretrained", "checkpoint") if getattr(self, k) is not None}
+        if len(given) != 1:
+            got = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"
+            raise ConfigError(f"give stage, pretrained or checkpoint (exactly one), got {got}")
+        if self.pretrained is not None and self.pretrained not in PRETRAINED:
+            known = ", ".join(PRETRAINED)
+            raise ConfigError(f"pretrained={self.pretrained!r} is not a pretrained model; known {known}")
+        if self.stage is None and (self.select != "best" or self.skip_seen):
+            what = f"pretrained={self.pretrained!r}" if self.pretrained else f"checkpoint={self.checkpoint!r}"
+            raise ConfigError(f"{what}: select and skip_seen go with a stage source only")
+        if self.label is not None and self.checkpoint is None:
+            raise ConfigError(f"label={self.label!r} names a checkpoint start; a stage or pretrained start has its own")
+        if self.checkpoint is not None and not LABEL_RE.fullmatch(self.name):
             raise ConfigError(
-                f"give stage or pretrained (exactly one), got stage={self.stage!r}, pretrained={self.pretrained!r}"
+                f"checkpoint={self.checkpoint!r}: its label {self.name!r} cannot name a start (letters, digits and "
+                "_.:+- only); give label: …"
             )
-        if self.pretrained is not None:
-            if self.pretrained not in PRETRAINED:
-                known = ", ".join(PRETRAINED)
-                raise ConfigError(f"pretrained={self.pretrained!r} is not a pretrained model; known {known}")
-            if self.select != "best" or self.skip_seen:
-                raise ConfigError(f"pretrained={self.pretrained!r}: select and skip_seen go with a stage source only")
 
     @property
     def name(self) -> str:
-        """The source stage, or the pretrained model's name."""
-        return self.stage if self.stage is not None else str(self.pretrained)
+        """The source stage, the pretrained model's name, or the checkpoint's label."""
+        if self.stage is not None:
+            return self.stage
+        if self.pretrained is not None:
+            return self.pretrained
+        return self.label or checkpoint_label(str(self.checkpoint))
+
+
+def checkpoint_label(path: str) -> str:
+    """A checkpoint start's default label: the file's name without suffix, or for a ``checkpoint.pt`` (what ltc
+    writes) its folder's name; a folder's name for a folder."""
+    p = PurePosixPath(path.split("://", 1)[-1].rstrip("/"))
+    if p.suffix == ".pt":
+        return p.parent.name if p.stem == "checkpoint" else p.stem
+    return p.name
+
+
+@dataclass(frozen=True)
+class GivenCheckpoint:
+    """One start of a ``checkpoint`` source: its label, the file, and what it is (from the checkpoint itself)."""
+
+    label: str
+    path: str
+    arch: Arch
+    datasets: tuple[str, ...]  # what it was last trained on (its history), for the results' pt_dataset
+    size: int | None
+
+
+def given_checkpoints(src: Source) -> tuple[GivenCheckpoint, ...]:
+    """The starts of a ``checkpoint`` source, each loaded once and checked (not an ltc checkpoint: refused with the
+    reason). A folder gives every ``checkpoint.pt`` beneath it, labelled ``<label>:<subfolder>``."""
+    assert src.checkpoint is not None
+    path = src.checkpoint
+    stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None  # an edited file is read again
+    return _given_checkpoints(path, src.name, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _given_checkpoints(path: str, label: str, stamp: int | None) -> tuple[GivenCheckpoint, ...]:
+    from ltc.checkpoints import load_checkpoint
+    from ltc.io import is_uri
+    from ltc.predict import expand_checkpoints
+
+    files = expand_checkpoints([path])
+    single = len(files) == 1
+    out = []
+    for file in files:
+        ckpt = load_checkpoint(file)
+        config = {k: v for k, v in ckpt["model"]["config"].items() if k != "n_targets"}  # a scratch twin: its own
+        arch = Arch.of(ckpt["model"]["name"], config, GraphConfig(**ckpt["graph"]))
+        last = (ckpt.get("history") or [{}])[-1]
+        if single:
+            name = label
+        else:
+            rel = file[len(path.rstrip("/")) + 1 :] if is_uri(path) else str(Path(file).relative_to(path))
+            name = f"{label}:{str(PurePosixPath(rel).parent).replace('/', '-')}"
+        out.append(GivenCheckpoint(name, str(file), arch, tuple(last.get("datasets") or ()), last.get("size")))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -221,12 +296,7 @@ class StageSpec:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ConfigError(f"stage {self.name!r} has no datasets")
-        for group in self.dataset_sets:
-            for name in group:
-                try:
-                    datasets.spec(name)
-                except datasets.UnknownDatasetError as err:
-                    raise ConfigError(f"stage {self.name!r}: datasets: {err}") from None
+        # whether each name is known is checked by the sweep, which knows its declared datasets too
         if self.sizes is not None and self.max_sizes is not None:
             raise ConfigError(f"stage {self.name!r}: give sizes or max_sizes, not both")
         for s in self.strategies:
@@ -255,12 +325,6 @@ class StageSpec:
             raise ConfigError(f"stage {self.name!r}: loss={self.loss!r} must be one of {LOSSES}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"stage {self.name!r}: schedule={self.schedule!r} must be one of {SCHEDULES}")
-        if isinstance(self.holdout, list):
-            for name in self.holdout:
-                try:
-                    datasets.spec(name)
-                except datasets.UnknownDatasetError as err:
-                    raise ConfigError(f"stage {self.name!r}: holdout: {err}") from None
 
     @property
     def sources(self) -> list[Source]:
@@ -301,11 +365,21 @@ class SweepSpec:
     resources: Resources = Resources()
     storage: str | None = None  # Ray storage (checkpoints): a folder, s3://… or gs://…; default results/<name>/ray
     max_failures: int = 2  # retries of a trial whose worker died, from its last checkpoint
+    datasets: dict[str, UserDataset] = field(default_factory=dict)  # the user's own, used by name in stages
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
         if not self.stages:
             raise ConfigError("a sweep needs at least one stage")
+        with datasets.declare(self.declared_datasets()):  # a stage names built-in or declared datasets
+            for st in self.stages:
+                for key, names_ in [("datasets", [d for g in st.dataset_sets for d in g]),
+                                    ("holdout", st.holdout if isinstance(st.holdout, list) else [])]:  # fmt: skip
+                    for name in names_:
+                        try:
+                            datasets.spec(name)
+                        except datasets.UnknownDatasetError as err:
+                            raise ConfigError(f"stage {st.name!r}: {key}: {err}") from None
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -349,6 +423,16 @@ class SweepSpec:
                     except ConfigError as err:
                         raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
 
+    def declared_datasets(self) -> dict[str, datasets.DatasetSpec]:
+        """The sweep's own datasets as specs (``datasets.user_spec``), to declare while the sweep runs."""
+        out = {}
+        for name, decl in self.datasets.items():
+            try:
+                out[name] = datasets.user_spec(name, decl)
+            except ConfigError as err:
+                raise ConfigError(f"datasets.{name}: {err}") from None
+        return out
+
     def split_for(self, stage: StageSpec) -> SplitConfig:
         """The stage's split: its own, else the sweep's."""
         return stage.split or self.split
@@ -391,14 +475,64 @@ class SweepSpec:
         by_name = {st.name: st for st in self.stages}
         out: list[Arch] = []
         for src in stage.sources:
-            found = [pretrained_arch(src.pretrained)] if src.pretrained is not None else self.archs(by_name[src.stage])
+            if src.pretrained is not None:
+                found = [pretrained_arch(src.pretrained)]
+            elif src.checkpoint is not None:
+                found = [g.arch for g in given_checkpoints(src)]
+            else:
+                found = self.archs(by_name[str(src.stage)])
             out.extend(a for a in found if a not in out)
         return out
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read and check a sweep file (unknown keys, wrong types and bad references are errors)."""
-    return load_yaml(SweepSpec, path)
+    """Read and check a sweep file (unknown keys, wrong types and bad references are errors). A declared dataset's
+    ``path`` and a start's ``checkpoint`` path resolve against the file's folder; a dataset folder's own
+    ``dataset.yaml`` fills the keys its entry leaves out."""
+    data = read_yaml(path, what="sweep file")
+    try:
+        return from_dict(SweepSpec, resolve_paths(data, Path(path).resolve().parent))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def resolve_paths(data: Any, base: Path) -> Any:
+    """A sweep file's mapping with its paths made absolute against ``base`` (shapes it does not expect are left for
+    the strict loader to name)."""
+    from ltc.io import is_uri
+
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    declared = data.get("datasets")
+    if isinstance(declared, dict):
+        resolved = {}
+        for name, entry in declared.items():
+            if not isinstance(entry, (dict, str)):
+                resolved[name] = entry  # the loader says what is wrong
+                continue
+            try:
+                resolved[name] = datasets.declaration(entry, base=base)[0]
+            except (ConfigError, datasets.DatasetError) as err:
+                raise ConfigError(f"datasets.{name}: {err}") from None
+        data["datasets"] = resolved
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        data["stages"] = [dict(st) if isinstance(st, dict) else st for st in stages]
+        for st in data["stages"]:
+            if not isinstance(st, dict):
+                continue
+            sources = st.get("start_from")
+            many = isinstance(sources, list)
+            fixed = []
+            for src in sources if many else [sources]:
+                path = src.get("checkpoint") if isinstance(src, dict) else None
+                if isinstance(path, str) and path and not is_uri(path):
+                    src = {**src, "checkpoint": str(datasets.absolute_path(path, base))}
+                fixed.append(src)
+            if "start_from" in st:
+                st["start_from"] = fixed if many else fixed[0]
+    return data
 
 
 SMOKE_MODELS: dict[str, dict[str, Any]] = {
