@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from ltc.io import copy_file, is_uri, write_atomic
 
 FORMAT = "ltc-checkpoint"
 VERSION = 1
+_WHAT_LTC_READS = "ltc starts from checkpoints that `ltc train` or a sweep wrote, or a pretrained model by name"
 
 
 class CheckpointError(DataError):
@@ -56,10 +58,27 @@ def _load(path: Path, *, shown: str, model: str | None) -> dict[str, Any]:
     """``load_checkpoint`` of the local file ``path``; errors name ``shown`` (the path or URI given)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{shown}: damaged or not a checkpoint ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:
+        # torch's message runs to a dozen lines with terminal escapes; the refused class is what matters
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise CheckpointError(f"{shown}: damaged or not a checkpoint (not a file torch.save wrote)") from err
+        what = f"pickled Python objects ({found.group(1)})"
+        raise CheckpointError(
+            f"{shown} is not an ltc checkpoint: it holds {what}, which ltc never loads (weights_only=True runs no "
+            f"code); {_WHAT_LTC_READS}"
+        ) from err
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{shown}: damaged or not a checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{shown} is not an ltc checkpoint")
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            what = f"a bare state_dict ({len(ckpt)} tensors) with no model config, graphs or target scaler"
+        elif isinstance(ckpt, dict):
+            what = f"a dict without ltc's format key (keys: {', '.join(map(str, list(ckpt)[:6]))})"
+        else:
+            what = f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{shown} is not an ltc checkpoint: {what}; {_WHAT_LTC_READS}")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{shown}: checkpoint version {ckpt.get('version')}, this ltc reads {VERSION}")
     name = ckpt["model"]["name"]

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ltc.datasets import KAPPA_MAX
 from ltc.errors import ConfigError, LtcError
 from ltc.graphs import CONSTRUCTIONS, GraphConfig
 from ltc.models import MODELS, PRETRAINED
@@ -42,6 +43,28 @@ def _construction_graph(construction: str) -> GraphConfig:
     return next((g for g in DEFAULT_GRAPHS.values() if g.construction == construction), _GRAPH)
 
 
+def _dataset_args(names: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Dataset arguments as names: a built-in or declared name as it is; a path (a folder with id_prop.csv or
+    dataset.yaml, an extxyz file, a table, a JSON file) declared for this command, with --target, --units and
+    --kappa; anything else is the unknown-name error, naming the known ones."""
+    from ltc import datasets
+
+    out, own = [], []
+    for name in names:
+        if datasets.is_known(name) or not Path(name).exists():
+            datasets.spec(name)  # a typo fails here, before any work
+            out.append(name)
+            continue
+        kappa = True if getattr(args, "kappa", False) else None
+        spec = datasets.from_path(name, target=getattr(args, "target", None), units=getattr(args, "units", None),
+                                  kappa=kappa)  # fmt: skip
+        own.append(spec)
+        out.append(spec.name)
+    if own:
+        args.declared.append(datasets.declare(own))  # closed by main()
+    return out
+
+
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -60,8 +83,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     home = data_home(args.data_home)
     rows = []
-    for name, s in datasets.REGISTRY.items():
-        found = datasets.local_source(name, data_home=home)
+    specs = [datasets.spec(name) for name in datasets.known_names()]
+    for s in specs:
+        found = datasets.local_source(s.name, data_home=home)
         if found is None:
             entries, source, local = "-", " or ".join(src.file for src in s.sources), "no"
         else:
@@ -72,11 +96,16 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             bad = f" (+{len(raw.rejected)} bad rows)" if raw.rejected else ""
             entries += bad
             source, local = src.describe(), "yes"
-        rows.append((name, entries, s.target, s.units, source, local))
+        if s.declaration is not None:  # outside the data home: its whole path
+            source = s.reference if found is None else str(path)
+        rows.append((s.name, entries, s.target, s.units or "-", source, local))
     print(f"data home: {home}")
     print(_table(rows, ("name", "entries", "target", "units", "source (in its folder)", "local")))
     notes = []
-    for (name, entries, *_), s in zip(rows, datasets.REGISTRY.values(), strict=True):
+    for (name, entries, *_), s in zip(rows, specs, strict=True):
+        if s.declaration is not None:
+            notes.append(f"{name}: your own ({'kappa, ' if s.kappa else ''}{s.title})")
+            continue
         if " of " in entries:
             full = f"; matminer's full {s.matminer.file} is read instead when present" if s.matminer else ""
             notes.append(f"{name}: the local file holds part of the {s.full_size:,}-entry public set{full}")
@@ -101,11 +130,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         max_neighbors=base.max_neighbors if args.max_neighbors is None else args.max_neighbors,
         construction=args.construction,
     )
-    names = list(datasets.REGISTRY) if args.all else args.names
+    names = datasets.known_names() if args.all else _dataset_args(args.names, args)
     if not names:
-        raise ConfigError("name a dataset (see `ltc datasets`) or pass --all")
-    for name in names:
-        datasets.spec(name)  # fail on a typo before any work
+        raise ConfigError("name a dataset (see `ltc datasets`), give the path of your own, or pass --all")
     for name in names:
         res = prepare(
             name,
@@ -173,6 +200,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if strategy not in (None, "blocks"):
             raise ConfigError(f"--n-unfrozen goes with --strategy blocks, not {strategy!r}")
         strategy = "blocks"
+    names = _dataset_args(args.dataset, args)
+    if args.init is not None and Path(args.init).is_dir():  # a folder of one checkpoint (a `best/<stage>/<cell>/`)
+        from ltc.predict import expand_checkpoints
+
+        found = expand_checkpoints([args.init])
+        if len(found) > 1:
+            raise ConfigError(
+                f"--init {args.init} holds {len(found)} checkpoints (e.g. the fold models of a K-fold cell: "
+                f"{', '.join(found[:3])}, …); start from one of them"
+            )
+        args.init = found[0]
     graph = None
     if args.cutoff is not None or args.max_neighbors is not None or args.construction is not None:
         # a flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
@@ -191,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             bond_cutoff=base.bond_cutoff if construction == base.construction else None,  # chgnet's, kept
         )
     stage = RunConfig(
-        datasets=tuple(args.dataset),
+        datasets=tuple(names),
         model=args.model,
         model_config=_model_overrides(args.model_config),
         graph=graph,
@@ -206,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             val_fraction=args.val_fraction,
         ),
-        holdout=tuple(args.holdout),
+        holdout=tuple(_dataset_args(args.holdout, args)),
         transform=args.transform,
         init=str(args.init) if args.init else None,
         strategy=strategy or "all",
@@ -277,12 +315,14 @@ def _train_kfold(stage, out: Path, inputs) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from ltc import datasets
     from ltc.io import check_uri
     from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
     if args.smoke:
         spec = smoke(spec)
+    args.declared.append(datasets.declare(spec.declared_datasets()))  # the summary below names them too
     if args.dry_run:
         # what a trial would reject fails here, naming the key; Ray is never imported
         check_uri(args.storage or spec.storage or "", what="storage")
@@ -361,6 +401,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ltc import datasets
     from ltc.predict import predict
 
     checkpoints = list(args.checkpoint)
@@ -369,6 +410,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(checkpoints) < 2:
             raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
+    path = Path(source)
+    if (
+        not datasets.is_known(source)
+        and path.is_dir()
+        and any((path / f).is_file() for f in (datasets.ID_PROP, datasets.DECLARATION_FILE))
+    ):  # a dataset of your own (its true values beside the predictions), not a folder of structure files
+        source = _dataset_args([source], args)[0]
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
                     cache=args.cache)  # fmt: skip
     out = Path(args.out)
@@ -411,7 +459,31 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="folder laid out like shared/data (default: $LTC_DATA_HOME, else ~/.cache/ltc/data)",
         )
+        if name != "sweep":  # a sweep file declares its own
+            sp.add_argument(
+                "--datasets-from",
+                metavar="FILE",
+                type=Path,
+                help="a YAML file whose `datasets:` declares your own datasets by name (a sweep file works): "
+                "they are then known to this command as the built-in ones are",
+            )
         return sp
+
+    def own_data_flags(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group(
+            "your own data (a dataset given by its path; a dataset.yaml in its folder can say the same)"
+        )
+        g.add_argument(
+            "--target",
+            help="the target's name; for an extxyz file, a table or a JSON file also the info key / column holding it",
+        )
+        g.add_argument("--units", help="the target's units (default: W/(m K) with --kappa, else none)")
+        g.add_argument(
+            "--kappa",
+            action="store_true",
+            help="the target is a lattice thermal conductivity: judged on log10 kappa and MAPE, ranked lowest first, "
+            f"values <= 0 or above {KAPPA_MAX:,.0f} rejected",
+        )
 
     add(
         "datasets",
@@ -429,7 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same inputs does nothing. Rows that cannot become graphs are listed with their reason "
         "in rejected.parquet beside the shards.",
     )
-    sp.add_argument("names", nargs="*", metavar="NAME", help="dataset name(s), see `ltc datasets`")
+    sp.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME_OR_PATH",
+        help="dataset name(s), see `ltc datasets`, or the path of your own: a folder with id_prop.csv, an extxyz file, "
+        "a CSV / Parquet table, a JSON list of records",
+    )
     sp.add_argument("--all", action="store_true", help="prepare every dataset in the registry")
     chgnet = _construction_graph("chgnet")
     sp.add_argument(
@@ -453,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
     sp.add_argument("--no-download", action="store_true", help="never download; use local files only")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    own_data_flags(sp)
     sp = add(
         "train",
         cmd_train,
@@ -464,7 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"({', '.join(s for s in STRATEGIES if s != 'blocks')}) or --n-unfrozen K trains the last K blocks plus "
         "readout and head.",
     )
-    sp.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="dataset name(s), see `ltc datasets`")
+    sp.add_argument(
+        "--dataset",
+        nargs="+",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="dataset name(s), see `ltc datasets`, or the path of your own (see ltc prepare --help)",
+    )
     sp.add_argument("--out", type=Path, required=True, help="output folder")
     sp.add_argument("--model", choices=list(MODELS), help="architecture (needed without --init)")
     sp.add_argument(
@@ -540,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--init",
         metavar="CKPT_OR_NAME",
-        help="checkpoint to start from (a PT or earlier FT stage), or a pretrained model by name (a fresh head is "
-        "put on): " + "; ".join(f"{name}: {p.description}" for name, p in PRETRAINED.items()),
+        help="checkpoint to start from (a PT or earlier FT stage: its file, or a folder holding one), or a pretrained "
+        "model by name (a fresh head is put on): "
+        + "; ".join(f"{name}: {p.description}" for name, p in PRETRAINED.items()),
     )
     g.add_argument(
         "--strategy",
@@ -573,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=_TRAIN.device, help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
+    own_data_flags(sp)
 
     sp = add(
         "sweep",
@@ -639,7 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="checkpoint.pt file(s), or folder(s) searched for them (the fold models of a K-fold setting: an ensemble)",
     )
-    sp.add_argument("input", nargs="?", metavar="INPUT", help="CIF/POSCAR file, folder, or dataset name")
+    sp.add_argument(
+        "input",
+        nargs="?",
+        metavar="INPUT",
+        help="CIF/POSCAR file, folder of them, dataset name, or a dataset folder of your own (id_prop.csv or "
+        "dataset.yaml inside: its true values go beside the predictions)",
+    )
     sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda …")
@@ -655,13 +748,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    args.declared = []  # the datasets this command declared (--datasets-from, paths): closed when it ends
     try:
+        if getattr(args, "datasets_from", None) is not None:
+            from ltc import datasets
+
+            args.declared.append(datasets.declare(datasets.declarations_in(args.datasets_from)))
         return args.func(args)
     except LtcError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         if args.verbose:
             raise
         print(f"ltc {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        for declared in reversed(args.declared):
+            declared.close()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from ltc.models import build_model
 from ltc.shards import ShardSet
 from ltc.splits import make_split
 from ltc.targets import TargetScaler, regression_metrics
-from ltc.train import RunConfig, Task, TrainConfig, fit, train_run
+from ltc.train import RunConfig, Task, TrainConfig, fit, run_inputs, train_run
 
 TINY = TrainConfig(epochs=3, batch_size=16, lr=3e-3)
 
@@ -257,7 +257,7 @@ def test_checkpoint_errors(pt_run, tmp_path):
     # a pickle with code in it is refused by weights_only loading
     evil = tmp_path / "evil.pt"
     torch.save({"format": "ltc-checkpoint", "x": np.random.default_rng(0)}, evil)
-    with pytest.raises(CheckpointError, match="damaged or not a checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not an ltc checkpoint: it holds pickled Python objects \(numpy"):
         load_checkpoint(evil)
     stage = RunConfig(datasets=("l96",), model="megnet", init=str(out / "checkpoint.pt"), train=TINY)
     with pytest.raises(CheckpointError, match="holds a cgcnn model, not megnet"):
@@ -321,8 +321,10 @@ def test_stage_config_errors():
         RunConfig(datasets=("ph",))
     with pytest.raises(ValueError, match="need a checkpoint to start from"):
         RunConfig(datasets=("ph",), model="cgcnn", strategy="last_layer")
-    with pytest.raises(ValueError, match="unknown dataset 'kappa'"):
-        RunConfig(datasets=("kappa",), model="cgcnn")
+    with pytest.raises(ValueError, match="unknown dataset 'kappa'"):  # when its inputs are resolved
+        run_inputs(RunConfig(datasets=("kappa",), model="cgcnn"))
+    with pytest.raises(ValueError, match="dataset name 'data/kappa': use letters"):  # a trial knows no declarations
+        RunConfig(datasets=("data/kappa",), model="cgcnn")
     with pytest.raises(ValueError, match="names a dataset twice"):
         RunConfig(datasets=("ph", "ph"), model="cgcnn")
     with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
