@@ -542,3 +542,37 @@ def test_a_trial_on_your_dataset_runs_with_the_folder_gone(l96, tmp_path, local_
     result = grid[0]
     assert result.error is None, result.error
     assert result.metrics[COMPLETED] and result.metrics["test_mae_log10"] is not None  # kappa, from the manifest
+
+
+@pytest.mark.slow
+def test_the_shipped_template_answers_on_a_folder_of_cifs(l96, tmp_path, local_ray, capsys):
+    """README's one command on a folder of CIF files and an id_prop.csv: a paired PT->FT vs scratch answer."""
+    from conftest import REPO
+
+    (tmp_path / "sweeps").mkdir()
+    shutil.copy(REPO / "sweeps" / "own_kappa.yaml", tmp_path / "sweeps")
+    write_id_prop(tmp_path / "my_kappa", l96)
+    sweep = str(tmp_path / "sweeps" / "own_kappa.yaml")
+    assert main(["sweep", sweep, "--dry-run"]) == 0
+    assert "30 settings (15 finetune, 15 scratch)" in capsys.readouterr().out  # 5 folds x 3 repeats, paired
+    assert main(["sweep", sweep, "--smoke", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "finetune: mykappa, FT size 64; judged by MAE log10 kappa" in out
+    assert "agl:max64 [all] vs scratch:" in out and "(A better on " in out
+
+
+def test_a_declared_dataset_goes_where_a_built_in_one_goes(l96, tmp_path, capsys):
+    """Multi-property sets, an explicit holdout list, K-fold and sizes: as for a built-in name."""
+    from ltc.sweep import load_sweep, plan
+
+    write_id_prop(tmp_path / "kappa", l96)
+    stages = [
+        {"name": "mpt", "datasets": [["mykappa", "hh143"]], "max_sizes": [60], "epochs": 1, "holdout": ["mykappa"]},
+        {"name": "ft", "datasets": ["mykappa"], "start_from": {"stage": "mpt"}, "sizes": [40], "epochs": 1,
+         "split": {"test": "kfold", "folds": 4}},
+    ]  # fmt: skip
+    path = _sweep(tmp_path, {"mykappa": {"path": "kappa", "kappa": True}}, stages=stages)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "datasets mykappa+hh143" in out and "starting checkpoints: 1 (mykappa+hh143:max60)" in out
+    assert [s.datasets for s in plan(load_sweep(path))["mpt"]] == [("mykappa", "hh143")]

@@ -124,7 +124,7 @@ class ResourcesOverride:
         return _override(base, self)
 
 
-LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,99}")  # no '|', '>' or '[': setting keys hold labels
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=-]{0,99}")  # no '|', '>' or '[': setting keys hold labels
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class Source:
         if self.checkpoint is not None and not LABEL_RE.fullmatch(self.name):
             raise ConfigError(
                 f"checkpoint={self.checkpoint!r}: its label {self.name!r} cannot name a start (letters, digits and "
-                "_.:+- only); give label: …"
+                "_.:+=- only); give label: …"
             )
 
     @property
