@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -59,11 +58,14 @@ def _load(path: Path, *, shown: str, model: str | None) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message runs to a dozen lines with terminal escapes; the refused class is what matters
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if found is None:
+        # torch's message runs to a dozen lines with terminal escapes; the classes it refused are what matter
+        try:
+            refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not even a file torch.save wrote
+            refused = []
+        if not refused:
             raise CheckpointError(f"{shown}: damaged or not a checkpoint (not a file torch.save wrote)") from err
-        what = f"pickled Python objects ({found.group(1)})"
+        what = f"pickled Python objects ({', '.join(refused[:3])}{', …' if len(refused) > 3 else ''})"
         raise CheckpointError(
             f"{shown} is not an ltc checkpoint: it holds {what}, which ltc never loads (weights_only=True runs no "
             f"code); {_WHAT_LTC_READS}"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ltc.datasets import KAPPA_MAX
-from ltc.errors import ConfigError, LtcError
+from ltc.errors import ConfigError, DataError, LtcError
 from ltc.graphs import CONSTRUCTIONS, GraphConfig
 from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SPLIT_TESTS, SplitConfig
@@ -46,19 +46,33 @@ def _construction_graph(construction: str) -> GraphConfig:
 def _dataset_args(names: Sequence[str], args: argparse.Namespace) -> list[str]:
     """Dataset arguments as names: a built-in or declared name as it is; a path (a folder with id_prop.csv or
     dataset.yaml, an extxyz file, a table, a JSON file) declared for this command, with --target, --units and
-    --kappa; anything else is the unknown-name error, naming the known ones."""
+    --kappa; anything else is the unknown-name error, naming the known ones. Two paths of one name are an error."""
     from ltc import datasets
+    from ltc.errors import MissingFileError
 
     out, own = [], []
+    given: dict[str, str] = args.__dict__.setdefault("paths_declared", {})  # name -> path, over the command
     for name in names:
-        if datasets.is_known(name) or not Path(name).exists():
-            datasets.spec(name)  # a typo fails here, before any work
+        if datasets.is_known(name):  # a name wins over a file of that name, which ./NAME reaches
             out.append(name)
             continue
+        if not Path(name).exists():
+            if "/" in name or os.sep in name or Path(name).suffix:
+                raise MissingFileError(f"{name}: no such file or folder (nor a dataset name: see `ltc datasets`)")
+            datasets.spec(name)  # a typo fails here, before any work, naming the known names
         kappa = True if getattr(args, "kappa", False) else None
         spec = datasets.from_path(name, target=getattr(args, "target", None), units=getattr(args, "units", None),
                                   kappa=kappa)  # fmt: skip
-        own.append(spec)
+        where = str(Path(name).resolve())
+        if given.get(spec.name, where) != where or (spec.name not in given and datasets.is_known(spec.name)):
+            other = given.get(spec.name, "a declared dataset")
+            raise ConfigError(
+                f"{name} and {other} are both called {spec.name!r}: name one in its folder's "
+                f"{datasets.DECLARATION_FILE} (name: …)"
+            )
+        if spec.name not in given:
+            given[spec.name] = where
+            own.append(spec)
         out.append(spec.name)
     if own:
         args.declared.append(datasets.declare(own))  # closed by main()
@@ -104,7 +118,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     notes = []
     for (name, entries, *_), s in zip(rows, specs, strict=True):
         if s.declaration is not None:
-            notes.append(f"{name}: your own ({'kappa, ' if s.kappa else ''}{s.title})")
+            layout = {datasets.IdPropFolder: "id_prop", datasets.ExtXYZ: "extxyz", datasets.Table: "table"}.get(
+                type(s.sources[0]), "json"
+            )
+            notes.append(f"{name}: your own{', kappa' if s.kappa else ''} ({datasets.LAYOUTS[layout]})")
             continue
         if " of " in entries:
             full = f"; matminer's full {s.matminer.file} is read instead when present" if s.matminer else ""
@@ -411,11 +428,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
     path = Path(source)
-    if (
-        not datasets.is_known(source)
-        and path.is_dir()
-        and any((path / f).is_file() for f in (datasets.ID_PROP, datasets.DECLARATION_FILE))
-    ):  # a dataset of your own (its true values beside the predictions), not a folder of structure files
+    folder = path.is_dir() and any((path / f).is_file() for f in (datasets.ID_PROP, datasets.DECLARATION_FILE))
+    table_or_frames = path.is_file() and datasets.dataset_layout(path) is not None
+    if not datasets.is_known(source) and (folder or table_or_frames):
+        # a dataset of your own (its true values beside the predictions), not structure files
         source = _dataset_args([source], args)[0]
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
                     cache=args.cache)  # fmt: skip
@@ -424,6 +440,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table.to_parquet(out, index=False)
     ok = table[table.error.isna()]
     failed = table[table.error.notna()].drop_duplicates("id")
+    if ok.empty:
+        first = failed.iloc[0] if len(failed) else None
+        example = f" (e.g. {first.source}: {first.error})" if first is not None else ""
+        raise DataError(f"{source}: none of its {len(failed)} structure(s) could be read{example}; reasons in {out}")
     n_models = int(table.n_models.max()) if len(table) else 0
     print(f"{ok.id.nunique():,} structures predicted by {n_models} model(s); {len(failed)} failed")
     for _, row in failed.iterrows():
@@ -738,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda …")
     sp.add_argument("--show", type=int, default=10, help="rows to print per target (default 10)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (dataset inputs)")
+    own_data_flags(sp)
     return p
 
 

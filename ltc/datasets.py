@@ -19,6 +19,7 @@ file, a kappa that cannot be one).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -129,30 +130,44 @@ def parse_structure(fmt: str, payload: Any):
     raise ValueError(f"unknown structure format {fmt=}")
 
 
+# Files pymatgen reads by their name (``Structure.from_file``); any other file is ASE's. A file pymatgen knows and
+# refuses is refused: ASE would read some of them differently (two species on one CIF site become one).
+PYMATGEN_SUFFIXES = (".cif", ".mcif", ".vasp", ".poscar", ".json", ".cssr", ".xsf", ".res")
+PYMATGEN_NAMES = ("POSCAR", "CONTCAR")
+
+
 def read_structure_file(path: Path):
-    """One structure from a file, by pymatgen's reader for its name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON …),
-    else by ASE's (any format ASE knows). Raises ``ValueError`` naming the file and both readers' complaints."""
+    """One structure from a file: by pymatgen for the formats it knows by name (CIF, POSCAR/CONTCAR, .vasp, pymatgen
+    JSON …), else by ASE (any format ASE knows). A file of several structures is refused. Raises ``ValueError``
+    naming the file and the reader's complaint."""
     import warnings
 
-    from pymatgen.core import Structure
+    name = path.name.removesuffix(next((c for c in _COMPRESSED if path.name.endswith(c)), ""))
+    if name.lower().endswith(PYMATGEN_SUFFIXES) or name.upper().startswith(PYMATGEN_NAMES):
+        from pymatgen.core import Structure
+        from pymatgen.io.cif import CifParser
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pymatgen's CIF warnings on rounded coordinates
+                if not name.lower().endswith((".cif", ".mcif")):
+                    return Structure.from_file(path)
+                found = CifParser(path).parse_structures(primitive=False, on_error="raise")
+        except Exception as err:  # any reader failure is this file's reason
+            why = f"{type(err).__name__}: {_first_line(err)}"
+            raise ValueError(f"{path.name}: pymatgen cannot read it ({why})") from None
+        if len(found) != 1:
+            raise ValueError(f"{path.name} holds {len(found)} structures (data_ blocks); give one per file")
+        return found[0]
+    import ase.io
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pymatgen's CIF warnings on rounded coordinates
-            return Structure.from_file(path)
-    except Exception as pmg_err:  # any reader failure: ASE may still know the format
-        try:
-            import ase.io
-
-            frames = ase.io.read(path, index=":")
-        except Exception as ase_err:
-            raise ValueError(
-                f"{path.name}: pymatgen cannot read it ({type(pmg_err).__name__}: {_first_line(pmg_err)}), "
-                f"nor can ASE ({type(ase_err).__name__}: {_first_line(ase_err)})"
-            ) from None
-        if len(frames) != 1:
-            raise ValueError(f"{path.name} holds {len(frames)} structures; give one structure per file") from None
-        return ase_to_structure(frames[0])
+        frames = ase.io.read(path, index=":")
+    except Exception as err:
+        raise ValueError(f"{path.name}: ASE cannot read it ({type(err).__name__}: {_first_line(err)})") from None
+    if len(frames) != 1:
+        raise ValueError(f"{path.name} holds {len(frames)} structures; give one structure per file")
+    return ase_to_structure(frames[0])
 
 
 def ase_to_structure(atoms):
@@ -194,14 +209,16 @@ def _finite_target(value: Any) -> tuple[float | None, str | None]:
 
 
 def _load_json(path: Path) -> Any:
-    opener = gzip.open if path.suffix == ".gz" else open
+    import bz2
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    packed = {gzip.open: "gzipped ", bz2.open: "bzip2 ", lzma.open: "xz "}.get(opener, "")
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: an editor's byte-order mark
             return json.load(fh)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetFileError(
-            f"{path}: cannot read as {'gzipped ' if opener is gzip.open else ''}JSON ({err})"
-        ) from err
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, json.JSONDecodeError) as err:
+        raise DatasetFileError(f"{path}: cannot read as {packed}JSON ({err})") from err
 
 
 def _json_rows(path: Path) -> list[dict[str, Any]]:
@@ -383,6 +400,12 @@ KAPPA_MAX = 1e4
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a safe path component, no '+' (multi-property joins)
 
 
+def default_transform(kappa: bool) -> str:
+    """A dataset's target transform: log10(kappa + 1) standardised for kappa (ParAIsite's), else min-max to
+    [-1, 1] (Devi et al.'s); the built-in sets' and a declared one's."""
+    return "log10p1+standardize" if kappa else "minmax"
+
+
 def _structure_payload(value: Any) -> tuple[str, Any] | str:
     """(fmt, payload) for a structure cell of a table or a JSON record, else the reason it cannot be one."""
     from pymatgen.core import Structure
@@ -424,6 +447,20 @@ def _pick_key(given: str | None, options: tuple[str, ...], found: Iterable[str],
     return key
 
 
+_MISSING_WORDS = {"", "nan", "na", "n/a", "none", "null", "-", "inf", "-inf", "+inf", "infinity"}
+
+
+def _is_header(target: str) -> bool:
+    """Whether the first row's target field is a column name (``kappa``), not a value, nor a missing one."""
+    if target.strip().lower() in _MISSING_WORDS:
+        return False
+    try:
+        float(target)
+    except ValueError:
+        return True
+    return False
+
+
 @dataclass(frozen=True)
 class IdPropFolder(Source):
     """CGCNN's and ALIGNN's layout: ``id_prop.csv`` (``id,target`` rows, no header) and a structure file per id
@@ -456,8 +493,8 @@ class IdPropFolder(Source):
 
     def _find(self, folder: Path, rid: str, names: set[str]) -> Path | str:
         """The structure file of ``rid``, or the reason there is none."""
-        inside = (folder / rid).resolve()
-        if not inside.is_relative_to(folder.resolve()):
+        # by its spelling, not by resolving: a structure file may be a link into another folder
+        if os.path.isabs(rid) or os.path.normpath(rid).split(os.sep)[0] == "..":
             return f"missing structure: id {rid!r} points outside {folder}"
         candidates = (
             [rid]
@@ -479,7 +516,7 @@ class IdPropFolder(Source):
         first = True
         for line, (rid, target) in self._lines(folder):
             found = self._find(folder, rid, names)
-            if first and isinstance(found, str) and _finite_target(target)[0] is None:
+            if first and isinstance(found, str) and _is_header(target):
                 log.info("%s line %d: %r looks like a header; skipped", folder / self.file, line, f"{rid},{target}")
                 first = False
                 continue
@@ -706,7 +743,7 @@ def _devi(
         folder=folder,
         sources=sources,
         full_size=full,
-        transform="minmax",
+        transform=default_transform(kappa=False),
         reference="Devi, Butler & Sai Gautam, npj Comput. Mater. 10, 300 (2024)",
         devi_prop=name,
         notes=notes,
@@ -721,11 +758,11 @@ def _paraisite(name: str, title: str, file: str, full: int) -> DatasetSpec:
         name=name,
         title=title,
         target="kappa_L, ab initio",
-        units="W/(m K)",
+        units=KAPPA_UNITS,
         folder="ltc_paraisite",
         sources=(RecordsJSON(file, "mpd_id", "structure", "TC", "pymatgen"),),
         full_size=full,
-        transform="log10p1+standardize",
+        transform=default_transform(kappa=True),
         reference=_KAPPA_REF,
         kappa=True,
     )
@@ -816,7 +853,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             name="agl",
             title="AFLOW AGL kappa at 300 K (matched CIFs)",
             target="kappa_L, AGL 300 K",
-            units="W/(m K)",
+            units=KAPPA_UNITS,
             folder="ltc_aflow_agl",
             sources=(
                 RecordsJSON(
@@ -824,7 +861,7 @@ REGISTRY: dict[str, DatasetSpec] = {
                 ),
             ),
             full_size=5578,
-            transform="log10p1+standardize",
+            transform=default_transform(kappa=True),
             reference=_KAPPA_REF + "; Toher et al., PRB 90, 174107 (2014)",
             kappa=True,
             notes="3,108 of ParAIsite's 5,578 AGL values could be matched to their CIF",
@@ -845,7 +882,7 @@ REGISTRY: dict[str, DatasetSpec] = {
                 MatminerDataset("elastic_tensor_2015", "G_VRH"),
             ),
             full_size=1181,
-            transform="minmax",
+            transform=default_transform(kappa=False),
             reference="de Jong et al., Sci. Data 2, 150009 (2015)",
             notes="extra source; not the 10,987-entry matbench set",
         ),
@@ -949,16 +986,24 @@ def read_declaration_file(folder: Path) -> dict[str, Any]:
 def declaration(entry: Mapping[str, Any] | str, *, base: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
     """A declaration as a plain mapping with an absolute ``path`` (relative paths resolve against ``base``), merged
     with the ``dataset.yaml`` of a folder it points at (the entry's own keys win); and the name that file gives."""
+    from ltc.config import from_dict
+    from ltc.io import is_uri
+
     raw = {"path": entry} if isinstance(entry, str) else dict(entry)
     if "path" not in raw:
         raise ConfigError("missing key 'path' (a folder with id_prop.csv, an extxyz file, a table or a JSON file)")
     if not isinstance(raw["path"], str):
         raise ConfigError(f"path: expected a string, got {raw['path']!r}")
+    if is_uri(raw["path"]):
+        raise ConfigError(f"path: {raw['path']!r} is a URI; a dataset of your own is read from a local or shared path")
     path = absolute_path(raw["path"], Path(base))
     name = None
     if path.is_dir() and (path / DECLARATION_FILE).is_file():
         own = read_declaration_file(path)
         name = own.pop("name", None)
+        if name is not None:
+            check_name(name)
+        from_dict(UserDataset, own, str(path / DECLARATION_FILE))  # its own mistakes name the file
         raw = {**own, **{k: v for k, v in raw.items() if k != "path"}}
     else:
         raw["path"] = str(path)
@@ -977,44 +1022,49 @@ def user_spec(name: str, decl: UserDataset) -> DatasetSpec:
             f"dataset {name!r}: {path.name} is read as {layout}: name the "
             f"{'info key' if layout == 'extxyz' else 'column'} that holds the target (target: …)"
         )
-    target = decl.target or "target"
+    meta = declared_metadata(name, decl)
     source: Source
     if layout == "id_prop":
         folder, source = path, IdPropFolder()
     elif layout == "extxyz":
-        folder, source = path.parent, ExtXYZ(path.name, target, decl.id)
+        folder, source = path.parent, ExtXYZ(path.name, meta.target, decl.id)
     elif layout == "table":
-        folder, source = path.parent, Table(path.name, target, decl.id, decl.structure)
+        folder, source = path.parent, Table(path.name, meta.target, decl.id, decl.structure)
     else:
-        folder, source = path.parent, JSONRecords(path.name, target, decl.id, decl.structure)
+        folder, source = path.parent, JSONRecords(path.name, meta.target, decl.id, decl.structure)
+    return dataclasses.replace(meta, folder=str(folder), sources=(source,))
+
+
+def declared_metadata(name: str, decl: UserDataset) -> DatasetSpec:
+    """What a declared dataset is (its target, units, kappa flag), without a look at its files: how results name
+    it after the files have moved (``ltc.results.declared_in``). It reads nothing (no sources)."""
     return DatasetSpec(
         name=name,
-        title=decl.title or f"{name} ({LAYOUTS[layout].split(' (')[0].split(',')[0]})",
-        target=target,
+        title=decl.title or name,
+        target=decl.target or "target",
         units=decl.units if decl.units is not None else (KAPPA_UNITS if decl.kappa else ""),
-        folder=str(folder),
-        sources=(source,),
+        folder=decl.path,
+        sources=(),
         full_size=0,
         transform=default_transform(decl.kappa),
-        reference=str(path),
+        reference=decl.path,
         kappa=decl.kappa,
         declaration=decl,
     )
 
 
-def default_transform(kappa: bool) -> str:
-    """The target transform of a dataset: as for the built-in sets, log10(kappa + 1) standardised for kappa
-    (ParAIsite's), else min-max to [-1, 1] (Devi et al.'s)."""
-    return "log10p1+standardize" if kappa else "minmax"
+def dataset_layout(path: Path) -> str | None:
+    """The layout a file's name says (``LAYOUTS``: extxyz, table, json), or None."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    return _SUFFIX_LAYOUT.get(suffixes[-1] if suffixes else "")
 
 
 def _layout_of(name: str, path: Path) -> str:
     if path.is_dir() or (not path.exists() and not path.suffix):
         return "id_prop"
-    suffixes = [x.lower() for x in path.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSED:
-        suffixes.pop()
-    layout = _SUFFIX_LAYOUT.get(suffixes[-1] if suffixes else "")
+    layout = dataset_layout(path)
     if layout is None:
         known = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
         raise ConfigError(
@@ -1036,6 +1086,8 @@ def from_path(
     from ltc.config import from_dict
 
     given = {k: v for k, v in (("target", target), ("units", units), ("kappa", kappa)) if v is not None}
+    if not Path(base, path).exists():
+        raise MissingFileError(f"{path}: no such file or folder")
     raw, name = declaration({"path": str(path), **given}, base=base)
     if name is None:
         p = Path(raw["path"])
@@ -1048,8 +1100,8 @@ def from_path(
             )
     try:
         return user_spec(str(name), from_dict(UserDataset, raw, "dataset"))
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    except ConfigError as err:  # the command line's words for the keys
+        raise ConfigError(f"{path}: {str(err).replace('(target: …)', '(--target)')}") from None
 
 
 def declarations_in(path: str | os.PathLike[str]) -> dict[str, DatasetSpec]:
@@ -1196,6 +1248,11 @@ def local_source(name: str, *, data_home: str | os.PathLike[str] | None = None) 
 def _missing_message(s: DatasetSpec, folder: Path, why: str) -> str:
     files = " or ".join(src.file for src in s.sources)
     if s.declaration is not None:
+        if isinstance(s.sources[0], IdPropFolder) and folder.is_dir():
+            return (
+                f"dataset {s.name!r}: {folder} has no {ID_PROP} (id,target rows; or a {DECLARATION_FILE} that names "
+                f"a file of another layout in it: path: …){why}"
+            )
         what = f"{folder} (a folder with {ID_PROP})" if isinstance(s.sources[0], IdPropFolder) else str(folder / files)
         return f"dataset {s.name!r}: {what} does not exist{why}"
     return (
@@ -1244,6 +1301,8 @@ def read(
     """
     file = name if isinstance(name, DatasetFile) else locate(name, data_home=data_home, download=download)
     records, rejected = _check_rows(file.source.rows(file.path.parent), kappa=file.spec.kappa)
+    if not records and not rejected:  # an empty file would only fail later, inside a trial
+        raise DatasetFileError(f"{file.path}: holds no rows (dataset {file.spec.name!r})")
     return RawDataset(file=file, records=records, rejected=rejected)
 
 
@@ -1288,8 +1347,8 @@ def fingerprint(path: Path, s: DatasetSpec, src: Source) -> str:
     them (a user dataset's reading keys and kappa flag, which rejects rows)."""
     h = hashlib.sha256()
     header: list[Any] = [READER_VERSION, s.name, s.target, type(src).__name__, src.describe()]
-    if s.declaration is not None:  # built-in keys stay as they were
-        header.append({"kappa": s.kappa, "source": repr(src)})
+    if s.declaration is not None:  # built-in keys stay as they were; a declaration's keys all reach the manifest
+        header.append({"kappa": s.kappa, "units": s.units, "title": s.title, "source": repr(src)})
     h.update(json.dumps(header).encode())
     extra = src.content_files(path.parent)
     for file in [path, *extra]:

@@ -1,10 +1,11 @@
 """Screening with trained models: checkpoints × structures → predictions in raw units (``ltc predict``).
 
-Inputs are a CIF or POSCAR file, a folder of them, or a dataset name (its shards, with the true values
-beside the predictions). Several checkpoints (e.g. the seeds of one setting, or the K×R fold models of a
-cross-validated setting: give their folder) give a mean and a standard deviation. A file that cannot be
-read, or a structure that cannot become a graph, is a row with its error, never the end of the run. Kappa
-predictions are ranked lowest first (rank 1 = lowest kappa).
+Inputs are a CIF or POSCAR file, a folder of them, or a dataset name, built-in or declared (its shards, with the
+true values beside the predictions; a name wins over a file of the same name, which ``./NAME`` reaches). Several
+checkpoints (e.g. the seeds of one setting, or the K×R fold models of a cross-validated setting: give their
+folder) give a mean and a standard deviation. A file that cannot be read, or a structure that cannot become a
+graph, is a row with its error, never the end of the run. Kappa predictions are ranked lowest first (rank 1 =
+lowest kappa).
 """
 
 from __future__ import annotations
@@ -271,6 +272,9 @@ def predict(
         raise MissingFileError(f"INPUT {input!r} is neither a file, a folder, nor a dataset name (see `ltc datasets`)")
     if "error" not in table.columns:
         table["error"] = None
+    for col in ("n_models", "pred_mean", "pred_std"):  # nothing readable: the error rows alone
+        if col not in table.columns:
+            table[col] = np.nan
     return rank(table, models)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ltc import compare, datasets
-from ltc.errors import DataError, MissingFileError
+from ltc.errors import MissingFileError
 from ltc.io import filesystem, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -406,8 +406,9 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
 
 
 def declared_in(results_dir: str | os.PathLike[str]) -> dict[str, datasets.DatasetSpec]:
-    """The user datasets a sweep's results folder declared (from its ``sweep.json``), as specs to ``declare``: what
-    their names mean (units, kappa) in its tables. Their files need not exist any more."""
+    """The user datasets a sweep's results folder declared (from its ``sweep.json``), as what their names mean in
+    its tables (units, kappa: ``datasets.remember``). Their files need not exist any more; a folder without a
+    readable ``sweep.json`` declares nothing (a warning says why)."""
     from ltc.config import from_dict
 
     stored = Path(results_dir) / "sweep.json"
@@ -416,11 +417,12 @@ def declared_in(results_dir: str | os.PathLike[str]) -> dict[str, datasets.Datas
     try:
         spec = json.loads(json.loads(stored.read_text())["spec"])
         return {
-            name: datasets.user_spec(name, from_dict(datasets.UserDataset, decl, f"datasets.{name}"))
+            name: datasets.declared_metadata(name, from_dict(datasets.UserDataset, decl, f"datasets.{name}"))
             for name, decl in (spec.get("datasets") or {}).items()
         }
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{stored}: cannot read the sweep's declared datasets ({type(err).__name__}: {err})") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: its declared datasets are unknown (%s: %s)", stored, type(err).__name__, err)
+        return {}
 
 
 def write_report(results_dir: str | os.PathLike[str]) -> Report:

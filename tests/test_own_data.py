@@ -138,6 +138,13 @@ def test_every_kind_of_bad_row_is_a_rejected_row_naming_its_line(l96, tmp_path, 
     (folder / "molecule.xyz").write_text("2\nno lattice here\nH 0 0 0\nH 0 0 0.74\n")
     for name in ("twice.cif", "twice.vasp"):
         s0.to(filename=str(folder / name))
+    cif = s0.to(fmt="cif")
+    (folder / "two_blocks.cif").write_text(cif + "\n" + cif.replace("data_", "data_again_", 1))
+    # a second species on a site pymatgen reads as one: pymatgen refuses it (ASE would merge them silently)
+    lines = cif.splitlines()
+    site = next(i for i, line in enumerate(lines) if line.strip().startswith(str(s0[0].specie)))
+    extra = lines[site].replace(str(s0[0].specie), "Cl", 1)
+    (folder / "shared_site.cif").write_text("\n".join([*lines[: site + 1], extra, *lines[site + 1 :]]) + "\n")
     for name in ("empty", "text", "nan", "inf", "negative", "zero", "huge"):
         s0.to(filename=str(folder / f"{name}.cif"))
     good = (folder / datasets.ID_PROP).read_text()
@@ -156,11 +163,13 @@ def test_every_kind_of_bad_row_is_a_rejected_row_naming_its_line(l96, tmp_path, 
         "huge,1e30",
         f"{l96[2][0]},9.9",  # 19: a duplicate id
         "../outside,1.0",
+        "two_blocks,1.5",  # 21
+        "shared_site,1.5",
     ]
     (folder / datasets.ID_PROP).write_text(good + "\n".join(bad) + "\n")
     assert main(["prepare", str(folder), "--kappa", "-q"]) == 0
     out = capsys.readouterr().out
-    assert f"kappa: {6 + len(bad)} rows" in out and "-> 6 graphs, 14 rejected" in out
+    assert f"kappa: {6 + len(bad)} rows" in out and "-> 6 graphs, 16 rejected" in out
     spec = from_path(folder, kappa=True)
     with declare([spec]):
         res = prepare("kappa")
@@ -180,14 +189,18 @@ def test_every_kind_of_bad_row_is_a_rejected_row_naming_its_line(l96, tmp_path, 
         "huge": ("bad target: kappa 1e+30 > 10,000 W/(m K)", 18),
         l96[2][0]: (f"duplicate id: first at {datasets.ID_PROP} line 3, again at {datasets.ID_PROP} line 19", None),
         "../outside": ("missing structure: id '../outside' points outside", 20),
+        "two_blocks": ("unparsable structure", None),
+        "shared_site": ("unparsable structure", None),
     }
     assert set(reasons) == set(expected)
     for rid, (start, line) in expected.items():
         assert reasons[rid].startswith(start), (rid, reasons[rid])
         if line is not None:
             assert reasons[rid].endswith(f"({datasets.ID_PROP} line {line})"), reasons[rid]
-    assert "garbage.cif" in reasons["garbage"] and "nor can ASE" in reasons["garbage"]
+    assert "garbage.cif: pymatgen cannot read it" in reasons["garbage"]
     assert "not a crystal: periodic boundary conditions" in reasons["molecule"]
+    assert "two_blocks.cif holds 2 structures" in reasons["two_blocks"]
+    assert "shared_site.cif: pymatgen cannot read it" in reasons["shared_site"]
     assert ShardSet(res.path).ids == [rid for rid, _, _ in l96[:6]]  # the good rows, all of them
 
 
@@ -212,6 +225,7 @@ def test_a_header_line_is_skipped_and_a_misshapen_file_is_one_error_naming_its_l
     found = r"t\.csv: no target column 'kappa'; found \['id', 'structure', 'kap'\]"
     with declare([from_path(table, target="kappa")]), pytest.raises(DatasetFileError, match=found):
         read("t")
+    (tmp_path / "k.xlsx").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"cannot tell how to read k\.xlsx"):
         from_path(tmp_path / "k.xlsx", target="kappa")
     with pytest.raises(ConfigError, match="name the info key that holds the target"):
@@ -323,8 +337,8 @@ def checkpoint(tmp_path_factory):
         ({"mykappa": {"path": "k.extxyz"}}, None, "datasets.mykappa: dataset 'mykappa': k.extxyz is read as extxyz"),
         ({"l96": {"path": "kappa"}}, None, "datasets.l96: dataset name 'l96' is a built-in dataset's"),
         ({"my/kappa": {"path": "kappa"}}, None, "dataset name 'my/kappa': use letters, digits"),
-        ({"mykappa": "kappa"}, {"checkpoint": "missing.pt"}, "checkpoint"),
-        ({"mykappa": "kappa"}, {"checkpoint": "kappa/id_prop.csv"}, "damaged or not a checkpoint"),
+        ({"mykappa": "kappa"}, {"checkpoint": "missing.pt"}, "stages[1].start_from.checkpoint: checkpoint "),
+        ({"mykappa": "kappa"}, {"checkpoint": "kappa/id_prop.csv"}, "id_prop.csv: damaged or not a checkpoint"),
         ({"mykappa": "kappa"}, {"checkpoint": "CKPT", "stage": "pt"}, "give stage, pretrained or checkpoint (exactly"),
         (
             {"mykappa": "kappa"},
@@ -498,7 +512,9 @@ def test_pt_on_agl_then_ft_on_your_folder_then_a_sweep_from_its_best_checkpoints
     by_start = again[again.kind == "finetune"].groupby("start").pt_dataset.first().to_dict()
     assert by_start["agl_pt"] == "agl" and by_start["folds:r0f0"] == "mykappa"  # what each was trained on
     kept = tmp_path / "results" / "again" / "ray" / "starts" / "ft"
-    assert {p.parent.name for p in kept.glob("*/checkpoint.pt")} == {"agl_pt", "folds-r0f0", "folds-r0f1", "folds-r0f2"}
+    assert {p.parent.name.rsplit("-", 1)[0] for p in kept.glob("*/checkpoint.pt")} == {
+        "agl_pt", "folds-r0f0", "folds-r0f1", "folds-r0f2"
+    }  # fmt: skip
     assert set(again[again.kind == "finetune"].init) == {str(p) for p in kept.glob("*/checkpoint.pt")}
     scratch = again[again.kind == "scratch"]
     assert set(scratch.arch) == {"cgcnn"} and scratch.test_mae_log10.notna().all()
@@ -576,3 +592,170 @@ def test_a_declared_dataset_goes_where_a_built_in_one_goes(l96, tmp_path, capsys
     out = capsys.readouterr().out
     assert "datasets mykappa+hh143" in out and "starting checkpoints: 1 (mykappa+hh143:max60)" in out
     assert [s.datasets for s in plan(load_sweep(path))["mpt"]] == [("mykappa", "hh143")]
+
+
+def test_only_a_column_name_is_taken_for_a_header(l96, tmp_path):
+    folder = write_id_prop(tmp_path / "k", l96[:3])
+    rows = (folder / datasets.ID_PROP).read_text()
+    for first, header in [("id,kappa", True), ("material,kappa_300K", True), ("mp-404,nan", False),
+                          ("mp-404,", False), ("mp-404,n/a", False), ("mp-404,1.5", False)]:  # fmt: skip
+        (folder / datasets.ID_PROP).write_text(f"{first}\n{rows}")
+        with declare([from_path(folder, kappa=True)]):
+            raw = read("k")
+        assert len(raw.records) == 3, first
+        # a data row (no structure file here) is a rejected row, never a skipped "header"
+        assert [r.id for r in raw.rejected] == ([] if header else ["mp-404"]), first
+
+
+def test_links_compressed_json_byte_order_marks_and_empty_files(l96, tmp_path):
+    import bz2
+    import lzma
+
+    store = write_id_prop(tmp_path / "store", l96[:3])
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    for rid, _, _ in l96[:3]:  # ALIGNN's ids are file names; the files are links into another folder
+        (folder / f"{rid}.cif").symlink_to(store / f"{rid}.cif")
+    (folder / datasets.ID_PROP).write_text("".join(f"{rid}.cif,{y}\n" for rid, _, y in l96[:3]))
+    with declare([from_path(folder)]):
+        assert [r.id for r in read("linked").records] == [f"{rid}.cif" for rid, _, _ in l96[:3]]
+    records = json.dumps([{"id": rid, "k": y, "structure": st.as_dict()} for rid, st, y in l96[:3]])
+    for name, data in [("a.json.bz2", bz2.compress(records.encode())), ("b.json.xz", lzma.compress(records.encode())),
+                       ("c.json", "\ufeff".encode() + records.encode())]:  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        spec = from_path(tmp_path / name, target="k")
+        with declare([spec]):
+            assert len(read(spec.name).records) == 3, name
+    for name, text in [("empty.json", "[]"), ("empty.csv", "id,structure,k\n"), ("empty.extxyz", "")]:
+        (tmp_path / name).write_text(text)
+        spec = from_path(tmp_path / name, target="k")
+        with declare([spec]), pytest.raises(DatasetFileError, match=f"{name}: holds no rows"):
+            read(spec.name)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / datasets.ID_PROP).write_text("")
+    with declare([from_path(tmp_path / "none")]), pytest.raises(DatasetFileError, match="holds no rows"):
+        read("none")
+
+
+def test_declared_units_are_part_of_the_shards(l96, tmp_path):
+    folder = write_id_prop(tmp_path / "k", l96[:5])
+    with declare([from_path(folder, units="W/mK")]):
+        first = prepare("k", cache=tmp_path / "c")
+    with declare([from_path(folder, units="mW/(cm K)")]):
+        second = prepare("k", cache=tmp_path / "c")
+    assert second.built and second.path != first.path and ShardSet(second.path).target.units == "mW/(cm K)"
+
+
+def test_cli_paths_of_one_name_and_mistyped_paths_are_one_line_errors(l96, tmp_path, capsys):
+    a, b = write_id_prop(tmp_path / "a" / "kappa", l96[:4]), write_id_prop(tmp_path / "b" / "kappa", l96[4:8])
+    for argv in (["prepare", str(a), str(b)], ["train", "--dataset", str(a), "--holdout", str(b), "--model", "cgcnn",
+                                                "--out", str(tmp_path / "o")]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{b} and {a} are both called 'kappa'" in err and len(err.strip().splitlines()) == 1
+    assert main(["prepare", str(a), str(a), "-q"]) == 0  # the same folder twice is one dataset
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "nothere.csv")]) == 2
+    assert "nothere.csv: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "cifs").mkdir()
+    assert main(["prepare", str(tmp_path / "cifs")]) == 2
+    assert "cifs has no id_prop.csv" in capsys.readouterr().err
+    (tmp_path / "t.csv").write_text("id,structure,k\n")
+    assert main(["prepare", str(tmp_path / "t.csv")]) == 2
+    assert "that holds the target (--target)" in capsys.readouterr().err
+    (a / datasets.DECLARATION_FILE).write_text("kappa: maybe\n")
+    assert main(["prepare", str(a)]) == 2
+    assert f"{a / datasets.DECLARATION_FILE}.kappa: expected bool" in capsys.readouterr().err
+
+
+def test_dry_run_reads_every_declared_dataset_and_report_survives_its_removal(l96, tmp_path, capsys):
+    from ltc.results import declared_in
+
+    table = tmp_path / "k.csv"
+    pd.DataFrame([{"id": rid, "kappa": y, "structure": json.dumps(st.as_dict())} for rid, st, y in l96]).to_csv(
+        table, index=False
+    )
+    for stage in ({"name": "pt", "datasets": ["mine"], "epochs": 1},
+                  {"name": "pt", "datasets": ["l96"], "holdout": ["mine"], "epochs": 1}):  # fmt: skip
+        sweep = _sweep(tmp_path, {"mine": {"path": "k.csv", "target": "kapa"}}, stages=[stage])
+        assert main(["sweep", str(sweep), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "datasets.mine: " in err and "no target column 'kapa'" in err
+    # the results of a sweep whose folder (with a dot in its name) has gone: still a dataset of W/(m K), kappa
+    (tmp_path / "res").mkdir()
+    decl = {"path": str(tmp_path / "gone_v1.2"), "kappa": True, "target": None, "units": None, "title": None,
+            "format": "auto", "id": None, "structure": None}  # fmt: skip
+    (tmp_path / "res" / "sweep.json").write_text(json.dumps({"spec": json.dumps({"datasets": {"old": decl}})}))
+    found = declared_in(tmp_path / "res")
+    assert found["old"].kappa and found["old"].units == "W/(m K)"
+    (tmp_path / "res" / "sweep.json").write_text("{not json")
+    assert declared_in(tmp_path / "res") == {}
+
+
+def test_a_uri_is_not_a_dataset_path(tmp_path, capsys):
+    sweep = _sweep(tmp_path, {"mine": {"path": "s3://bucket/kappa/"}})
+    assert main(["sweep", str(sweep), "--dry-run"]) == 2
+    assert "datasets.mine: path: 's3://bucket/kappa/' is a URI" in capsys.readouterr().err
+
+
+def test_predict_on_a_table_of_your_own_and_on_nothing_readable(l96, tmp_path, checkpoint, capsys):
+    table = tmp_path / "cands.csv"
+    rows = [{"id": rid, "kappa": y, "structure": json.dumps(st.as_dict())} for rid, st, y in l96[:10]]
+    pd.DataFrame(rows).to_csv(table, index=False)
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(table), "--target", "kappa", "--out", str(out)]) == 0
+    truth = pd.read_parquet(out).set_index("id").y_true.to_dict()
+    assert truth == pytest.approx({rid: y for rid, _, y in l96[:10]})
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.cif").write_text("no crystal here\n")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(junk), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 1 structure(s) could be read (e.g." in err and "Traceback" not in err
+    assert pd.read_parquet(out).error.notna().all()  # the reasons are written
+
+
+def test_a_resume_refuses_changed_data_or_checkpoints_and_accepts_a_moved_project(l96, tmp_path, checkpoint):
+    from ltc.errors import ConfigError as LtcConfigError
+    from ltc.sweep import load_sweep
+    from ltc.sweep.driver import SweepPaths, _claim_results
+
+    project = tmp_path / "project"
+    write_id_prop(project / "kappa", l96[:20])
+    shutil.copy(checkpoint, project / "pt.pt")
+    stages = [{"name": "ft", "datasets": ["mykappa"], "start_from": {"checkpoint": "pt.pt"}, "epochs": 1}]
+    sweep = _sweep(project, {"mykappa": {"path": "kappa", "kappa": True}}, stages=stages)
+    root = tmp_path / "results" / "own"
+    paths = SweepPaths(root, str(root / "ray"), str(root / "optuna.log"))
+    _claim_results(paths, load_sweep(sweep), sweep.read_text(), resume=False)
+    stored = json.loads((root / "sweep.json").read_text())["given_inputs"]
+    assert set(stored) == {"dataset mykappa", "checkpoint pt of stage ft"}
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(project, moved)  # the same files in another place: the same sweep
+    _claim_results(paths, load_sweep(moved / "sweep.yaml"), None, resume=True)
+
+    cif = moved / "kappa" / f"{l96[3][0]}.cif"
+    cif.write_text(cif.read_text().replace("_cell_length_a", "_cell_length_a ", 1) + "\n")
+    with pytest.raises(LtcConfigError, match="started with other contents of dataset mykappa"):
+        _claim_results(paths, load_sweep(moved / "sweep.yaml"), None, resume=True)
+    shutil.rmtree(moved / "kappa")
+    write_id_prop(moved / "kappa", l96[:20])  # the same contents again
+    _claim_results(paths, load_sweep(moved / "sweep.yaml"), None, resume=True)
+    torch = pytest.importorskip("torch")
+    ckpt = torch.load(moved / "pt.pt", weights_only=True)
+    ckpt["metrics"] = {"edited": 1.0}
+    torch.save(ckpt, moved / "pt.pt")
+    with pytest.raises(LtcConfigError, match="other contents of checkpoint pt of stage ft"):
+        _claim_results(paths, load_sweep(moved / "sweep.yaml"), None, resume=True)
+
+
+def test_kept_checkpoints_of_two_labels_never_share_a_folder(tmp_path, checkpoint):
+    from ltc.sweep.driver import SweepPaths, keep_given
+    from ltc.sweep.plan import Start
+
+    paths = SweepPaths(tmp_path, str(tmp_path / "ray"), str(tmp_path / "optuna.log"))
+    kept = {keep_given(paths, "ft", Start(label, (), None, checkpoint=str(checkpoint), given=True)).checkpoint
+            for label in ("a:r0f0", "a-r0f0", "a_r0f0")}  # fmt: skip
+    assert len(kept) == 3 and all(Path(k).is_file() for k in kept)

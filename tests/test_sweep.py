@@ -490,11 +490,13 @@ def test_a_folder_started_by_an_older_ltc_resumes(tmp_path):
 
     spec = load_sweep(REPO / "sweeps/quickstart.yaml")
     old = json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+    assert old.pop("datasets") == {}
     for stage in old["stages"]:
         for key in ("model", "model_config", "graph"):
             assert stage.pop(key) is None
         if stage["start_from"] is not None:
-            assert stage["start_from"].pop("pretrained") is None
+            for key in ("pretrained", "checkpoint", "label"):
+                assert stage["start_from"].pop(key) is None
     root = tmp_path / spec.name
     root.mkdir()
     paths = SweepPaths(root, str(root / "ray"), str(root / "optuna.log"))

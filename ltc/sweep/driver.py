@@ -19,9 +19,11 @@ the last experiment snapshot, from which ``--resume`` also finishes every planne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -245,11 +247,13 @@ def _run_or_read_stage(
 
 
 def keep_given(paths: SweepPaths, stage: str, start: Start) -> Start:
-    """A given checkpoint start with its checkpoint copied into the sweep's storage (``starts/<stage>/<label>/``),
-    once: every node reaches the storage (a user's file may be on the driver's disk only), and the sweep trains from
-    the bytes it started with even if the file is edited or moved before a ``--resume``."""
-    label = start.label.replace(":", "-")
-    kept = f"{paths.storage.rstrip('/')}/starts/{stage}/{label}/checkpoint.pt"
+    """A given checkpoint start with its checkpoint copied into the sweep's storage (``starts/<stage>/<label>-<hash>/``,
+    the hash of the label keeps two labels apart), once: every node reaches the storage, where a user's file may be
+    on the driver's disk only. (A file edited since the sweep started is refused on ``--resume``: ``_claim_results``.)
+    """
+    digest = hashlib.sha256(start.label.encode()).hexdigest()[:8]
+    label = re.sub(r"[^A-Za-z0-9_.+=-]", "-", start.label)
+    kept = f"{paths.storage.rstrip('/')}/starts/{stage}/{label}-{digest}/checkpoint.pt"
     if not io.exists(kept):
         io.put_file(str(start.checkpoint), kept)
     return dataclasses.replace(start, checkpoint=kept)
@@ -258,19 +262,47 @@ def keep_given(paths: SweepPaths, stage: str, start: Start) -> Start:
 def spec_identity(spec_json: str) -> str:
     """A stored spec (``json.dumps(asdict(spec))``) without its null values, to compare across ltc versions.
 
-    Keys that a newer ltc added with a null default (a stage's ``model``, a source's ``pretrained``) are absent
-    from specs saved before them; dropping nulls on both sides lets such a folder resume. Two specs of one
+    Keys that a newer ltc added with a null or empty default (a stage's ``model``, a source's ``pretrained``, the
+    sweep's ``datasets``) are absent from specs saved before them; dropping them on both sides lets such a folder
+    resume. Two specs of one
     version have the same keys, so a value set to null on one side only still differs (a key on one side).
+    Where a declared dataset or a given checkpoint lies is left out (a moved project resumes): what they hold is
+    compared by ``given_inputs``.
     """
 
-    def drop(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: drop(v) for k, v in value.items() if v is not None}
+    def drop(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):  # {} too: a sweep saved before `datasets:` existed has none
+            return {k: drop(v, k) for k, v in value.items() if v not in (None, {}) and not _located(key, k)}
         if isinstance(value, list):
-            return [drop(v) for v in value]
+            return [drop(v, key) for v in value]
         return value
 
     return json.dumps(drop(json.loads(spec_json)), sort_keys=True)
+
+
+def _located(parent: str, key: str) -> bool:
+    """A path the sweep file resolved against its folder: a source's ``checkpoint``, a declared dataset's ``path``."""
+    return key == "checkpoint" or (key == "path" and parent not in ("", "stages"))
+
+
+def given_inputs(spec: SweepSpec) -> dict[str, str]:
+    """Content hashes of what the sweep file brings: each declared dataset's fingerprint (its files) and each given
+    checkpoint's SHA-256. A ``--resume`` refuses when one changed, so no stage mixes two versions of them."""
+    from ltc.sweep.spec import given_checkpoints
+
+    declared = spec.declared_datasets()
+    with datasets.declare(declared):
+        out = {f"dataset {name}": datasets.locate(name, download=False).fingerprint for name in declared}
+    for stage in spec.stages:
+        for src in stage.sources:
+            if src.checkpoint is not None:
+                for g in given_checkpoints(src):
+                    h = hashlib.sha256()
+                    with io.open_input(g.path) as fh:
+                        for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                            h.update(chunk)
+                    out[f"checkpoint {g.label} of stage {stage.name}"] = h.hexdigest()
+    return out
 
 
 def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, resume: bool) -> None:
@@ -286,6 +318,14 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
         claimed = json.loads(stored.read_text())
         if spec_identity(claimed["spec"]) != spec_identity(current):
             raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
+        now, then = given_inputs(spec), claimed.get("given_inputs", {})
+        changed = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if changed:
+            what = ", ".join(changed)
+            raise ConfigError(
+                f"{paths.root} was started with other contents of {what} (the files have changed since): not "
+                "resuming, its trials would mix two versions; restore them, or run it anew with --results elsewhere"
+            )
         if claimed.get("optuna_storage", paths.optuna) != paths.optuna:
             raise ConfigError(
                 f"{paths.root} keeps its Optuna studies in {claimed['optuna_storage']}, not {paths.optuna}: "
@@ -310,7 +350,14 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
         io.write_text_atomic(paths.root / "sweep.yaml", spec_text)
     io.write_text_atomic(
         paths.root / "sweep.json",
-        json.dumps({"spec": current, "started": time.time(), "optuna_storage": paths.optuna}),
+        json.dumps(
+            {
+                "spec": current,
+                "started": time.time(),
+                "optuna_storage": paths.optuna,
+                "given_inputs": given_inputs(spec),
+            }
+        ),
     )
 
 

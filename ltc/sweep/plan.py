@@ -20,6 +20,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from ltc import datasets
@@ -367,6 +368,19 @@ class DatasetCount:
         return n - n_test, n_test
 
 
+def count_rows(file: datasets.DatasetFile, cache: Path) -> int:
+    """The rows of a located data file, read once per content (parsing a large JSON file takes seconds) and
+    remembered under ``cache/counts/``: a file that cannot be read is its one-line error, here."""
+    from ltc.io import write_json_atomic
+
+    counted = cache / "counts" / f"{file.spec.name}-{file.fingerprint[:16]}.json"
+    if counted.is_file():
+        return int(json.loads(counted.read_text())["n_rows"])
+    n_rows = datasets.read(file).n_rows
+    write_json_atomic(counted, {"dataset": file.spec.name, "fingerprint": file.fingerprint, "n_rows": n_rows})
+    return n_rows
+
+
 def dataset_count(
     name: str,
     spec: SweepSpec,
@@ -378,7 +392,6 @@ def dataset_count(
 ) -> DatasetCount:
     """Row counts from the shard manifest of ``graph`` (default: the sweep's graphs) when those shards exist, else
     from the data file (never builds)."""
-    from ltc.io import write_json_atomic
     from ltc.paths import cache_root, data_home
     from ltc.shards import read_manifest, shard_key
     from ltc.splits import resolve_split_ids
@@ -392,13 +405,7 @@ def dataset_count(
         manifest = read_manifest(folder)
         n_rows, n_graphs = int(manifest["n_input"]), int(manifest["n_graphs"])
     except LtcError:
-        # no shards yet: count the file's rows once per content (parsing a large JSON file takes seconds)
-        counted = cache_root(cache, home=home_path) / "counts" / f"{name}-{file.fingerprint[:16]}.json"
-        if counted.is_file():
-            n_rows = int(json.loads(counted.read_text())["n_rows"])
-        else:
-            n_rows = datasets.read(file).n_rows
-            write_json_atomic(counted, {"dataset": name, "fingerprint": file.fingerprint, "n_rows": n_rows})
+        n_rows = count_rows(file, cache_root(cache, home=home_path))  # no shards yet
     ids = resolve_split_ids(name, split, home=home_path)
     return DatasetCount(name, n_rows, n_graphs, len(ids.paper_test) if ids.paper_test is not None else None)
 
@@ -423,12 +430,13 @@ def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = No
 
 
 def _validate(spec: SweepSpec, *, home: str | None, cache: str | None, counts: bool) -> None:
-    for name in spec.declared_datasets():  # a declared path that is not there fails now
-        if datasets.local_source(name) is None:
-            try:
-                datasets.locate(name, download=False)
-            except datasets.DatasetNotFoundError as err:
-                raise ConfigError(f"datasets.{name}: {err}") from None
+    from ltc.paths import cache_root, data_home
+
+    for name in spec.declared_datasets() if counts else ():  # each read once now: a missing path or column fails
+        try:
+            count_rows(datasets.locate(name, download=False), cache_root(cache, home=data_home(home)))
+        except (datasets.DatasetError, ConfigError) as err:
+            raise ConfigError(f"datasets.{name}: {err}") from None
     for i, stage in enumerate(spec.stages):
         search = spec.search_for(stage)
         fixed = search.n_unfrozen if isinstance(search.n_unfrozen, int) else None

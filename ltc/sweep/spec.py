@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ltc import datasets
 from ltc.config import from_dict, read_yaml
 from ltc.datasets import UserDataset
-from ltc.errors import ConfigError
+from ltc.errors import ConfigError, LtcError
 from ltc.graphs import GraphConfig
 from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SplitConfig
@@ -371,6 +371,15 @@ class SweepSpec:
         names = [s.name for s in self.stages]
         if not self.stages:
             raise ConfigError("a sweep needs at least one stage")
+        for i, st in enumerate(self.stages):  # a checkpoint start is read now: its architecture, and whether it is one
+            many = isinstance(st.start_from, list)
+            for j, src in enumerate(st.sources):
+                if src.checkpoint is not None:
+                    try:
+                        given_checkpoints(src)
+                    except (LtcError, OSError) as err:
+                        where = f"stages[{i}].start_from{f'[{j}]' if many else ''}.checkpoint"
+                        raise ConfigError(f"{where}: {err}") from None
         with datasets.declare(self.declared_datasets()):  # a stage names built-in or declared datasets
             for st in self.stages:
                 for key, names_ in [("datasets", [d for g in st.dataset_sets for d in g]),
