@@ -418,7 +418,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ltc import datasets
     from ltc.predict import predict
 
     checkpoints = list(args.checkpoint)
@@ -427,14 +426,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(checkpoints) < 2:
             raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
-    path = Path(source)
-    folder = path.is_dir() and any((path / f).is_file() for f in (datasets.ID_PROP, datasets.DECLARATION_FILE))
-    table_or_frames = path.is_file() and datasets.dataset_layout(path) is not None
-    if not datasets.is_known(source) and (folder or table_or_frames):
-        # a dataset of your own (its true values beside the predictions), not structure files
-        source = _dataset_args([source], args)[0]
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
-                    cache=args.cache)  # fmt: skip
+                    cache=args.cache, target=args.target)  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
@@ -452,9 +445,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
         head = g.sort_values("rank") if g["rank"].notna().any() else g
         what = "lowest predicted first" if g["rank"].notna().any() else "first rows"
         print(f"\n{target} ({g.units.iloc[0]}), {what}:")
-        cols = ["id", "formula", "pred_mean", "pred_std", *(["y_true"] if "y_true" in g else []), "rank"]
+        cols = [
+            "id",
+            "formula",
+            "pred_mean",
+            "pred_lower",
+            "pred_upper",
+            *(["y_true"] if "y_true" in g else []),
+            "rank",
+        ]
         print(head[cols].head(args.show).to_string(index=False))
     print(f"\npredictions: {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# ltc screen
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ltc.screen import ScreenInterrupted, screen
+
+    for name in ("ray", "ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        result = screen(
+            [args.checkpoints], args.input, args.out, resume=args.resume, address=args.address,
+            partition_size=args.partition_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, rank_by=args.rank,
+            descending=args.descending, target=args.target, id_key=args.id_key, structure_key=args.structure_key,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except ScreenInterrupted as err:
+        again = ["ltc", "screen", str(args.checkpoints), str(args.input), "--out", str(args.out), "--resume"]
+        print(f"\nltc screen: {err}. Resume with: {' '.join(again)}", file=sys.stderr)
+        return 130
+    rate = result.n_candidates / max(result.seconds, 1e-9)
+    print(
+        f"{result.n_predicted:,} of {result.n_candidates:,} candidates predicted, {result.n_failed:,} failed "
+        f"({result.seconds:.0f} s, {rate:,.0f} structures/s)"
+    )
+    ranking = pd.read_parquet(result.ranking)
+    key = f"pred_{args.rank}"
+    for target, g in ranking.groupby("target", sort=False):
+        order = "highest" if args.descending else "lowest"
+        print(f"\n{target}: {order} {key} first")
+        print(
+            g[["rank", "id", "formula", "pred_mean", "pred_lower", "pred_upper"]].head(args.show).to_string(index=False)
+        )
+    print(f"\nranking:     {result.ranking}\npredictions: {result.out / 'predictions'}/part-*.parquet")
     return 0
 
 
@@ -750,15 +791,63 @@ def build_parser() -> argparse.ArgumentParser:
         "input",
         nargs="?",
         metavar="INPUT",
-        help="CIF/POSCAR file, folder of them, dataset name, or a dataset folder of your own (id_prop.csv or "
-        "dataset.yaml inside: its true values go beside the predictions)",
+        help="a dataset name; a structure file (CIF, POSCAR …) or a folder of them (with an id_prop.csv: its values "
+        "go beside the predictions as y_true); an extxyz file, a CSV / Parquet table or a JSON list of structures",
     )
     sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda …")
     sp.add_argument("--show", type=int, default=10, help="rows to print per target (default 10)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (dataset inputs)")
-    own_data_flags(sp)
+    sp.add_argument(
+        "--target",
+        help="a table's column or an extxyz file's info key holding known values (y_true beside the predictions)",
+    )
+
+    from ltc.screen import PARTITION_SIZE, RANK_BY
+
+    sp = add(
+        "screen",
+        cmd_screen,
+        "rank a large set of candidate structures with a fold ensemble, on Ray Data",
+        "Predict every candidate in INPUT with the checkpoints in CHECKPOINTS (a checkpoint.pt, or a folder of them: "
+        "the fold models of a K-fold cell are an ensemble) and rank them. INPUT: a folder of structure files (CIF, "
+        "POSCAR …; with an id_prop.csv its values go beside as y_true), an extxyz file, a CSV / Parquet table or a "
+        "JSON list. Graphs are built in Ray tasks, predictions made in actors that each load the ensemble once, and "
+        "written to OUT/predictions/part-*.parquet partition by partition (--resume skips those done); "
+        "OUT/ranking.parquet ranks them. Kappa ensembles are combined in log10 space: pred_mean is the geometric "
+        "mean, pred_lower and pred_upper its ensemble spread (mean ∓ 2 standard deviations of log10 kappa).",
+    )
+    sp.add_argument("checkpoints", metavar="CHECKPOINTS", help="a checkpoint.pt, or a folder searched for them")
+    sp.add_argument("input", metavar="INPUT", help="candidates: a folder, an extxyz file, a table or a JSON list")
+    sp.add_argument("--out", type=Path, required=True, help="output folder (a new one, or one to --resume)")
+    sp.add_argument("--resume", action="store_true", help="finish an interrupted screen: finished partitions are kept")
+    sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument(
+        "--rank",
+        choices=list(RANK_BY),
+        default=RANK_BY[0],
+        help="rank by the ensemble's mean, or by a bound of its spread: lower is the optimistic one in a search for "
+        "low kappa (default mean)",
+    )
+    sp.add_argument("--descending", action="store_true", help="highest first (default: lowest first)")
+    sp.add_argument(
+        "--partition-size",
+        type=int,
+        default=PARTITION_SIZE,
+        help=f"candidates per output file, the unit --resume skips (default {PARTITION_SIZE})",
+    )
+    sp.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else half the CPUs)")
+    sp.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor (default 1)")
+    sp.add_argument(
+        "--gpus-per-actor", type=float, help="GPUs per actor, a fraction to share one (default: 1 where GPUs exist)"
+    )
+    sp.add_argument("--batch-size", type=int, default=256, help="structures per forward pass (default 256)")
+    sp.add_argument("--target", help="a column / info key of known values, kept beside as y_true")
+    sp.add_argument("--id-key", help="the id column / info key (default: id, material_id, mpd_id, jid or name)")
+    sp.add_argument("--structure-key", help="the structure column (default: structure, cif, atoms or poscar)")
+    sp.add_argument("--show", type=int, default=10, help="rows of the ranking to print per target (default 10)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 

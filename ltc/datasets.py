@@ -71,7 +71,7 @@ class RawRecord:
 
     ``fmt`` says how to parse ``payload``: ``jarvis`` (JARVIS Atoms dict), ``pymatgen`` (``Structure.as_dict``),
     ``cif`` / ``poscar`` (strings), ``structure`` (an already built pymatgen ``Structure``), ``file`` (the path of
-    a structure file, read by pymatgen, else ASE) or ``ase`` (an ``ase.Atoms``).
+    a structure file, read by pymatgen, else ASE), ``ase`` (an ``ase.Atoms``) or ``extxyz`` (one frame as text).
     ``target`` is in the dataset's raw physical units.
     """
 
@@ -99,6 +99,10 @@ def parse_structure(fmt: str, payload: Any):
         return read_structure_file(Path(payload))
     if fmt == "ase":
         return ase_to_structure(payload)
+    if fmt == "extxyz":  # one frame as text (how ltc screen keeps an extxyz frame)
+        import ase.io
+
+        return ase_to_structure(ase.io.read(io.StringIO(payload), format="extxyz"))
     if fmt == "jarvis":
         for key in ("lattice_mat", "elements", "coords"):
             if key not in payload:
@@ -193,7 +197,7 @@ def _first_line(err: BaseException) -> str:
 # Sources: one small class per file format, each behind ``rows(folder)``.
 
 
-def _finite_target(value: Any) -> tuple[float | None, str | None]:
+def finite_target(value: Any) -> tuple[float | None, str | None]:
     """(target, None) if ``value`` is a finite number, else (None, reason)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, "missing target: empty"
@@ -545,7 +549,7 @@ class ExtXYZ(Source):
     """An extended XYZ file (ASE's reader): one structure per frame, the target in each frame's ``info``."""
 
     file: str
-    target_key: str
+    target_key: str | None  # None: candidates without a target (``iter_candidates``)
     id_key: str | None = None  # default: info "id" when the frames have it, else the frame's index
     fmt: str = "ase"
 
@@ -571,12 +575,12 @@ class ExtXYZ(Source):
             rid = info.get(self.id_key or "id")
             if rid is None and self.id_key is not None:
                 yield Rejected(f"frame {i}", f"missing id: no info key {self.id_key!r} ({where})")
-            elif self.target_key not in info:
+            elif self.target_key is not None and self.target_key not in info:
                 yield Rejected(
                     str(i) if rid is None else str(rid), f"missing target: no info key {self.target_key!r} ({where})"
                 )
             else:
-                target = info[self.target_key]
+                target = info[self.target_key] if self.target_key is not None else None
                 atoms.calc, atoms.info = None, {}  # the structure only travels to the graph builders
                 yield (str(i) if rid is None else str(rid)), self.fmt, atoms, target, where
             i += 1
@@ -586,68 +590,79 @@ class ExtXYZ(Source):
 
 
 def _record_rows(
-    records: Iterable[Mapping[str, Any]], *, path: Path, target: str, id_key: str | None, structure_key: str | None,
+    chunks: Iterable[list[Any]], *, path: Path, target: str | None, id_key: str | None, structure_key: str | None,
     what: str,
 ) -> Iterator[Row]:  # fmt: skip
-    """Rows of a table's or a JSON list's records: ids, sniffed structures (``_structure_payload``), targets."""
-    records = list(records)
-    keys: dict[str, None] = {}
-    for rec in records[:1000]:  # every key some record has (JSON records need not share them)
-        if isinstance(rec, Mapping):
-            keys.update(dict.fromkeys(rec))
-    if records:
-        id_key = _pick_key(id_key, ID_KEYS, keys, f"id {what}", path)
-        structure_key = _pick_key(structure_key, STRUCTURE_KEYS, keys, f"structure {what}", path)
-        _pick_key(target, (), keys, f"target {what}", path)
-    for i, rec in enumerate(records):
-        where = f"{path.name} row {i + 1}"
-        if not isinstance(rec, Mapping):
-            yield Rejected(f"row {i + 1}", f"bad record: a {type(rec).__name__}, not an object ({where})")
-            continue
-        rid = rec.get(id_key)  # type: ignore[arg-type]
-        if rid is None or (isinstance(rid, float) and math.isnan(rid)) or str(rid).strip() == "":
-            yield Rejected(f"row {i + 1}", f"missing id: empty {id_key!r} ({where})")
-            continue
-        rid = str(rid).strip()
-        found = _structure_payload(rec.get(structure_key))  # type: ignore[arg-type]
-        if isinstance(found, str):
-            yield Rejected(rid, f"{found} ({where})")
-            continue
-        yield rid, found[0], found[1], rec.get(target), where
+    """Rows of a table's or a JSON list's records, given in chunks (the first chunk's keys decide which are the id
+    and structure): ids, sniffed structures (``_structure_payload``), targets (none when ``target`` is None)."""
+    start = 0
+    for records in chunks:
+        if start == 0 and records:
+            keys: dict[str, None] = {}
+            for rec in records[:1000]:  # every key some record has (JSON records need not share them)
+                if isinstance(rec, Mapping):
+                    keys.update(dict.fromkeys(rec))
+            id_key = _pick_key(id_key, ID_KEYS, keys, f"id {what}", path)
+            structure_key = _pick_key(structure_key, STRUCTURE_KEYS, keys, f"structure {what}", path)
+            if target is not None:
+                _pick_key(target, (), keys, f"target {what}", path)
+        for i, rec in enumerate(records, start):
+            where = f"{path.name} row {i + 1}"
+            if not isinstance(rec, Mapping):
+                yield Rejected(f"row {i + 1}", f"bad record: a {type(rec).__name__}, not an object ({where})")
+                continue
+            rid = rec.get(id_key)  # type: ignore[arg-type]
+            if rid is None or (isinstance(rid, float) and math.isnan(rid)) or str(rid).strip() == "":
+                yield Rejected(f"row {i + 1}", f"missing id: empty {id_key!r} ({where})")
+                continue
+            rid = str(rid).strip()
+            found = _structure_payload(rec.get(structure_key))  # type: ignore[arg-type]
+            if isinstance(found, str):
+                yield Rejected(rid, f"{found} ({where})")
+                continue
+            yield rid, found[0], found[1], (rec.get(target) if target is not None else None), where
+        start += len(records)
+
+
+CHUNK_ROWS = 4096  # records a table is read in at a time: memory stays flat however long it is
 
 
 @dataclass(frozen=True)
 class Table(Source):
     """A CSV (pandas) or Parquet (pyarrow) table: one row per structure, CIF text or a pymatgen dict (a JSON string
-    in CSV) in the structure column."""
+    in CSV) in the structure column. Read in chunks of ``CHUNK_ROWS``."""
 
     file: str
-    target_key: str
+    target_key: str | None  # None: candidates without a target
     id_key: str | None = None
     structure_key: str | None = None
     fmt: str = "auto"  # per row: see _structure_payload
 
-    def rows(self, folder: Path) -> Iterator[Row]:
-        path = folder / self.file
+    def _chunks(self, path: Path) -> Iterator[list[dict[str, Any]]]:
         parquet = ".parquet" in [x.lower() for x in path.suffixes]
         try:
             if parquet:
                 import pyarrow.parquet as pq
 
-                records = pq.read_table(path).to_pylist()
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+                    yield batch.to_pylist()
             else:
                 import pandas as pd
 
                 # every cell as text: ids stay as written ("007"), a bad target is a row's reason, not the file's
-                df = pd.read_csv(path, dtype=str, keep_default_na=False)
-                records = df.to_dict("records")
+                with pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS) as reader:
+                    for df in reader:
+                        yield df.to_dict("records")
         except Exception as err:  # pandas and pyarrow raise many kinds on a damaged file
             raise DatasetFileError(
                 f"{path}: cannot read as {'Parquet' if parquet else 'CSV'} ({type(err).__name__}: {_first_line(err)})"
             ) from None
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        path = folder / self.file
         yield from _record_rows(
-            records, path=path, target=self.target_key, id_key=self.id_key, structure_key=self.structure_key,
-            what="column",
+            self._chunks(path), path=path, target=self.target_key, id_key=self.id_key,
+            structure_key=self.structure_key, what="column",
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -660,14 +675,14 @@ class JSONRecords(Source):
     matminer's style), or a DataFrame matminer stored as JSON (``store_dataframe_as_json``; read by matminer)."""
 
     file: str
-    target_key: str
+    target_key: str | None  # None: candidates without a target
     id_key: str | None = None
     structure_key: str | None = None
     fmt: str = "auto"
 
     def rows(self, folder: Path) -> Iterator[Row]:
         path = folder / self.file
-        data = _load_json(path)
+        data = _load_json(path)  # whole: JSON has no streaming reader here (a table or extxyz file streams)
         if isinstance(data, dict) and {"columns", "data"} <= set(data):
             from matminer.utils.io import load_dataframe_from_json
 
@@ -681,11 +696,68 @@ class JSONRecords(Source):
                 f"{path}: expected a JSON list of records (or a matminer DataFrame), found {type(data).__name__}"
             )
         yield from _record_rows(
-            data, path=path, target=self.target_key, id_key=self.id_key, structure_key=self.structure_key, what="key"
+            [data], path=path, target=self.target_key, id_key=self.id_key, structure_key=self.structure_key, what="key"
         )
 
     def describe(self) -> str:
         return f"{self.file} (key {self.target_key!r})"
+
+
+def is_structure_file(path: Path) -> bool:
+    """A file a folder of candidates holds: by suffix (``STRUCTURE_SUFFIXES``, compressed or not), or named
+    POSCAR* / CONTCAR*."""
+    name = path.name.removesuffix(next((c for c in _COMPRESSED if path.name.endswith(c)), ""))
+    return name.lower().endswith(STRUCTURE_SUFFIXES) or name.upper().startswith(PYMATGEN_NAMES)
+
+
+@dataclass(frozen=True)
+class StructureFiles(Source):
+    """Candidates without targets: the structure files of a folder (sorted; ids their names without the suffix),
+    or one file (``only``)."""
+
+    file: str = ""
+    only: str | None = None
+    fmt: str = "file"
+
+    def rows(self, folder: Path) -> Iterator[Row]:
+        files = [folder / self.only] if self.only else sorted(p for p in folder.iterdir() if p.is_file())
+        for path in files:
+            if self.only or is_structure_file(path):
+                name = path.name.removesuffix(next((c for c in _COMPRESSED if path.name.endswith(c)), ""))
+                yield (Path(name).stem if Path(name).suffix else name), self.fmt, str(path), None, path.name
+
+
+def candidate_source(
+    path: str | os.PathLike[str], *, target: str | None = None, id_key: str | None = None,
+    structure_key: str | None = None,
+) -> tuple[Source, Path]:  # fmt: skip
+    """How to read ``path`` as candidates to predict (``ltc predict``, ``ltc screen``), and the folder its source
+    reads from: a folder with ``id_prop.csv`` (its values become ``y_true``), a folder of structure files, an
+    extxyz file, a table, a JSON list, or one structure file. ``target`` names the column / info key of known
+    values, if any."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / DECLARATION_FILE).is_file():
+            spec = from_path(p, target=target)
+            return spec.sources[0], Path(spec.folder)
+        if (p / ID_PROP).is_file():
+            return IdPropFolder(), p
+        if not any(is_structure_file(f) for f in p.iterdir() if f.is_file()):
+            raise MissingFileError(
+                f"{p} holds no structure files ({', '.join(f'*{x}' for x in STRUCTURE_SUFFIXES[:4])}, POSCAR*, …) "
+                f"and no {ID_PROP}"
+            )
+        return StructureFiles(), p
+    layout = dataset_layout(p)
+    if layout == "extxyz":
+        return ExtXYZ(p.name, target, id_key), p.parent
+    if layout == "table":
+        return Table(p.name, target, id_key, structure_key), p.parent
+    if layout == "json":
+        return JSONRecords(p.name, target, id_key, structure_key), p.parent
+    return StructureFiles(only=p.name), p.parent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1327,7 +1399,7 @@ def _check_rows(rows: Iterator[Row], *, kappa: bool = False) -> tuple[list[RawRe
             continue
         rid, fmt, payload, raw_target, *rest = row
         where = rest[0] if rest else None
-        target, why = _finite_target(raw_target)
+        target, why = finite_target(raw_target)
         if why is None and kappa:
             why = _kappa_problem(target)  # type: ignore[arg-type]
         if why is not None:  # checked first: a bad first copy must not make a good second one a "duplicate"

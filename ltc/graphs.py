@@ -31,6 +31,7 @@ supercell can keep other members of a tied shell.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -133,6 +134,18 @@ class CrystalGraph:
     @property
     def num_edges(self) -> int:
         return int(self.distances.shape[0])
+
+    def to_bytes(self) -> bytes:
+        """The arrays as an uncompressed ``.npz`` (no pickle): how a graph travels between processes."""
+        buf = io.BytesIO()
+        arrays = {k: v for k, v in vars(self).items() if v is not None}
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CrystalGraph:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return cls(**{k: npz[k] for k in npz.files})
 
 
 # Tie-breaking direction: among neighbours at the same distance, the order is that of their edge

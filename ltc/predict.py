@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from ltc.shards import ShardSet, collate_graphs
 from ltc.targets import TargetScaler
 
 log = logging.getLogger(__name__)
-
-STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
 
 
 @dataclass
@@ -142,33 +139,88 @@ def _recipe(ckpt: dict) -> tuple:
     return (ckpt["model"]["name"], *stages)
 
 
-def structure_files(folder: Path) -> list[Path]:
-    """CIF and POSCAR files of ``folder`` (by suffix, or named POSCAR* / CONTCAR*), sorted."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and (p.suffix.lower() in STRUCTURE_SUFFIXES or p.name.upper().startswith(("POSCAR", "CONTCAR")))
-    )
+# pred_lower / pred_upper: the ensemble's mean ∓ this many standard deviations of its models (of log10 kappa for
+# kappa). The spread of the models, not a calibrated interval: fold models trained on overlapping data agree more
+# than their errors do.
+SPREAD_SIGMAS = 2.0
 
 
-def read_structures(paths: list[Path]) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, str]]]:
-    """(id, source, Structure) for files that parse; (id, source, error) for those that do not."""
-    from pymatgen.core import Structure
+def combine(p: np.ndarray, *, kappa: bool) -> dict[str, np.ndarray]:
+    """An ensemble's predictions ``p`` [models, n] (raw units) as columns of n: ``pred_mean``, ``pred_std`` (raw
+    units), ``pred_log10_std``, ``pred_lower``, ``pred_upper``.
 
-    good, bad = [], []
-    for path in paths:
-        rid = path.stem if path.suffix else path.name
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # pymatgen's CIF warnings on rounded coordinates
-                structure = Structure.from_file(path)
-            if len(structure) == 0:
-                raise ValueError("no sites")
-        except Exception as err:  # any parser failure is this file's error, not the run's
-            bad.append((rid, str(path), f"unreadable: {type(err).__name__}: {err}"[:300]))
-        else:
-            good.append((rid, str(path), structure))
-    return good, bad
+    Kappa is combined in log10 space, the space it is judged in: the mean is the geometric mean, the spread that of
+    log10 kappa (predictions below ``KAPPA_FLOOR`` clipped first, as the metrics do). Other targets: the arithmetic
+    mean ± std. One model: no spread (std NaN, both bounds the prediction).
+    """
+    from ltc.targets import KAPPA_FLOOR
+
+    m = p.shape[0]
+    nan = np.full(p.shape[1], np.nan)
+    std = p.std(axis=0) if m > 1 else nan
+    if kappa:
+        logs = np.log10(np.maximum(p, KAPPA_FLOOR))
+        mu, sigma = logs.mean(axis=0), logs.std(axis=0)
+        lower, upper = 10.0 ** (mu - SPREAD_SIGMAS * sigma), 10.0 ** (mu + SPREAD_SIGMAS * sigma)
+        return {"pred_mean": 10.0**mu, "pred_std": std, "pred_log10_std": sigma if m > 1 else nan,
+                "pred_lower": lower, "pred_upper": upper}  # fmt: skip
+    mean, sigma = p.mean(axis=0), p.std(axis=0)
+    return {"pred_mean": mean, "pred_std": std, "pred_log10_std": nan,
+            "pred_lower": mean - SPREAD_SIGMAS * sigma, "pred_upper": mean + SPREAD_SIGMAS * sigma}  # fmt: skip
+
+
+TABLE_COLUMNS = ["id", "source", "formula", "target", "units", "n_models", "pred_mean", "pred_std", "pred_log10_std",
+                 "pred_lower", "pred_upper"]  # fmt: skip
+
+
+def prediction_table(models: list[LoadedModel], meta: pd.DataFrame, preds: np.ndarray) -> pd.DataFrame:
+    """One row per (structure, head): ``meta`` (id, source, formula, and y_true when known; n rows), ``combine``'s
+    columns, each model's ``pred_<i>`` and ``error`` (a non-finite prediction is an error, never a value)."""
+    parts = []
+    for k, target in enumerate(models[0].targets):
+        p = preds[:, :, k]  # [models, n]
+        cols = combine(p, kappa=bool(target.get("kappa")))
+        bad = ~np.isfinite(p).all(axis=0)
+        table = meta.assign(target=target["dataset"], units=target.get("units", ""), n_models=p.shape[0], **cols)
+        table = table.assign(**{f"pred_{j}": p[j] for j in range(p.shape[0])})
+        error = np.where(bad, "prediction is not finite (a model gave NaN or inf)", None)
+        parts.append(table.assign(error=pd.Series(error, index=table.index, dtype=object)))
+    return pd.concat(parts, ignore_index=True) if parts else meta
+
+
+def error_table(models: list[LoadedModel], bad: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """One row per (unreadable structure, head): id, source, target, error."""
+    return pd.DataFrame(
+        [{"id": rid, "source": src, "target": t["dataset"], "units": t.get("units", ""), "error": why}
+         for rid, src, why in bad for t in models[0].targets],
+        columns=["id", "source", "target", "units", "error"],
+    )  # fmt: skip
+
+
+def candidate_graphs(fmt: str, payload: Any, configs: list[GraphConfig]) -> tuple[str, dict[GraphConfig, Any]] | str:
+    """(reduced formula, a graph per config) of one candidate, or the reason it has none."""
+    try:
+        structure = datasets.parse_structure(fmt, payload)
+        if len(structure) == 0:
+            raise ValueError("no sites")
+    except Exception as err:  # any reader failure is this structure's reason, not the run's
+        return f"unreadable: {type(err).__name__}: {err}"[:300]
+    try:
+        return structure.composition.reduced_formula, {c: structure_to_graph(structure, config=c) for c in configs}
+    except GraphError as err:
+        return str(err)
+    except Exception as err:  # e.g. a degenerate lattice inside pymatgen's neighbour search
+        return f"graph failed: {type(err).__name__}: {err}"[:300]
+
+
+def candidate_row(row: Any, input_name: str) -> tuple[str, str, str, Any, float] | tuple[str, str, str]:
+    """A source row as (id, source, fmt, payload, y_true) or, rejected while reading, (id, source, reason)."""
+    if isinstance(row, datasets.Rejected):
+        return row.id, input_name, row.reason
+    rid, fmt, payload, raw, *rest = row
+    source = payload if fmt == "file" else (rest[0] if rest else input_name)
+    y = datasets.finite_target(raw)[0] if raw is not None else None
+    return rid, str(source), fmt, payload, float("nan") if y is None else y
 
 
 @torch.no_grad()
@@ -182,26 +234,14 @@ def _forward(models: list[LoadedModel], batches: dict[GraphConfig, list], device
     return np.stack(per_model)
 
 
-def _rows(models, ids, sources, formulas, preds, y_true=None) -> pd.DataFrame:
-    rows = []
-    for k, target in enumerate(models[0].targets):
-        p = preds[:, :, k]  # [models, structures]
-        for i, rid in enumerate(ids):
-            row = {
-                "id": rid,
-                "source": sources[i],
-                "formula": formulas[i],
-                "target": target["dataset"],
-                "units": target.get("units", ""),
-                "n_models": p.shape[0],
-                "pred_mean": float(p[:, i].mean()),
-                "pred_std": float(p[:, i].std()) if p.shape[0] > 1 else float("nan"),
-            }
-            row.update({f"pred_{j}": float(p[j, i]) for j in range(p.shape[0])})
-            if y_true is not None:
-                row["y_true"] = float(y_true[i])
-            rows.append(row)
-    return pd.DataFrame(rows)
+def predict_graphs(
+    models: list[LoadedModel], graphs: dict[GraphConfig, list], *, batch_size: int, device
+) -> np.ndarray:  # fmt: skip
+    """``_forward`` of in-memory graphs (one list per graph config, the same structures in the same order)."""
+    batches = {
+        c: [collate_graphs(g[i : i + batch_size]) for i in range(0, len(g), batch_size)] for c, g in graphs.items()
+    }
+    return _forward(models, batches, device)
 
 
 def predict(
@@ -212,8 +252,10 @@ def predict(
     device: str = "auto",
     home: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
+    target: str | None = None,
 ) -> pd.DataFrame:
-    """Predictions for ``input`` (file, folder or dataset name) from ``checkpoints``; see the module doc."""
+    """Predictions for ``input`` from ``checkpoints``; see the module doc. ``input``: a dataset name, or a path read
+    by ``datasets.candidate_source`` (``target``: the column / info key of known values, if any)."""
     from ltc.train import resolve_device
 
     dev = resolve_device(device)
@@ -222,39 +264,7 @@ def predict(
     for c in configs:
         check_construction(c)  # a missing package is one error, not an error row per structure
     path = Path(input)
-    if path.exists() and not datasets.is_known(input):
-        files = structure_files(path) if path.is_dir() else [path]
-        if not files:
-            raise MissingFileError(f"{path} holds no CIF or POSCAR files (*.cif, *.vasp, *.poscar, POSCAR*, CONTCAR*)")
-        good, bad = read_structures(files)
-        graphs: dict[GraphConfig, list] = {c: [] for c in configs}
-        keep = []
-        for rid, source, structure in good:
-            try:
-                built = {c: structure_to_graph(structure, config=c) for c in configs}
-            except GraphError as err:
-                bad.append((rid, source, str(err)))
-                continue
-            except Exception as err:  # e.g. a degenerate lattice inside pymatgen's neighbour search
-                bad.append((rid, source, f"graph failed: {type(err).__name__}: {err}"[:300]))
-                continue
-            for c in configs:
-                graphs[c].append(built[c])
-            keep.append((rid, source, structure.composition.reduced_formula))
-        batches = {
-            c: [collate_graphs(g[i : i + batch_size]) for i in range(0, len(g), batch_size)] for c, g in graphs.items()
-        }
-        preds = _forward(models, batches, dev)
-        table = _rows(models, [k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep], preds)
-        errors = pd.DataFrame(
-            [
-                {"id": rid, "source": src, "target": t["dataset"], "error": why}
-                for rid, src, why in bad
-                for t in models[0].targets
-            ]
-        )
-        table = pd.concat([table, errors], ignore_index=True) if not errors.empty else table
-    elif datasets.is_known(input):  # the dataset's shards (built-in or declared), with its true values
+    if datasets.is_known(input):  # the dataset's shards (built-in or declared), with its true values
         shard_sets = {c: ShardSet.open(input, graph=c, home=home, cache=cache) for c in configs}
         ids = list(shard_sets[configs[0]].ids)
         for s in shard_sets.values():  # graphs rejected under one setting but not another: use the common ones
@@ -265,21 +275,44 @@ def predict(
             batches[c] = [s.batch(idx[i : i + batch_size]) for i in range(0, len(idx), batch_size)]
         first = shard_sets[configs[0]]
         idx = first.indices_of(ids)
-        formulas = first.formulas
-        preds = _forward(models, batches, dev)
-        table = _rows(models, ids, [input] * len(ids), [formulas[i] for i in idx], preds, y_true=first.y[idx])
+        meta = pd.DataFrame({"id": ids, "source": input, "formula": [first.formulas[i] for i in idx],
+                             "y_true": first.y[idx]})  # fmt: skip
+        table = prediction_table(models, meta, _forward(models, batches, dev))
+    elif path.exists():
+        source, folder = datasets.candidate_source(path, target=target)
+        graphs: dict[GraphConfig, list] = {c: [] for c in configs}
+        keep, bad = [], []
+        for row in source.rows(folder):
+            got = candidate_row(row, str(path))
+            if len(got) == 3:
+                bad.append(got)
+                continue
+            rid, src, fmt, payload, y = got
+            built = candidate_graphs(fmt, payload, configs)
+            if isinstance(built, str):
+                bad.append((rid, src, built))
+                continue
+            for c in configs:
+                graphs[c].append(built[1][c])
+            keep.append({"id": rid, "source": src, "formula": built[0], "y_true": y})
+        if not keep and not bad:
+            raise MissingFileError(f"{path} holds no structures to predict")
+        meta = pd.DataFrame(keep, columns=["id", "source", "formula", "y_true"])
+        if meta.y_true.isna().all():
+            meta = meta.drop(columns="y_true")  # no known values
+        table = prediction_table(models, meta, predict_graphs(models, graphs, batch_size=batch_size, device=dev))
+        if bad:
+            table = pd.concat([table, error_table(models, bad)], ignore_index=True)
     else:
         raise MissingFileError(f"INPUT {input!r} is neither a file, a folder, nor a dataset name (see `ltc datasets`)")
-    if "error" not in table.columns:
-        table["error"] = None
-    for col in ("n_models", "pred_mean", "pred_std"):  # nothing readable: the error rows alone
+    for col in [*TABLE_COLUMNS, "error"]:  # nothing readable: the error rows alone
         if col not in table.columns:
-            table[col] = np.nan
+            table[col] = np.nan if col.startswith(("pred", "n_")) else None
     return rank(table, models)
 
 
 def rank(table: pd.DataFrame, models: list[LoadedModel]) -> pd.DataFrame:
-    """Kappa targets: rows ordered by predicted kappa, lowest first, with ``rank`` 1…n (errors last)."""
+    """Kappa targets: rows ordered by predicted kappa, lowest first, with ``rank`` 1…n (errors last, unranked)."""
     kappa = {t["dataset"] for t in models[0].targets if t.get("kappa")}
     table = table.assign(rank=pd.Series(pd.NA, index=table.index, dtype="Int64"))
     parts = []

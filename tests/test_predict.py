@@ -90,9 +90,22 @@ def test_ensemble_mean_and_std(runs, tmp_path):
     assert main(["predict", "--checkpoint", *ckpts, "hh143", "--out", str(out)]) == 0
     table = pd.read_parquet(out)
     assert len(table) == 143 and (table.n_models == 2).all()
-    np.testing.assert_allclose(table.pred_mean, (table.pred_0 + table.pred_1) / 2)
-    np.testing.assert_allclose(table.pred_std, np.abs(table.pred_0 - table.pred_1) / 2)
+    # kappa: combined in log10 space (geometric mean), the spread that of log10 kappa, bounds mean ∓ 2 sigma
+    logs = np.log10(table[["pred_0", "pred_1"]].clip(lower=1e-3).to_numpy())
+    np.testing.assert_allclose(table.pred_mean, 10 ** logs.mean(axis=1))
+    np.testing.assert_allclose(table.pred_log10_std, np.abs(logs[:, 0] - logs[:, 1]) / 2)
+    np.testing.assert_allclose(table.pred_lower, 10 ** (logs.mean(axis=1) - 2 * table.pred_log10_std))
+    np.testing.assert_allclose(table.pred_upper, 10 ** (logs.mean(axis=1) + 2 * table.pred_log10_std))
+    np.testing.assert_allclose(table.pred_std, np.abs(table.pred_0 - table.pred_1) / 2)  # raw units, for reference
     assert (table.pred_std > 0).any() and table.y_true.notna().all()
+    assert ((table.pred_lower <= table.pred_mean) & (table.pred_mean <= table.pred_upper)).all()
+    # another target: the arithmetic mean ± 2 std in raw units, no log10 spread
+    twin = tmp_path / "twin" / "checkpoint.pt"
+    twin.parent.mkdir()
+    shutil.copy(runs["dc"] / "checkpoint.pt", twin)
+    dc = predict([runs["dc"] / "checkpoint.pt", twin], "dc")
+    np.testing.assert_allclose(dc.pred_mean, (dc.pred_0 + dc.pred_1) / 2)
+    assert dc.pred_log10_std.isna().all() and (dc.pred_std == 0).all() and (dc.pred_lower == dc.pred_mean).all()
 
 
 def test_bad_inputs(runs, tmp_path, capsys):
@@ -103,7 +116,7 @@ def test_bad_inputs(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), str(tmp_path / "empty"),
                  "--out", str(tmp_path / "x.parquet")]) == 2  # fmt: skip
-    assert "holds no CIF or POSCAR files" in capsys.readouterr().err
+    assert "empty holds no structure files" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), "--out", str(tmp_path / "x.parquet")]) == 2
     assert "give INPUT" in capsys.readouterr().err
 
