@@ -31,7 +31,6 @@ supercell can keep other members of a tied shell.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -136,16 +135,35 @@ class CrystalGraph:
         return int(self.distances.shape[0])
 
     def to_bytes(self) -> bytes:
-        """The arrays as an uncompressed ``.npz`` (no pickle): how a graph travels between processes."""
-        buf = io.BytesIO()
-        arrays = {k: v for k, v in vars(self).items() if v is not None}
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        """The arrays packed as raw bytes behind a header of their lengths (no pickle): how a graph travels between
+        processes (``ltc screen``'s graph tasks to its inference actors)."""
+        bonds = self.angle_edges is not None
+        n_angles = len(self.angle_edges) if bonds else 0
+        head = np.array([self.num_nodes, self.num_edges, n_angles, int(bonds)], dtype=np.int64)
+        parts = [head, self.z.astype(np.uint8), self.edge_index.astype(np.int32), self.distances.astype(np.float32),
+                 self.vectors.astype(np.float32)]  # fmt: skip
+        if bonds:
+            parts += [self.directed2undirected.astype(np.int32), self.angle_edges.astype(np.int32)]  # type: ignore[union-attr]
+        return b"".join(a.tobytes() for a in parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CrystalGraph:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return cls(**{k: npz[k] for k in npz.files})
+        n, e, a, bonds = (int(x) for x in np.frombuffer(data, dtype=np.int64, count=4))
+        at = 32
+
+        def take(dtype: type, count: int) -> np.ndarray:
+            nonlocal at
+            out = np.frombuffer(data, dtype=dtype, count=count, offset=at)
+            at += out.nbytes
+            return out
+
+        z, edges, dist, vec = take(np.uint8, n), take(np.int32, 2 * e), take(np.float32, e), take(np.float32, 3 * e)
+        extra = {}
+        if bonds:
+            extra = {"directed2undirected": take(np.int32, e), "angle_edges": take(np.int32, 2 * a).reshape(a, 2)}
+        if at != len(data):
+            raise ValueError(f"a packed graph of {len(data)} bytes, read {at}")
+        return cls(z=z, edge_index=edges.reshape(2, e), distances=dist, vectors=vec.reshape(e, 3), **extra)
 
 
 # Tie-breaking direction: among neighbours at the same distance, the order is that of their edge

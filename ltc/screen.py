@@ -65,6 +65,9 @@ class ScreenResult:
     n_failed: int  # candidates with an error
     seconds: float
     ranking: Path
+    seconds_input: float = 0.0  # cutting the input into partitions
+    seconds_pipeline: float = 0.0  # Ray's start and the pipeline, to the last partition written
+    stats: str = ""  # Ray Data's per-operator figures of the pipeline (``Dataset.stats()``)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +300,7 @@ def screen(
             "target": target, "id_key": id_key, "structure_key": structure_key}  # fmt: skip
     _claim(out, spec, resume)
     inputs, predictions = out / "input", out / "predictions"
+    t_input = time.perf_counter()
     if (inputs / INPUT_DONE).is_file():
         counts = json.loads((inputs / INPUT_DONE).read_text())["partitions"]
     else:
@@ -309,10 +313,12 @@ def screen(
     total = sum(counts)
     bar = tqdm(total=total, initial=sum(counts[k] for k in done), desc="screen", unit="struct", disable=not progress,
                smoothing=0.1)  # fmt: skip
+    t_pipeline, stats = time.perf_counter(), ""
     try:
         if todo:
-            _run(todo, counts, inputs, predictions, files, configs, heads, bar, address=address, actors=actors,
-                 cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)  # fmt: skip
+            stats = _run(todo, counts, inputs, predictions, files, configs, heads, bar, address=address,
+                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                         batch_size=batch_size)  # fmt: skip
     except KeyboardInterrupt:
         raise ScreenInterrupted(f"interrupted with {bar.n:,} of {total:,} candidates written") from None
     finally:
@@ -323,15 +329,18 @@ def screen(
         raise DataError(
             f"{input}: none of its {n_failed:,} candidate(s) could be read or become a graph; reasons in {predictions}"
         )
-    return ScreenResult(out, total, n_ok, n_failed, time.perf_counter() - t0, ranking)
+    return ScreenResult(out, total, n_ok, n_failed, time.perf_counter() - t0, ranking,
+                        seconds_input=t_pipeline - t_input, seconds_pipeline=time.perf_counter() - t_pipeline,
+                        stats=stats)  # fmt: skip
 
 
 def _run(
     todo: list[int], counts: list[int], inputs: Path, predictions: Path, checkpoints: list[str],
     configs: list[dict[str, Any]], heads: int, bar: Any, *, address: str | None, actors: int | None,
     cpus_per_actor: float, gpus_per_actor: float | None, batch_size: int,
-) -> None:  # fmt: skip
-    """The Ray Data pipeline over the partitions ``todo``; each partition written as its last row arrives."""
+) -> str:  # fmt: skip
+    """The Ray Data pipeline over the partitions ``todo``; each partition written as its last row arrives. Returns
+    Ray Data's figures of the run (``Dataset.stats()``)."""
     import ray
 
     from ltc.sweep.driver import init_ray
@@ -387,6 +396,7 @@ def _run(
     missing = [k for k in todo if not (predictions / f"part-{k:05d}.parquet").is_file()]
     if missing:  # every row of a partition comes back once: anything else is a bug
         raise RuntimeError(f"partitions {missing[:5]} came back incomplete ({dict(got)}); please report")
+    return ds.stats()
 
 
 def _spread() -> dict[str, Any]:

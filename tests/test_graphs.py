@@ -251,3 +251,20 @@ def test_jarvis_skips_pairs_closer_than_its_bond_tolerance():
     assert structure_to_graph(s).distances.min() == pytest.approx(0.1, rel=1e-5)
     g = structure_to_graph(s, config=JARVIS)
     assert g.distances.min() > JARVIS_BOND_TOL
+
+
+@pytest.mark.parametrize("construction", ["knn", "chgnet"])
+def test_a_graph_travels_as_bytes_and_comes_back_the_same(real_structures, construction):
+    from ltc.graphs import CrystalGraph
+
+    config = GraphConfig(cutoff=6.0, construction="chgnet") if construction == "chgnet" else GraphConfig()
+    for structure in real_structures:
+        g = structure_to_graph(structure, config=config)
+        back = CrystalGraph.from_bytes(g.to_bytes())
+        for name, value in vars(g).items():
+            other = getattr(back, name)
+            assert (value is None) == (other is None), name
+            if value is not None:
+                assert value.dtype == other.dtype and np.array_equal(value, other), name
+    with pytest.raises(ValueError, match="a packed graph of"):
+        CrystalGraph.from_bytes(g.to_bytes() + b"\0")
