@@ -355,10 +355,14 @@ def _run(
     # batches to whichever actor is free, not to the one beside the task that built them: graphs are small to move,
     # and an actor on another node would otherwise stay idle while its own node builds no graphs
     context.execution_options.actor_locality_enabled = False
+    from ltc.sweep.driver import on_cluster
+
     gpus = float(ray.cluster_resources().get("GPU", 0))
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus else 0.0
+    if gpus_per_actor > gpus and not on_cluster():  # no autoscaler will add a GPU to this machine's Ray
+        raise ConfigError(f"--gpus-per-actor {gpus_per_actor:g}: this machine's Ray has {gpus:g} GPUs")
     if actors is None:
         actors = max(1, int(gpus / gpus_per_actor) if gpus_per_actor else int(cpus // 2))
     # one graph task per row group of GRAPH_BATCH candidates: small enough to keep every CPU busy from the start
@@ -384,7 +388,7 @@ def _run(
     expected = {k: counts[k] * heads for k in todo}
     buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
     got: Counter[int] = Counter()
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+    for batch in _batches(ds):
         for k, rows in batch.groupby("part", sort=False):
             k = int(k)
             buffers[k].append(rows)
@@ -397,6 +401,20 @@ def _run(
     if missing:  # every row of a partition comes back once: anything else is a bug
         raise RuntimeError(f"partitions {missing[:5]} came back incomplete ({dict(got)}); please report")
     return ds.stats()
+
+
+def _batches(ds: Any) -> Iterator[pd.DataFrame]:
+    """The pipeline's output; actors that never start (no node has their CPUs or GPUs) are one line, not a
+    traceback."""
+    import ray
+
+    try:
+        yield from ds.iter_batches(batch_format="pandas", batch_size=None)
+    except ray.exceptions.GetTimeoutError as err:
+        raise ConfigError(
+            f"the inference actors did not start in {ACTOR_START_TIMEOUT_S} s: no node has the CPUs and GPUs each "
+            f"asks for (--cpus-per-actor, --gpus-per-actor) ({err})"
+        ) from None
 
 
 def _spread() -> dict[str, Any]:
@@ -443,9 +461,3 @@ def rank_predictions(
     write_parquet_atomic(path, ranking[["target", "rank", *[c for c in cols if c not in ("target", "error")]]])
     n_ok = int(ok.drop_duplicates(["part", "row"]).shape[0])
     return path, n_ok, failed
-
-
-def iter_predictions(out: str | os.PathLike[str]) -> Iterator[pd.DataFrame]:
-    """A finished screen's predictions, one partition at a time (for notebooks: the whole may not fit)."""
-    for path in sorted((Path(out) / "predictions").glob("part-*.parquet")):
-        yield pd.read_parquet(path)
