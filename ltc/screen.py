@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -371,19 +372,23 @@ def _run(
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map_batches(read_and_build, fn_kwargs={"configs": configs}, batch_size=1, batch_format="pandas",
                         num_cpus=1)  # fmt: skip
-    ds = ds.map_batches(
-        Ensemble,
-        fn_constructor_kwargs={"checkpoints": checkpoints, "configs": configs, "batch_size": batch_size,
-                               "threads": max(1, int(cpus_per_actor))},
-        batch_size=batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor,
-        # the actors over the nodes, not packed onto one. Given as a function, this also keeps Ray Data from fusing
-        # the graph tasks into the actors, which would then build every graph themselves, one after another
-        ray_remote_args_fn=_spread,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn (removal planned for 2.64) and offers no other way to set an actor
+        # pool's scheduling strategy: revisit when the pin on Ray is raised
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            Ensemble,
+            fn_constructor_kwargs={"checkpoints": checkpoints, "configs": configs, "batch_size": batch_size,
+                                   "threads": max(1, int(cpus_per_actor))},
+            batch_size=batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+            # the actors over the nodes, not packed onto one. Given as a function, this also keeps Ray Data from
+            # fusing the graph tasks into the actors, which would then build every graph themselves, one by one
+            ray_remote_args_fn=_spread,
+        )  # fmt: skip
     schema = output_schema(len(checkpoints))
     expected = {k: counts[k] * heads for k in todo}
     buffers: dict[int, list[pd.DataFrame]] = defaultdict(list)
