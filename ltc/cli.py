@@ -345,6 +345,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_uri(args.storage or spec.storage or "", what="storage")
         validate(spec, home=args.data_home, cache=args.cache)
         print(describe(spec))
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            from ltc.sweep.plan import beyond_this_machine
+
+            for line in beyond_this_machine(spec):  # a cluster sweep checked on a laptop: said, not refused
+                print(f"note: {line}: run it on a cluster (--address); here its trials would never start")
         return 0
     from ltc.results import summary
     from ltc.sweep.driver import SweepInterrupted, run_sweep

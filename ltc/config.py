@@ -137,9 +137,14 @@ def read_yaml(path: str | Path, *, what: str = "file") -> Any:
     if not path.is_file():
         raise MissingFileError(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (undecodable byte at {err.start}); a {what} is YAML") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        mark = getattr(err, "problem_mark", None)  # PyYAML's message runs to several lines: the gist in one
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

@@ -209,12 +209,18 @@ def structure_to_graph(structure, *, config: GraphConfig = GraphConfig()) -> Cry
     if n == 0:
         raise GraphError("empty structure: no sites")
     try:
-        z = np.fromiter((site.specie.Z for site in structure), dtype=np.int64, count=n)
+        species = [site.specie for site in structure]
     except AttributeError:  # pymatgen's ``site.specie`` exists only for ordered sites
         bad = next(i for i, site in enumerate(structure) if not site.is_ordered)
         raise GraphError(
             f"disordered site: site {bad} is {structure[bad].species}; ltc needs ordered structures"
         ) from None
+    from pymatgen.core import Element
+
+    unknown = next((i for i, sp in enumerate(species) if not isinstance(getattr(sp, "element", sp), Element)), None)
+    if unknown is not None:  # pymatgen reads an unknown symbol ("Xx") as a dummy species with a meaningless Z
+        raise GraphError(f"unknown element: site {unknown} is {species[unknown]!s}, not an element")
+    z = np.fromiter((sp.Z for sp in species), dtype=np.int64, count=n)
     if z.min() < 1 or z.max() > MAX_Z:
         bad_z = int(z[(z < 1) | (z > MAX_Z)][0])
         raise GraphError(f"element outside H..Fm: Z={bad_z} is not in the CGCNN feature table (1..{MAX_Z})")

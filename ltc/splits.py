@@ -27,6 +27,9 @@ from ltc.shards import ShardSet
 log = logging.getLogger(__name__)
 
 DEVI_SIZES = (10, 100, 200, 500, 800)
+# K-fold bounds, checked before anything loops over them: a sweep makes folds x repeats settings per stage
+MAX_FOLDS = 100
+MAX_REPEATS = 100
 SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded", "kfold")  # how the test set is chosen (SplitConfig.test)
 _told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
@@ -56,10 +59,10 @@ class SplitConfig:
             raise ConfigError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r} must be between 0 and 1")
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
-            raise ConfigError(f"folds={self.folds!r} must be an integer >= 2")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ConfigError(f"repeats={self.repeats!r} must be an integer >= 1")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not 2 <= self.folds <= MAX_FOLDS:
+            raise ConfigError(f"folds={self.folds!r} must be an integer between 2 and {MAX_FOLDS}")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or not 1 <= self.repeats <= MAX_REPEATS:
+            raise ConfigError(f"repeats={self.repeats!r} must be an integer between 1 and {MAX_REPEATS}")
 
     @property
     def kfold(self) -> bool:

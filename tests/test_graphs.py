@@ -268,3 +268,10 @@ def test_a_graph_travels_as_bytes_and_comes_back_the_same(real_structures, const
                 assert value.dtype == other.dtype and np.array_equal(value, other), name
     with pytest.raises(ValueError, match="a packed graph of"):
         CrystalGraph.from_bytes(g.to_bytes() + b"\0")
+
+
+def test_an_unknown_element_is_a_rejected_graph_not_a_wild_atomic_number():
+    poscar = "x\n1.0\n4 0 0\n0 4 0\n0 0 4\nXx Na\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n"
+    structure = Structure.from_str(poscar, fmt="poscar")  # pymatgen reads "Xx" as a dummy species
+    with pytest.raises(GraphError, match="unknown element: site 0 is Xx"):
+        structure_to_graph(structure)

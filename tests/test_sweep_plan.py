@@ -62,6 +62,21 @@ def _dry_run(tmp_path, data: dict, capsys) -> tuple[int, str]:
         # a bad model_config
         (_sweep(model_config={"hidden": 16, "n_layers": 2}), "model_config {'hidden': 16, 'n_layers': 2}: unknown"),
         (_sweep(model_config={"hidden": -4}), "hidden=-4 must be an integer >= 1"),
+        # values a trial would take and fail on, or never end with (issue 25)
+        (_sweep(model_config={"hidden": 1000000}), "parameters need ~"),
+        (_sweep(search={"trials": 1, "lr": float("inf")}), "search: lr=inf must be a finite number > 0"),
+        (_sweep(search={"trials": 1, "lr": {"low": 1e-3, "high": float("inf")}}), "need 0 < low < high, both finite"),
+        (_sweep(search={"trials": 1, "sampler_seed": -5}), "sampler_seed=-5 must be between 0 and 4294967295"),
+        (_sweep(stages=_stage(1, sizes=[0])), "stage 'ft': sizes[0]=0 must be >= 1"),
+        (_sweep(stages=_stage(0, max_sizes=[-5])), "stage 'pt': max_sizes[0]=-5 must be >= 1"),
+        (_sweep(stages=_stage(0, weight_decay=float("nan"))), "stage 'pt': weight_decay=nan must be finite and >= 0"),
+        (_sweep(stages=_stage(0, seeds=[-1])), "seeds[0]=-1 must be between 0 and"),
+        (_sweep(max_failures=-1), "max_failures=-1 must be between 0 and 100"),
+        (_sweep(resources={"cpu": float("inf")}), "need cpu > 0 and gpu >= 0, both finite"),
+        (_sweep(split={"test": "kfold", "repeats": 1000000}), "repeats=1000000 must be an integer between 1 and 100"),
+        # names that would leave the results folder
+        (_sweep(name=".."), "name='..' must be a plain name"),
+        (_sweep(stages=_stage(0, name="../../tmp/x/PWNED_stage")), "stage name='../../tmp/x/PWNED_stage' must be a"),
     ],
 )
 def test_dry_run_rejects_what_a_trial_would(tmp_path, capsys, data, message):
@@ -111,3 +126,26 @@ def test_dry_run_never_imports_ray():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("no ray") and "total: 1232 settings, 3682 trials" in out.stdout
+
+
+def test_binary_yaml_and_yaml_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    assert main(["sweep", str(tmp_path / "bin.yaml"), "--dry-run"]) == 2
+    assert "bin.yaml: not a text file (undecodable byte at 128); a sweep file is YAML" in capsys.readouterr().err
+    (tmp_path / "tab.yaml").write_text("name: x\nstages:\n\t- name: pt\n")
+    assert main(["sweep", str(tmp_path / "tab.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "tab.yaml: not valid YAML at line 3, column 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resources_beyond_this_machine(tmp_path, capsys):
+    """A dry-run says so (the file may be meant for a cluster); a sweep on this machine's Ray refuses to start."""
+    from ltc.sweep.plan import beyond_this_machine
+
+    data = _sweep(resources={"cpu": 1000, "gpu": 0})
+    rc, out = _dry_run(tmp_path, data, capsys)
+    assert rc == 0 and "note: resources: cpu=1000, gpu=0 per trial, and this machine has" in out
+    spec = from_dict(SweepSpec, data)
+    assert beyond_this_machine(spec)
+    with pytest.raises(ConfigError, match="its trials would never start; give --address"):
+        validate(spec, local=True)

@@ -69,4 +69,28 @@ def build_model(name: str, config: dict[str, Any] | ModelConfig | None = None) -
         config = cls.config_class.from_dict(config)
     elif not isinstance(config, cls.config_class):
         raise TypeError(f"{name} needs a {cls.config_class.__name__}, got {type(config).__name__}")
+    check_fits(name, config)
     return cls(config)
+
+
+# What training holds per parameter (float32): the weight, its gradient and AdamW's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_fits(name: str, config: ModelConfig) -> None:
+    """Refuse a model whose parameters and optimizer state alone exceed this machine's memory (``hidden: 1e6``
+    asks for terabytes): counted on PyTorch's meta device, where building allocates nothing."""
+    import psutil
+    import torch
+
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in MODELS[name](config).parameters())
+    except Exception:  # a model whose construction needs real tensors: no estimate, build it as it is
+        return
+    need, have = n * TRAINING_BYTES_PER_PARAMETER, psutil.virtual_memory().total
+    if need > have:
+        raise ConfigError(
+            f"{name} with {config.to_dict()}: {n:,} parameters need ~{need / 2**30:,.0f} GiB to train, more than this "
+            f"machine's {have / 2**30:,.0f} GiB"
+        )

@@ -146,7 +146,8 @@ def run_sweep(
             _check_job_paths(results=results, storage=storage or spec.storage, cache=cache, data_home=data_home)
             home = str(_data_home(data_home).resolve())
             cache_dir = str(cache_root(cache, home=Path(home)).resolve())
-            validate(spec, home=home, cache=cache_dir)  # what a trial would reject fails here, before Ray starts
+            # what a trial would reject fails here, before Ray starts
+            validate(spec, home=home, cache=cache_dir, local=not (address or os.environ.get("RAY_ADDRESS")))
             root = Path(results).resolve() / spec.name
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)

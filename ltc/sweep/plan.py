@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,16 +418,42 @@ def _search_key(spec: SweepSpec, i: int, field: str) -> str:
     return f"search.{field}"
 
 
-def validate(spec: SweepSpec, *, home: str | None = None, cache: str | None = None, counts: bool = True) -> None:
+def validate(
+    spec: SweepSpec, *, home: str | None = None, cache: str | None = None, counts: bool = True, local: bool = False
+) -> None:  # fmt: skip
     """Raise ``ConfigError`` naming the key path and value of anything a trial would reject.
 
     (Strategies the model lacks and a bad ``model_config`` already fail when the file is loaded.)
     ``counts``: check sizes against row counts (reads manifests, or data files when shards are not built);
     a dataset with no local file yet (matminer downloads it when the stage is prepared) is checked exactly
-    by ``check_sizes`` then.
+    by ``check_sizes`` then. ``local``: the sweep runs on a Ray of this machine alone, so a trial's resources
+    must fit it (on a cluster, nodes an autoscaler adds may have them).
     """
     with datasets.declare(spec.declared_datasets()):
         _validate(spec, home=home, cache=cache, counts=counts)
+    if local and (beyond := beyond_this_machine(spec)):
+        raise ConfigError(f"{beyond[0]}: its trials would never start; give --address to run on a cluster")
+
+
+def beyond_this_machine(spec: SweepSpec) -> list[str]:
+    """The stages whose CPUs or GPUs per trial this machine does not have, each as a line naming its key: on a
+    Ray of this machine alone, their trials would wait forever."""
+    import torch
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    gpus = torch.cuda.device_count()
+    out = []
+    for i, stage in enumerate(spec.stages):
+        res = spec.resources_for(stage)
+        if res.cpu > cpus or res.gpu > gpus:
+            key = f"stages[{i}].resources" if stage.resources else "resources"
+            out.append(
+                f"{key}: cpu={res.cpu:g}, gpu={res.gpu:g} per trial, and this machine has {cpus} CPUs, {gpus} GPUs"
+            )
+    return out
 
 
 def _validate(spec: SweepSpec, *, home: str | None, cache: str | None, counts: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,8 +41,29 @@ class Range:
     high: float
 
     def __post_init__(self) -> None:
-        if not 0 < self.low < self.high:
-            raise ConfigError(f"range low={self.low}, high={self.high}: need 0 < low < high")
+        if not (0 < self.low < self.high and math.isfinite(self.high)):
+            raise ConfigError(f"range low={self.low}, high={self.high}: need 0 < low < high, both finite")
+
+
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds: 0 … 2**32 - 1
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}")  # a sweep's and a stage's name: one safe path component
+
+
+def _check_seed(key: str, value: int | None) -> None:
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{key}={value} must be between 0 and {SEED_MAX} (a seed)")
+
+
+MAX_FAILURES = 100  # Tune's -1 (retry forever) is refused: a trial that always fails would never end
+
+
+def _check_name(what: str, name: str) -> None:
+    """A name that becomes a folder or file name of the results: one path component, never '..' or a slash."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{what}={name!r} must be a plain name (letters, digits and _.=+-, starting with a letter or digit): "
+            "it names folders of the results"
+        )
 
 
 @dataclass(frozen=True)
@@ -59,8 +81,9 @@ class SearchSpec:
             raise ConfigError(f"sampler={self.sampler!r} must be one of {SAMPLERS}")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials} must be >= 1")
-        if isinstance(self.lr, float) and not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
+        if isinstance(self.lr, float) and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a finite number > 0")
+        _check_seed("sampler_seed", self.sampler_seed)
 
 
 def _override(base, changes):
@@ -107,8 +130,8 @@ class Resources:
     gpu: float = 0.0  # a fraction (0.25, 0.5) packs several trials on one GPU
 
     def __post_init__(self) -> None:
-        if self.cpu <= 0 or self.gpu < 0:
-            raise ConfigError(f"resources cpu={self.cpu}, gpu={self.gpu}: need cpu > 0 and gpu >= 0")
+        if not (0 < self.cpu < math.inf and 0 <= self.gpu < math.inf):
+            raise ConfigError(f"resources cpu={self.cpu}, gpu={self.gpu}: need cpu > 0 and gpu >= 0, both finite")
         if self.gpu > 1 and self.gpu != int(self.gpu):
             raise ConfigError(f"gpu={self.gpu}: above 1 it must be a whole number")
 
@@ -294,8 +317,25 @@ class StageSpec:
     report_seconds: float = 2.0  # at least this long between epoch reports to Tune (the Optuna study, early stopping)
 
     def __post_init__(self) -> None:
+        _check_name("stage name", self.name)
         if not self.datasets:
             raise ConfigError(f"stage {self.name!r} has no datasets")
+        for key in ("sizes", "max_sizes"):
+            for k, size in enumerate(getattr(self, key) or []):
+                if size is not None and size < 1:
+                    raise ConfigError(f"stage {self.name!r}: {key}[{k}]={size} must be >= 1 (null: every structure)")
+        for k, seed in enumerate(self.seeds):
+            _check_seed(f"stage {self.name!r}: seeds[{k}]", seed)
+        for size, batch in self.batch_size_by_size.items():
+            if size < 1 or batch < 1:
+                raise ConfigError(f"stage {self.name!r}: batch_size_by_size {{{size}: {batch}}}: both must be >= 1")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"stage {self.name!r}: weight_decay={self.weight_decay} must be finite and >= 0")
+        for key in ("checkpoint_seconds", "report_seconds"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ConfigError(f"stage {self.name!r}: {key}={getattr(self, key)} must be finite and >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"stage {self.name!r}: patience={self.patience} must be >= 1 (null: no early stop)")
         # whether each name is known is checked by the sweep, which knows its declared datasets too
         if self.sizes is not None and self.max_sizes is not None:
             raise ConfigError(f"stage {self.name!r}: give sizes or max_sizes, not both")
@@ -364,7 +404,7 @@ class SweepSpec:
     asha: AshaSpec | None = AshaSpec()  # null: no early stopping
     resources: Resources = Resources()
     storage: str | None = None  # Ray storage (checkpoints): a folder, s3://… or gs://…; default results/<name>/ray
-    max_failures: int = 2  # retries of a trial whose worker died, from its last checkpoint
+    max_failures: int = 2  # retries of a trial whose worker died, from its last checkpoint (0 … MAX_FAILURES)
     datasets: dict[str, UserDataset] = field(default_factory=dict)  # the user's own, used by name in stages
 
     def __post_init__(self) -> None:
@@ -391,8 +431,9 @@ class SweepSpec:
                             raise ConfigError(f"stage {st.name!r}: {key}: {err}") from None
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
-        if not self.name or any(c in self.name for c in "/\\ "):
-            raise ConfigError(f"name={self.name!r} must be non-empty, without spaces or slashes")
+        _check_name("name", self.name)
+        if not 0 <= self.max_failures <= MAX_FAILURES:
+            raise ConfigError(f"max_failures={self.max_failures} must be between 0 and {MAX_FAILURES}")
         if self.model not in MODELS:
             known = ", ".join(repr(m) for m in MODELS)
             raise ConfigError(f"model: expected one of {known}, got {self.model!r}")
