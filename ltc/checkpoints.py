@@ -1,6 +1,7 @@
 """Checkpoints: a plain dict, written atomically, read with ``torch.load(weights_only=True)``.
 
-Keys: ``format`` ("ltc-checkpoint"), ``version``, ``ltc_version``, ``model`` ({name, config}),
+Keys: ``format`` ("ltc-checkpoint"), ``version``, ``ltc_version``, ``state_sha256`` (``state_digest``: checked at
+load), ``model`` ({name, config}),
 ``state_dict``, ``graph`` (the graph settings the model was trained on), ``targets`` (per head: dataset,
 units, kappa flag, target scaler), ``history`` (one entry per training stage, oldest first) and
 ``metrics`` (of the last stage).
@@ -8,6 +9,7 @@ units, kappa flag, target scaler), ``history`` (one entry per training stage, ol
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -30,9 +32,25 @@ class CheckpointError(DataError):
     """A checkpoint that is damaged, not ltc's, or does not fit the run."""
 
 
+def state_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over a state dict's tensors (names, dtypes, shapes, bytes): what ``load_checkpoint`` checks, so that
+    flipped bytes in the weights are found, not predicted with."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().cpu().reshape(-1).contiguous()  # 1-D: a 0-D tensor cannot be viewed as bytes
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> Path:
-    """Write ``ckpt`` to ``path`` atomically (temp file, then rename)."""
+    """Write ``ckpt`` to ``path`` atomically (temp file, then rename), with the digest of its weights."""
     payload = {"format": FORMAT, "version": VERSION, "ltc_version": __version__, **ckpt}
+    if "state_dict" in ckpt:
+        payload["state_sha256"] = state_digest(ckpt["state_dict"])
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -83,6 +101,9 @@ def _load(path: Path, *, shown: str, model: str | None) -> dict[str, Any]:
         raise CheckpointError(f"{shown} is not an ltc checkpoint: {what}; {_WHAT_LTC_READS}")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{shown}: checkpoint version {ckpt.get('version')}, this ltc reads {VERSION}")
+    # checkpoints written before the digest have none: they load as they did
+    if "state_sha256" in ckpt and state_digest(ckpt["state_dict"]) != ckpt["state_sha256"]:
+        raise CheckpointError(f"{shown}: its weights changed since it was written (checksum mismatch): damaged")
     name = ckpt["model"]["name"]
     if model is not None and name != model:
         raise CheckpointError(f"{shown} holds a {name} model, not {model}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -19,6 +20,20 @@ from ltc.train import HEADS, LOSSES, SCHEDULES, RunConfig, TrainConfig
 from ltc.transfer import STRATEGIES
 
 log = logging.getLogger("ltc")
+
+# OS errors that say the user's paths or disk are the trouble, not ltc: one line each (``main``)
+USER_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+    }
+)
 
 # Defaults and choices come from the library (one source of truth); the help texts quote them.
 _GRAPH, _SPLIT, _TRAIN = GraphConfig(), SplitConfig(), TrainConfig()
@@ -352,7 +367,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 print(f"note: {line}: run it on a cluster (--address); here its trials would never start")
         return 0
     from ltc.results import summary
-    from ltc.sweep.driver import SweepInterrupted, run_sweep
+    from ltc.sweep.driver import StageFailed, SweepInterrupted, run_sweep
 
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -371,6 +386,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             cache=args.cache,
             optuna_storage=args.optuna_storage,
         )
+    except StageFailed as err:
+        # a line per cause: what to fix before the command that finishes the sweep
+        again = [sys.argv[0] if sys.argv and sys.argv[0].endswith("ltc") else "ltc", *_resume_argv(args)]
+        n = sum(k for _, k in err.causes)
+        print(f"\nltc sweep: stage {err.stage}: {n} trial(s) failed, the stage is not marked done:", file=sys.stderr)
+        for cause, k in err.causes:
+            print(f"  {k} x {cause}", file=sys.stderr)
+        print(f"Fix the cause, then resume with: {' '.join(again)}", file=sys.stderr)
+        return 1
     except SweepInterrupted as err:
         # one line: what happened and the command that finishes the sweep (the same flags, plus --resume)
         again = [sys.argv[0] if sys.argv and sys.argv[0].endswith("ltc") else "ltc", *_resume_argv(args)]
@@ -432,7 +456,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
-                    cache=args.cache, target=args.target)  # fmt: skip
+                    cache=args.cache, target=args.target, allow_partial=args.allow_partial)  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
@@ -481,7 +505,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
             partition_size=args.partition_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, rank_by=args.rank,
             descending=args.descending, target=args.target, id_key=args.id_key, structure_key=args.structure_key,
-            progress=not args.quiet,
+            progress=not args.quiet, allow_partial=args.allow_partial,
         )  # fmt: skip
     except ScreenInterrupted as err:
         again = ["ltc", "screen", str(args.checkpoints), str(args.input), "--out", str(args.out), "--resume"]
@@ -505,6 +529,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+ALLOW_PARTIAL_HELP = (
+    "use a K-fold cell's folder that lacks some of its fold models (r<R>f<F>) as it is; without it, that is an error"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -808,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         help="a table's column or an extxyz file's info key holding known values (y_true beside the predictions)",
     )
+    sp.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
 
     from ltc.screen import PARTITION_SIZE, RANK_BY
 
@@ -852,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id-key", help="the id column / info key (default: id, material_id, mpd_id, jid or name)")
     sp.add_argument("--structure-key", help="the structure column (default: structure, cif, atoms or poscar)")
     sp.add_argument("--show", type=int, default=10, help="rows of the ranking to print per target (default 10)")
+    sp.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -874,6 +905,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"ltc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave that cannot be written or read, a full disk: theirs to fix too
+        if args.verbose or err.errno not in USER_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        full = "; free some space there, then run the same command (with --resume for a sweep)"
+        print(f"ltc {args.command}: error: {err.strerror}{where}{full if err.errno == errno.ENOSPC else ''}",
+              file=sys.stderr)  # fmt: skip
         return 2
     finally:
         for declared in reversed(args.declared):

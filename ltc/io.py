@@ -123,6 +123,12 @@ def check_uri(uri: str, *, what: str = "URI") -> None:
     if not is_uri(uri):
         return
     base, query = uri.split("?", 1) if "?" in uri else (uri, "")
+    scheme, rest = base.split("://", 1)
+    if "@" in rest.split("/", 1)[0]:  # s3://KEY:SECRET@bucket/…: never echoed, never written
+        raise ConfigError(
+            f"{what} {scheme}://…@{rest.split('@', 1)[1]}: credentials in a URI are refused (they would be written "
+            "into results, Tune's state and the logs); give them with the AWS variables or an AWS profile"
+        )
     if query:
         raise ConfigError(
             f"{what} {base}?…: a query string is not accepted, since it would be written into results and Tune "
@@ -198,7 +204,8 @@ CREDENTIALS_PROFILE = "ltc-environment"  # the profile the moved credentials go 
 def aws_credentials_in_a_file() -> Iterator[Path | None]:
     """For the block, AWS credentials out of this process's environment, in a private credentials file; its path.
 
-    The file (mode 0600, in a 0700 temp folder, removed at exit) holds them under profile ``CREDENTIALS_PROFILE``;
+    The file (mode 0600, in a 0700 temp folder named for this host and process, removed at exit, or by the next
+    ltc to start here if this one was killed) holds them under profile ``CREDENTIALS_PROFILE``;
     ``AWS_SHARED_CREDENTIALS_FILE`` and ``AWS_PROFILE`` name it, so pyarrow and boto3 here, and the workers of a
     local Ray started in the block, find the same credentials, but Tune has none to copy into trials' runtime
     envs, which Ray logs. Trials on other nodes use their node's own credentials (instance profile, variables,
@@ -210,8 +217,11 @@ def aws_credentials_in_a_file() -> Iterator[Path | None]:
         yield None
         return
     import atexit
+    import socket
 
-    folder = Path(tempfile.mkdtemp(prefix="ltc-aws-"))  # mkdtemp: 0700
+    host = socket.gethostname()
+    _remove_dead_credentials(host)
+    folder = Path(tempfile.mkdtemp(prefix=f"ltc-aws-{host}-{os.getpid()}-"))  # mkdtemp: 0700
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = folder / "credentials"
     entries = {CREDENTIAL_VARIABLES[k]: v for k, v in found.items()}
@@ -232,6 +242,21 @@ def aws_credentials_in_a_file() -> Iterator[Path | None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _remove_dead_credentials(host: str) -> None:
+    """Remove the credential folders of this host's ltc processes that ended without their exit handlers (a
+    SIGKILL): their pid, in the folder's name, is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"ltc-aws-{host}-*"):
+        pid = folder.name.removeprefix(f"ltc-aws-{host}-").split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, and someone else's
+            pass
 
 
 def tune_storage(uri: str) -> tuple[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,37 @@ class EnsembleError(ConfigError, CheckpointError):
     """Checkpoints that cannot be one ensemble: their heads predict different targets."""
 
 
-def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
+FOLD_RE = re.compile(r"r(\d+)-?f(\d+)")  # a fold model's folder: r<repeat>f<fold> (sweeps), r<repeat>-f<fold> (train)
+
+
+def missing_folds(files: list[str], folder: str) -> list[str]:
+    """The fold models a K-fold cell's folder lacks: ``files`` beneath ``folder`` in folders named r<R>f<F> should
+    be every (repeat, fold) up to the largest of each; the missing ones' names."""
+    units = set()
+    for f in files:
+        parent = f.rstrip("/").rsplit("/", 2)[-2] if "/" in f else ""
+        m = FOLD_RE.fullmatch(parent)
+        if m is None:
+            return []  # not a K-fold cell: nothing to count
+        units.add((int(m.group(1)), int(m.group(2))))
+    repeats, folds = max(r for r, _ in units) + 1, max(f for _, f in units) + 1
+    return [f"r{r}f{k}" for r in range(repeats) for k in range(folds) if (r, k) not in units]
+
+
+def expand_checkpoints(paths: list[str | os.PathLike[str]], *, allow_partial: bool = False) -> list[str]:
     """Checkpoint files for ``paths``: a file as given, a folder as every ``checkpoint.pt`` beneath it (sorted).
     Paths may be URIs (``s3://bucket/…``: ``ltc.io``), files or folders alike.
 
-    A file reached twice (e.g. a folder and one of its files) counts once, at its first place.
+    A file reached twice (e.g. a folder and one of its files) counts once, at its first place. A K-fold cell's
+    folder that lacks some of its fold models (``missing_folds``) is an error: its ensemble would average part of
+    the folds, silently; ``allow_partial`` takes it as it is (a warning names what is missing).
     """
     out: dict[Path | str, str] = {}
     for given in paths:
         if io.is_uri(given):
-            for uri in _expand_uri(str(given)):
+            found_uris = _expand_uri(str(given))
+            _check_folds(found_uris, str(given), allow_partial)
+            for uri in found_uris:
                 out.setdefault(uri, uri)
             continue
         path = Path(given)
@@ -65,6 +87,7 @@ def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
             if not found:
                 raise MissingFileError(f"checkpoint folder {path} holds no {CHECKPOINT_NAME} (searched recursively)")
             log.info("checkpoint folder %s: %d %s file(s)", path, len(found), CHECKPOINT_NAME)
+            _check_folds([str(p) for p in found], str(path), allow_partial)
         elif path.exists():
             found = [path]
         else:
@@ -72,6 +95,18 @@ def expand_checkpoints(paths: list[str | os.PathLike[str]]) -> list[str]:
         for p in found:
             out.setdefault(p.resolve(), str(p))
     return list(out.values())
+
+
+def _check_folds(files: list[str], folder: str, allow_partial: bool) -> None:
+    missing = missing_folds(files, folder)
+    if not missing:
+        return
+    what = (
+        f"{folder} holds {len(files)} fold models; {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} missing"
+    )
+    if not allow_partial:
+        raise MissingFileError(f"{what}: its ensemble would average part of the folds (--allow-partial to use it)")
+    log.warning("%s: an ensemble of part of the folds", what)
 
 
 def _expand_uri(uri: str) -> list[str]:
@@ -93,13 +128,15 @@ def _heads(targets: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return [(t["dataset"], t.get("target", ""), t.get("units", "")) for t in targets]
 
 
-def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) -> list[LoadedModel]:
+def load_models(
+    paths: list[str | os.PathLike[str]], *, device: torch.device, allow_partial: bool = False
+) -> list[LoadedModel]:  # fmt: skip
     """Checkpoints (files, or folders: see ``expand_checkpoints``) ready to predict the same target(s)."""
     if not paths:
         raise ConfigError("give at least one --checkpoint")
     out = []
     recipes: dict[tuple, str] = {}  # how each model was trained (all but fold / seed) → a checkpoint of it
-    for path in expand_checkpoints(paths):
+    for path in expand_checkpoints(paths, allow_partial=allow_partial):
         ckpt = load_checkpoint(path)
         recipes.setdefault(_recipe(ckpt), str(path))
         targets = ckpt["targets"]
@@ -109,7 +146,12 @@ def load_models(paths: list[str | os.PathLike[str]], *, device: torch.device) ->
                 "(dataset, target, units): an ensemble needs checkpoints of the same target"
             )
         model = build_model(ckpt["model"]["name"], ckpt["model"]["config"])
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:  # torch lists every mismatched tensor: the first line says what
+            raise CheckpointError(
+                f"{path}: its weights do not fit its own {ckpt['model']['name']} config ({str(err).splitlines()[0]})"
+            ) from None
         model.to(device).eval()
         out.append(
             LoadedModel(
@@ -253,19 +295,22 @@ def predict(
     home: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
     target: str | None = None,
+    allow_partial: bool = False,
 ) -> pd.DataFrame:
     """Predictions for ``input`` from ``checkpoints``; see the module doc. ``input``: a dataset name, or a path read
-    by ``datasets.candidate_source`` (``target``: the column / info key of known values, if any)."""
+    by ``datasets.candidate_source`` (``target``: the column / info key of known values, if any). A dataset's
+    shards are verified against their checksums first, as training verifies them."""
+    from ltc.shards import prepare
     from ltc.train import resolve_device
 
     dev = resolve_device(device)
-    models = load_models(list(checkpoints), device=dev)
+    models = load_models(list(checkpoints), device=dev, allow_partial=allow_partial)
     configs = list(dict.fromkeys(m.graph for m in models))
     for c in configs:
         check_construction(c)  # a missing package is one error, not an error row per structure
     path = Path(input)
     if datasets.is_known(input):  # the dataset's shards (built-in or declared), with its true values
-        shard_sets = {c: ShardSet.open(input, graph=c, home=home, cache=cache) for c in configs}
+        shard_sets = {c: ShardSet(prepare(input, graph=c, home=home, cache=cache, verify=True).path) for c in configs}
         ids = list(shard_sets[configs[0]].ids)
         for s in shard_sets.values():  # graphs rejected under one setting but not another: use the common ones
             ids = [i for i in ids if i in s._positions]

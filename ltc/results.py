@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ltc import compare, datasets
-from ltc.errors import MissingFileError
+from ltc.errors import DataError, MissingFileError
 from ltc.io import filesystem, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,14 @@ def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
     datasets.remember(declared_in(results_dir).values())
-    return with_start(upgrade(pd.read_parquet(path)))
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several kinds on a damaged file
+        raise DataError(
+            f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}); `ltc sweep FILE --resume` "
+            "writes it again from the stages' tables"
+        ) from None
+    return with_start(upgrade(table))
 
 
 def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
@@ -520,6 +527,14 @@ _FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "fold", "repeat", "n
 DTYPES = {c: ("float64" if c in _FLOAT else "int64" if c in ("trial_index", "seed") else "object") for c in COLUMNS}
 
 
+def error_cause(error: str) -> str:
+    """The line of a trial's error that says what went wrong (``MissingFileError: shard folder … does not
+    exist``): the last one of its traceback that is not a frame."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "~"))]
+    return (causes or lines or [""])[-1][:300]
+
+
 def _checkpoint_uri(checkpoint: Any) -> str | None:
     """A Tune checkpoint's ``checkpoint.pt`` as a local path or URI. Tune's ``Checkpoint.path`` lies inside its
     filesystem (``bucket/prefix/…`` for S3, ltc's endpoint filesystem included): the scheme is the filesystem's
@@ -578,7 +593,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             "checkpoint": _checkpoint_uri(result.checkpoint) if done else None,
             "init": cfg.get("init"),
             "trial_id": m.get("trial_id") or Path(str(result.path)).name,
-            "error": str(result.error)[:2000] if result.error else None,
+            "error": str(result.error)[-2000:] if result.error else None,  # the tail: where the cause is
         }
         for key in COLUMNS:
             if key not in row:

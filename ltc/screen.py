@@ -271,6 +271,7 @@ def screen(
     id_key: str | None = None,
     structure_key: str | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> ScreenResult:
     """Screen ``input`` with the ensemble of ``checkpoints`` into ``out`` (see the module docstring).
 
@@ -288,7 +289,7 @@ def screen(
     if partition_size < 1 or batch_size < 1:
         raise ConfigError(f"partition_size={partition_size} and batch_size={batch_size} must be >= 1")
     out, input = Path(out), Path(input)
-    files = expand_checkpoints(list(checkpoints))
+    files = expand_checkpoints(list(checkpoints), allow_partial=allow_partial)
     import torch
 
     models = load_models(files, device=torch.device("cpu"))  # what they predict, checked here once

@@ -180,7 +180,7 @@ def test_ensemble_of_different_targets_names_both_checkpoints(runs, tmp_path):
     # same dataset, other units: not one target either (also found inside a folder)
     ckpt = load_checkpoint(runs[1] / "checkpoint.pt")
     ckpt["targets"][0]["units"] = "mW/(m K)"
-    relabelled = save_checkpoint(tmp_path / "setting" / "r0-f1" / "checkpoint.pt", ckpt)
+    relabelled = save_checkpoint(tmp_path / "setting" / "r0-f0" / "checkpoint.pt", ckpt)
     with pytest.raises(ConfigError, match=re.escape("mW/(m K)")) as info:
         predict([first, tmp_path / "setting"], "l96")
     assert str(first) in str(info.value) and str(relabelled) in str(info.value)
@@ -218,3 +218,39 @@ def test_predictions_use_the_checkpoints_graph_construction(alignn_run, tmp_path
     relabelled = save_checkpoint(tmp_path / "knn" / "checkpoint.pt", ckpt)
     other = predict([relabelled], "l96").set_index("id")
     assert not np.allclose(other.loc[test.index].pred_mean, test.y_pred, rtol=1e-3)
+
+
+def test_reads_are_checked_damaged_shards_flipped_weights_and_missing_folds(runs, tmp_path, shared_cache, capsys):
+    import struct
+    import zipfile
+
+    from ltc.shards import prepare
+
+    before = predict([runs[0] / "checkpoint.pt"], "l96").set_index("id").pred_mean
+    shard = next(prepare("l96").path.glob("shard-*.arrow"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the checksum tells
+    shard.write_bytes(bytes(data))
+    after = predict([runs[0] / "checkpoint.pt"], "l96").set_index("id").pred_mean  # verified, so rebuilt
+    pd.testing.assert_series_equal(after.loc[before.index], before)
+
+    flipped = tmp_path / "flipped.pt"
+    shutil.copy(runs[0] / "checkpoint.pt", flipped)
+    with zipfile.ZipFile(flipped) as z:  # a tensor's bytes, stored as they are in torch's zip
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(flipped.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + 8] ^= 0x40
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"flipped\.pt: its weights changed since it was written"):
+        load_checkpoint(flipped)
+
+    cell = tmp_path / "cell"
+    for unit in ("r0f0", "r0f1", "r1f0"):  # r1f1 missing
+        (cell / unit).mkdir(parents=True)
+        shutil.copy(runs[0] / "checkpoint.pt", cell / unit / "checkpoint.pt")
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--checkpoint", str(cell), "l96", "--out", str(out)]) == 2
+    assert "holds 3 fold models; r1f1 missing" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(cell), "l96", "--out", str(out), "--allow-partial"]) == 0
+    assert (pd.read_parquet(out).n_models == 3).all()

@@ -11,9 +11,13 @@ against its own trials only (validation losses of different datasets or sizes ar
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-import pickle
+import os
+import time
 from collections import Counter, deque
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -21,13 +25,39 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from ltc import io
+from ltc.errors import DataError
 from ltc.sweep import studies as st
 from ltc.sweep.spec import AshaSpec, Range, SearchSpec
 from ltc.trial import COMPLETED
 
+log = logging.getLogger(__name__)
+
 METRIC, MODE = "val_loss", "min"
 STEP = "epoch_count"  # the step of an epoch report: epochs trained so far
 OPTUNA_TRIAL = "optuna_trial"  # trial config key: the number of its Optuna trial in its setting's study
+
+
+BACKUP = "ltc-searcher-state.json"  # the searcher's last good state, beside Tune's searcher-state-*.pkl
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A saved ``SettingSearch`` state: ``path``, else its backup beside it when ``path`` is damaged (named in a
+    warning). JSON only: a planted pickle is a damaged file, never run. Raises ``DataError`` naming both when
+    neither can be read."""
+    errors = []
+    for candidate in (path, path.parent / BACKUP):
+        try:
+            state = json.loads(candidate.read_text())
+            if not isinstance(state, dict) or "issued" not in state:
+                raise ValueError("not a searcher state")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            errors.append(f"{candidate}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        if candidate != path:
+            log.warning("%s is damaged (%s); using the last good copy, %s", path, errors[0], candidate)
+        return state
+    raise DataError(f"the searcher state of {path.parent} cannot be read: " + "; ".join(errors))
 
 
 class SettingSearch(Searcher):
@@ -207,18 +237,33 @@ class SettingSearch(Searcher):
         )  # fmt: skip
 
     # -- Tune's snapshot (for --resume) --------------------------------------------------------------------
-    _STATIC = ("configs", "search", "max_blocks", "storage", "prefix", "index", "_studies")
 
     def save(self, checkpoint_path: str) -> None:
-        # counters and ids only: the settings' configs are in Tune's tuner.pkl already, and stay there
-        state = {k: v for k, v in self.__dict__.items() if k not in self._STATIC}
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(state, fh)
+        """Counters and ids only (the settings' configs are in Tune's tuner.pkl already), as JSON: nothing a
+        resume reads of ltc's can run code. A copy beside it (``BACKUP``) is the last good state if one is damaged."""
+        text = json.dumps(self.state())
+        with open(checkpoint_path, "w") as fh:
+            fh.write(text)
+        # Tune saves into its local staging folder and copies that folder to the storage: the backup goes along
+        io.write_text_atomic(Path(checkpoint_path).parent / BACKUP, text)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "_metric": self._metric, "_mode": self._mode, "issued": dict(self.issued), "ended": dict(self.ended),
+            "ready": list(self.ready), "waiting": sorted(self.waiting), "live": self.live, "failed": self.failed,
+        }  # fmt: skip
 
     def restore(self, checkpoint_path: str) -> None:
-        # no I/O here: Tune swallows an error raised in restore and silently starts the stage again
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
+        # Tune swallows an error raised here and silently starts the stage again: the driver checks the file first
+        # (read_state), so a damaged one never gets this far
+        self.set_state(read_state(Path(checkpoint_path)))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._metric, self._mode = state["_metric"], state["_mode"]
+        self.issued, self.ended = Counter(state["issued"]), Counter(state["ended"])
+        self.ready, self.waiting = deque(state["ready"]), set(state["waiting"])
+        self.live = {k: (key, int(n)) for k, (key, n) in state["live"].items()}
+        self.failed = {k: (key, int(n)) for k, (key, n) in state["failed"].items()}
         self._studies = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -367,3 +412,141 @@ class Progress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tune's resume state, kept whole: a full disk or a kill can leave its files truncated, and Tune then silently
+# starts a stage over ("Failed to restore the run state"). ltc keeps the last copy that read back whole, and
+# the driver puts it back before a resume (``check_resume_state``).
+
+LAST_GOOD = "ltc-last-good"  # beside Tune's files in a stage's experiment folder
+STATE_GLOB = "experiment_state-*.json"  # Tune's experiment state (TuneController.CKPT_FILE_TMPL)
+SEARCHER_GLOB = "searcher-state-*.pkl"  # Searcher.CKPT_FILE_TMPL: ltc's is JSON under that name
+
+
+def _files(folder: str, pattern: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime ns) of the files of ``folder`` (local or URI) matching ``pattern``."""
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    fs, path = io.filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [(i.path, i.size, i.mtime_ns or 0) for i in infos
+            if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]  # fmt: skip
+
+
+def _read(folder: str, path: str) -> bytes:
+    fs, _ = io.filesystem(folder)
+    with fs.open_input_stream(path) as fh:
+        return fh.readall()
+
+
+def _write(folder: str, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` of ``folder``'s file system, whole or not at all (a temp file renamed; an
+    object store's object appears when written)."""
+    fs, _ = io.filesystem(folder)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(data)
+    fs.move(tmp, path)
+
+
+def _whole_state(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def keep_last_good(experiment: str, seen: dict[str, tuple[int, int]]) -> None:
+    """When ``experiment``'s state files changed since ``seen`` and all read back whole, copy them, Tune's experiment
+    state and ltc's searcher state together (one snapshot: they must agree), into ``LAST_GOOD/``."""
+    fs, root = io.filesystem(experiment)
+    files = _files(experiment, STATE_GLOB) + _files(experiment, SEARCHER_GLOB)
+    if not files or all(seen.get(path) == (size, mtime) for path, size, mtime in files):
+        return
+    data = {path: _read(experiment, path) for path, _, _ in files}
+    if not all(_whole_state(d) for d in data.values()):
+        return  # being written, or damaged: the copy kept so far stays
+    fs.create_dir(f"{root}/{LAST_GOOD}", recursive=True)
+    for path, d in data.items():
+        _write(experiment, f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}", d)
+    seen.update({path: (size, mtime) for path, size, mtime in files})
+
+
+class KeepLastGoodState(Callback):
+    """Keeps the last whole copy of a stage's experiment state (``keep_last_good``), looked at every few seconds
+    and at the end."""
+
+    def __init__(self, experiment: str, every_s: float = 5.0) -> None:
+        self.experiment, self.every_s = experiment, every_s
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.last = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "seen": {}, "last": 0.0}
+
+    def _keep(self) -> None:
+        try:
+            keep_last_good(self.experiment, self.seen)
+        except OSError as err:  # a full disk: the copy kept so far stays as it was
+            log.debug("could not keep Tune's state of %s: %s", self.experiment, err)
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._keep()
+
+    def on_experiment_end(self, trials, **info):
+        self._keep()
+
+
+def _searcher_state(data: bytes) -> bool:
+    try:
+        state = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(state, dict) and "issued" in state
+
+
+def check_resume_state(experiment: str) -> list[str]:
+    """Before Tune resumes ``experiment``: damaged state files (0 bytes, truncated, a searcher state that is not
+    ltc's JSON: a planted pickle is never read) are replaced by good copies; what was replaced, one line each.
+
+    A damaged experiment state is replaced, with the searcher state beside it, by the last pair kept whole
+    (``keep_last_good``): the two must be of one snapshot. A damaged searcher state alone is replaced by the backup
+    its last save wrote beside it (``BACKUP``), of the same snapshot as the experiment state. Raises ``DataError``
+    naming a damaged file that has no good copy."""
+    fs, root = io.filesystem(experiment)
+    repaired: list[str] = []
+
+    def put_back(path: str, copy: str, good) -> bool:
+        if fs.get_file_info(copy).type.name != "File":
+            return False
+        data = _read(experiment, copy)
+        if not good(data):
+            return False
+        _write(experiment, path, data)
+        repaired.append(f"{path}: damaged, replaced by the last good copy ({copy})")
+        return True
+
+    states = _files(experiment, STATE_GLOB)
+    searchers = _files(experiment, SEARCHER_GLOB)
+    if any(not _whole_state(_read(experiment, path)) for path, _, _ in states):
+        for path, _, _ in states + searchers:
+            good = _whole_state if path.endswith(".json") else _searcher_state
+            if not put_back(path, f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}", good):
+                raise DataError(
+                    f"{path} is damaged and no whole copy of this stage's state was kept: remove {experiment} to run "
+                    "the stage again from its start"
+                )
+        return repaired
+    for path, _, _ in searchers:
+        if not _searcher_state(_read(experiment, path)) and not put_back(path, f"{root}/{BACKUP}", _searcher_state):
+            raise DataError(
+                f"{path} is damaged (or not ltc's) and its backup {root}/{BACKUP} cannot be read: the searcher's state "
+                f"of this stage; remove {experiment} to run the stage again from its start"
+            )
+    return repaired

@@ -29,13 +29,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ltc import datasets, io
-from ltc.errors import AlreadyExistsError, ConfigError, LtcError
+from ltc.errors import AlreadyExistsError, ConfigError, DataError, LtcError
 from ltc.inputs import resolve_inputs_by_graph
 from ltc.sweep import studies
 from ltc.sweep.plan import (
@@ -63,6 +63,24 @@ class SweepInterrupted(LtcError):
         where = f" in stage {stage}" if stage else ""
         count = f" ({finished} of {planned} trials of that stage ended)" if planned is not None else ""
         super().__init__(f"interrupted{where}{count}; no stage was marked done that did not finish")
+
+
+class StageFailed(LtcError):
+    """Trials of ``stage`` failed for good (after their retries): the stage is not marked done, and ``--resume``
+    runs them again once the cause is fixed."""
+
+    def __init__(self, stage: str, errors: list[str], planned: int) -> None:
+        from collections import Counter
+
+        from ltc.results import error_cause
+
+        self.stage = stage
+        self.causes = Counter(error_cause(e) for e in errors).most_common()
+        lines = "; ".join(f"{cause} ({n} trial{'s' if n > 1 else ''})" for cause, n in self.causes[:5])
+        more = f"; and {len(self.causes) - 5} other causes" if len(self.causes) > 5 else ""
+        super().__init__(
+            f"stage {stage}: {len(errors)} of {planned} trials failed, the stage is not marked done: {lines}{more}"
+        )
 
 
 @contextmanager
@@ -141,7 +159,7 @@ def run_sweep(
     from ltc.paths import cache_root
     from ltc.paths import data_home as _data_home
 
-    with _interrupts(), datasets.declare(spec.declared_datasets()):  # its own datasets, by name, while it runs
+    with _interrupts(), datasets.declare(spec.declared_datasets()), ExitStack() as stack:  # its own datasets, by name
         try:
             _check_job_paths(results=results, storage=storage or spec.storage, cache=cache, data_home=data_home)
             home = str(_data_home(data_home).resolve())
@@ -152,6 +170,7 @@ def run_sweep(
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
             paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
             io.tune_storage(paths.storage)  # a refused storage URI or endpoint fails here, in one line
+            stack.enter_context(one_driver(paths.root))  # held to the end: a second driver is refused
             _claim_results(paths, spec, spec_text, resume)
             # before Ray starts: Tune would copy AWS credential variables into trials' runtime envs, which Ray logs
             with io.aws_credentials_in_a_file():
@@ -220,7 +239,13 @@ def _run_or_read_stage(
     settings_by_stage[stage.name] = settings
     done_table = paths.stage_table(stage.name)
     if done_table.is_file():
-        table = pd.read_parquet(done_table)
+        try:
+            table = pd.read_parquet(done_table)
+        except Exception as err:  # pyarrow raises several kinds on a damaged file
+            raise DataError(
+                f"{done_table} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}): it marks stage "
+                f"{stage.name} done; remove it, and --resume gathers that stage's finished trials again"
+            ) from None
         print(f"stage {stage.name}: finished earlier ({len(table)} trials)")
         return table
     if not settings:
@@ -234,17 +259,54 @@ def _run_or_read_stage(
         home=home, cache=cache_dir, verify=True, progress=True,
     )  # fmt: skip
     check_sizes(spec, stage, settings, inputs)
+    _test_pause(f"stage {stage.name}")  # tests: its inputs resolved, no trial started
     table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
     _arm()
     planned = len(settings) * spec.search_for(stage).trials
     ended = int(table.status.isin(["completed", "pruned", "error"]).sum())
     if ended < planned:  # Tune ended the run early: a Ctrl-C or SIGTERM inside the stage
         raise SweepInterrupted(stage.name, ended, planned)
+    failed = table[table.status == "error"]
+    if len(failed):  # done means done: every planned trial completed (or pruned), and --resume runs these again
+        io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
+        raise StageFailed(stage.name, [str(e) for e in failed.error], planned)
     copy_best(table, paths.best(stage.name), pause=lambda: _test_pause("copy_best"))
     # the stage table marks the stage done: written last, after its best checkpoints are in place
     io.write_parquet_atomic(done_table, table)
     io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
     return table
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def one_driver(root: Path) -> Iterator[None]:
+    """Hold the results folder ``root`` for this process: a second driver on it (a second ``--resume`` while
+    the first runs) is refused, naming the holder. An OS lock (``flock``), so it is released when its process
+    ends, however it ends: a lock left by a killed driver never blocks. (On a network file system that does not
+    pass locks between machines, it guards one machine's drivers only.)"""
+    import fcntl
+    import socket
+
+    root.mkdir(parents=True, exist_ok=True)
+    fh = open(root / LOCK_FILE, "a+")  # noqa: SIM115 (held for the length of the block)
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise AlreadyExistsError(
+                f"{root} is in use by another ltc sweep ({holder}): wait for it to end, or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the lock
 
 
 def keep_given(paths: SweepPaths, stage: str, start: Start) -> Start:
@@ -316,7 +378,24 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
                 f"{paths.root} holds results of sweep {spec.name!r} already: pass --resume to complete it, "
                 "or --results another folder"
             )
-        claimed = json.loads(stored.read_text())
+        try:
+            claimed = json.loads(stored.read_text())
+            claimed["spec"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                f"{stored} is damaged ({type(err).__name__}: {err}): it says which sweep the folder holds; restore it, "
+                "or run the sweep anew with --results elsewhere"
+            ) from None
+        if claimed.get("root", str(paths.root)) != str(paths.root):
+            raise ConfigError(
+                f"{paths.root} was started as {claimed['root']} (a moved or copied folder): Tune's state there names "
+                "the original's paths, so a resume here would write into it; resume in the original folder"
+            )
+        if claimed.get("storage", paths.storage) != paths.storage:
+            raise ConfigError(
+                f"{paths.root} keeps its checkpoints and Tune state in {claimed['storage']}, not {paths.storage}: "
+                "pass the same --storage to resume"
+            )
         if spec_identity(claimed["spec"]) != spec_identity(current):
             raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
         now, then = given_inputs(spec), claimed.get("given_inputs", {})
@@ -332,6 +411,8 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
                 f"{paths.root} keeps its Optuna studies in {claimed['optuna_storage']}, not {paths.optuna}: "
                 "pass the same --optuna-storage to resume"
             )
+        if not studies.is_url(paths.optuna):
+            studies.repair_journal(paths.optuna)  # a torn last record, dropped before anything appends to it
         return
     if studies.is_url(paths.optuna):  # a database others use too: never continue another sweep's studies
         import optuna
@@ -355,6 +436,8 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
             {
                 "spec": current,
                 "started": time.time(),
+                "root": str(paths.root),
+                "storage": paths.storage,
                 "optuna_storage": paths.optuna,
                 "given_inputs": given_inputs(spec),
             }
@@ -376,10 +459,20 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     with _inputs_on_nodes(paths, stage, inputs) as server:
         if resume and io.exists(f"{experiment}/tuner.pkl"):
             print(f"stage {stage.name}: resuming")
+            from ltc.sweep.adapters import check_resume_state
+
+            for line in check_resume_state(experiment):  # Tune would start the stage over on a damaged file
+                log.warning(line)
             path, fs = io.tune_storage(experiment)
-            tuner = tune.Tuner.restore(
-                path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
-            )
+            try:
+                tuner = tune.Tuner.restore(
+                    path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+                )
+            except Exception as err:  # Tune's own pickle, damaged: nothing of it can be read
+                raise DataError(
+                    f"{experiment}/tuner.pkl is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+                    f"Tune's state of stage {stage.name}; remove {experiment} to run that stage again from its start"
+                ) from None
         else:
             configs = {s.key: {**trial_config(spec, stage, s, inputs), "input_server": server} for s in settings}
             tuner = make_tuner(
@@ -434,7 +527,7 @@ def make_tuner(
     URI: ``ltc.io.tune_storage``). Benchmarks build it with a no-op ``trainable``."""
     from ray import tune
 
-    from ltc.sweep.adapters import METRIC, MODE, Progress, SettingSearch, StudyPruning
+    from ltc.sweep.adapters import METRIC, MODE, KeepLastGoodState, Progress, SettingSearch, StudyPruning
 
     searcher = SettingSearch(configs, search, max_blocks=max_blocks, storage=optuna_storage, prefix=study_prefix)
     total = searcher.total
@@ -460,7 +553,7 @@ def make_tuner(
             # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
             # since the last snapshot; with 1, every finished trial would force one
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[Progress(name, total)],
+            callbacks=[Progress(name, total), KeepLastGoodState(f"{storage_path.rstrip('/')}/{name}")],
         ),
     )
 

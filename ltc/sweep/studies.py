@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -81,6 +82,40 @@ def _open(storage: str) -> Any:
     if is_url(storage):
         return optuna.storages.RDBStorage(storage)
     return JournalStorage(JournalFileBackend(storage))
+
+
+def repair_journal(path: str | Path) -> int:
+    """Check a journal file before a sweep opens it; drop a torn last record (a write cut short by a kill or a full
+    disk leaves one without its newline, and Optuna would glue the next record to it), naming it in a warning.
+    Returns the bytes dropped. A damaged record before the last is a ``DataError`` naming its line: dropping it
+    would lose what came after. Optuna's journal is append-only, one JSON record a line, so a prefix of whole
+    lines is a consistent earlier state of the studies."""
+    import json
+    import logging
+
+    from ltc.errors import DataError
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    for number, line in enumerate(keep.splitlines(), 1):
+        try:
+            json.loads(line)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataError(
+                f"{path} line {number}: not an Optuna journal record ({type(err).__name__}: {str(err)[:80]}); the "
+                "studies after it cannot be read: restore the file, or start the sweep anew elsewhere"
+            ) from None
+    dropped = len(data) - len(keep)
+    if dropped:
+        with open(path, "r+b") as fh:
+            fh.truncate(len(keep))
+        logging.getLogger(__name__).warning(
+            "%s: dropped its torn last record (%d bytes without a line end, a write cut short)", path, dropped
+        )
+    return dropped
 
 
 def open_storage(ref: str) -> Any:

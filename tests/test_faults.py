@@ -1,0 +1,212 @@
+"""Faults that outlast a trial (subprocesses, a real local Ray): a stage whose trials failed for good is not marked
+done, the sweep says why in a line per cause and exits non-zero, and ``--resume`` runs them again once the cause
+is fixed, every planned trial exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+from test_sweep_resume import _cleanup, _tail, _wait
+
+pytestmark = pytest.mark.slow
+
+TINY = {"hidden": 16, "n_blocks": 2, "fc_dim": 16}
+
+
+def _spec(name: str) -> dict:
+    return {
+        "name": name,
+        "model_config": TINY,
+        "asha": None,
+        "max_failures": 1,
+        "search": {"trials": 2, "lr": {"low": 1e-3, "high": 1e-2}},
+        "stages": [
+            {"name": "pt", "datasets": ["l96"], "max_sizes": [60], "epochs": 2, "batch_size": 8},
+            {"name": "ft", "datasets": ["hh143"], "start_from": {"stage": "pt"}, "sizes": [40], "seeds": [0, 1, 2],
+             "scratch": True, "epochs": 8, "batch_size": 4},
+        ],
+    }  # fmt: skip
+
+
+def _sweep(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "ltc.cli", "sweep", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+
+
+def _finish(args: list[str], log: Path, env: dict[str, str]) -> tuple[int, str]:
+    proc = _sweep(args, log, env)
+    try:
+        return proc.wait(timeout=900), log.read_text()
+    finally:
+        _cleanup(proc)
+
+
+def _exactly_once(results: Path, name: str) -> pd.DataFrame:
+    trials = pd.read_parquet(results / name / "trials.parquet")
+    assert (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    assert trials.groupby("setting").size().eq(2).all() and len(trials) == 2 + 6 * 2  # PT 1 x 2; FT 6 x 2
+    return trials
+
+
+def test_a_stage_whose_trials_lost_their_shards_is_not_done_and_resumes(tmp_path):
+    path = tmp_path / "gone.yaml"
+    path.write_text(yaml.safe_dump(_spec("gone")))
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    env = {**os.environ, "LTC_CACHE": str(cache), "LTC_TEST_PAUSE_AT": "stage ft",
+           "LTC_TEST_PAUSE_FILE": str(tmp_path / "paused"), "LTC_TEST_PAUSE_SECONDS": "2"}  # fmt: skip
+    args = [str(path), "--results", str(results)]
+    first = _sweep(args, tmp_path / "first.log", env)
+    try:
+        _wait(lambda: (tmp_path / "paused").exists(), 600, "the FT stage", first, tmp_path / "first.log")
+        shutil.rmtree(cache)  # every shard folder and split file the FT trials were resolved to
+        assert first.wait(timeout=600) == 1, _tail(tmp_path / "first.log")
+    finally:
+        _cleanup(first)
+    out = (tmp_path / "first.log").read_text()
+    assert "ltc sweep: stage ft: " in out and "trial(s) failed, the stage is not marked done:" in out
+    assert "does not exist on this node" in out and "Fix the cause, then resume with:" in out
+    assert (results / "gone" / "stages" / "pt.parquet").is_file()
+    assert not (results / "gone" / "stages" / "ft.parquet").exists()
+    failed = pd.read_parquet(results / "gone" / "trials.parquet")
+    assert (failed[failed.stage == "ft"].status == "error").any()
+
+    env.pop("LTC_TEST_PAUSE_AT")
+    rc, out = _finish([*args, "--resume"], tmp_path / "second.log", env)  # the driver builds the shards again
+    assert rc == 0, out[-3000:]
+    assert "stage pt: finished earlier" in out and "stage ft: resuming" in out
+    _exactly_once(results, "gone")
+
+
+def test_a_truncated_start_checkpoint_fails_its_stage_in_a_line_and_resumes_once_restored(tmp_path):
+    path = tmp_path / "cut.yaml"
+    path.write_text(yaml.safe_dump(_spec("cut")))
+    results = tmp_path / "results"
+    env = {**os.environ, "LTC_TEST_PAUSE_AT": "stage ft", "LTC_TEST_PAUSE_FILE": str(tmp_path / "paused"),
+           "LTC_TEST_PAUSE_SECONDS": "2"}  # fmt: skip
+    args = [str(path), "--results", str(results)]
+    first = _sweep(args, tmp_path / "first.log", env)
+    kept = tmp_path / "kept"
+    try:
+        _wait(lambda: (tmp_path / "paused").exists(), 600, "the FT stage", first, tmp_path / "first.log")
+        for ckpt in (results / "cut" / "ray" / "pt").rglob("checkpoint.pt"):  # the PT checkpoints FT starts from
+            backup = kept / ckpt.relative_to(results)
+            backup.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ckpt, backup)
+            ckpt.write_bytes(ckpt.read_bytes()[:500])
+        assert first.wait(timeout=600) == 1, _tail(tmp_path / "first.log")
+    finally:
+        _cleanup(first)
+    out = (tmp_path / "first.log").read_text()
+    assert "stage ft: 6 trial(s) failed" in out and "damaged or not a checkpoint" in out  # the 3 scratch ones ran
+    assert not (results / "cut" / "stages" / "ft.parquet").exists()
+
+    for backup in kept.rglob("checkpoint.pt"):
+        shutil.copy(backup, results / backup.relative_to(kept))
+    env.pop("LTC_TEST_PAUSE_AT")
+    rc, out = _finish([*args, "--resume"], tmp_path / "second.log", env)
+    assert rc == 0, out[-3000:]
+    _exactly_once(results, "cut")
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged resume state, piece by piece (no Ray run needed).
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"op_code": 5, "worker_id": "x", "stu'])
+def test_a_torn_last_journal_record_is_dropped_and_a_damaged_one_before_it_named(tmp_path, tail, caplog):
+    from ltc.errors import DataError
+    from ltc.sweep.studies import repair_journal
+
+    journal = tmp_path / "optuna.log"
+    whole = b'{"op_code": 0, "worker_id": "a"}\n{"op_code": 1, "worker_id": "a"}\n'
+    journal.write_bytes(whole + tail)
+    assert repair_journal(journal) == len(tail)
+    assert journal.read_bytes() == whole
+    if tail:
+        assert "dropped its torn last record" in caplog.text
+    journal.write_bytes(b'{"op_code": 0}\n{"op_code": 1, "wor{"op_code": 2}\n{"op_code": 3}\n')  # a glued record
+    with pytest.raises(DataError, match=r"optuna\.log line 2: not an Optuna journal record"):
+        repair_journal(journal)
+
+
+def test_damaged_tune_and_searcher_state_is_replaced_by_the_last_good_copy(tmp_path):
+    import pickle
+
+    from ltc.errors import DataError
+    from ltc.sweep.adapters import BACKUP, LAST_GOOD, check_resume_state, keep_last_good
+
+    experiment = tmp_path / "ft"
+    experiment.mkdir()
+    state = experiment / "experiment_state-2026.json"
+    state.write_text('{"runner_data": {}, "trial_data": []}')
+    searcher = experiment / "searcher-state-2026.pkl"
+    searcher.write_text('{"issued": {"a": 1}, "ended": {}}')
+    keep_last_good(str(experiment), {})  # the pair, as one snapshot
+    assert (experiment / LAST_GOOD / state.name).read_text() == state.read_text()
+    assert (experiment / LAST_GOOD / searcher.name).read_text() == searcher.read_text()
+
+    # a searcher state damaged alone (here: a planted pickle, never unpickled): its own backup, of its snapshot
+    searcher.write_bytes(pickle.dumps({"planted": "a pickle that would run code"}))
+    (experiment / BACKUP).write_text('{"issued": {"a": 2}, "ended": {}}')
+    assert check_resume_state(str(experiment)) == [
+        f"{searcher}: damaged, replaced by the last good copy ({experiment / BACKUP})"
+    ]
+    assert searcher.read_text() == '{"issued": {"a": 2}, "ended": {}}'
+    # the experiment state damaged (what a full disk leaves): the kept pair, both files
+    state.write_bytes(b"")
+    assert check_resume_state(str(experiment)) == [
+        f"{path}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / path.name})"
+        for path in (state, searcher)
+    ]
+    assert state.read_text() == '{"runner_data": {}, "trial_data": []}'
+    assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {}}'
+    assert check_resume_state(str(experiment)) == []  # whole now
+    (experiment / LAST_GOOD / state.name).unlink()
+    state.write_text('{"runner_da')
+    with pytest.raises(DataError, match="is damaged and no whole copy of this stage's state was kept"):
+        check_resume_state(str(experiment))
+
+
+def test_damaged_tune_searcher_and_journal_files_are_named_and_the_resume_finishes_exactly_once(tmp_path):
+    """An interrupted sweep's state damaged as a full disk or a kill leaves it: Tune's experiment state emptied,
+    the searcher's truncated, 57 bytes cut off the Optuna journal. The resume names each and finishes."""
+    import signal
+
+    from test_sweep_resume import _finished
+
+    spec = _spec("torn")
+    spec["stages"][1].update(epochs=40, report_seconds=0, checkpoint_every=1, checkpoint_seconds=0)
+    path = tmp_path / "torn.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    args, env = [str(path), "--results", str(results)], dict(os.environ)
+    ft = results / "torn" / "ray" / "ft"
+    first = _sweep(args, tmp_path / "first.log", env)
+    try:
+        _wait(lambda: len(_finished(ft)) >= 2, 600, "two finished FT trials", first, tmp_path / "first.log")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=300) == 130, _tail(tmp_path / "first.log")
+    finally:
+        _cleanup(first)
+    state = next(ft.glob("experiment_state-*.json"))
+    searcher = next(ft.glob("searcher-state-*.pkl"))
+    journal = results / "torn" / "optuna.log"
+    state.write_bytes(b"")
+    searcher.write_bytes(searcher.read_bytes()[: searcher.stat().st_size // 2])
+    journal.write_bytes(journal.read_bytes()[:-57])
+
+    rc, out = _finish([*args, "--resume"], tmp_path / "second.log", env)
+    assert rc == 0, out[-3000:]
+    assert f"{state}: damaged, replaced by the last good copy" in out
+    assert f"{searcher}: damaged, replaced by the last good copy" in out
+    assert f"{journal}: dropped its torn last record" in out and "Failed to restore the run state" not in out
+    _exactly_once(results, "torn")
