@@ -527,3 +527,72 @@ def test_a_ray_job_refuses_relative_result_paths(tmp_path, monkeypatch):
     with pytest.raises(LtcConfigError, match=r"--storage ckpts is relative"):
         run_sweep(spec, results=tmp_path / "r", storage="ckpts")
     assert not (copy_of_it / "results").exists() and not (tmp_path / "r").exists()  # refused before writing
+
+
+def test_one_driver_per_results_folder_and_a_copy_or_another_storage_is_refused(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from ltc.errors import AlreadyExistsError
+    from ltc.errors import ConfigError as LtcConfigError
+    from ltc.sweep.driver import SweepPaths, _claim_results, one_driver
+
+    root = tmp_path / "res" / "sw"
+    holder = subprocess.Popen(  # another process holds the folder, as a running driver would
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ltc.sweep.driver import one_driver\n"
+         f"with one_driver(Path({str(root)!r})):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = pytest.raises(AlreadyExistsError, match=rf"is in use by another ltc sweep \(pid {holder.pid} on ")
+        with refused, one_driver(root):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with one_driver(root):  # its holder gone, however it ended: free again
+        pass
+
+    spec = load_sweep(REPO / "sweeps/quickstart.yaml")
+    paths = SweepPaths(root, str(root / "ray"), str(root / "optuna.log"))
+    _claim_results(paths, spec, None, resume=False)
+    with pytest.raises(LtcConfigError, match=r"keeps its checkpoints and Tune state in .*ray, not .*elsewhere"):
+        _claim_results(SweepPaths(root, str(tmp_path / "elsewhere"), paths.optuna), spec, None, resume=True)
+    copy = tmp_path / "copy" / "sw"
+    shutil.copytree(root, copy)
+    with pytest.raises(LtcConfigError, match=r"was started as .*res/sw \(a moved or copied folder\)"):
+        _claim_results(SweepPaths(copy, str(copy / "ray"), str(copy / "optuna.log")), spec, None, resume=True)
+    (root / "sweep.json").write_text(json.dumps({"spec": "{"})[:20])
+    with pytest.raises(ValueError, match=r"sweep\.json is damaged"):
+        _claim_results(paths, spec, None, resume=True)
+
+
+def test_credentials_are_refused_in_a_uri_and_a_killed_drivers_file_is_removed(tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ltc import io
+
+    with pytest.raises(ConfigError, match=r"storage s3://…@bucket/p: credentials in a URI are refused"):
+        io.check_uri("s3://AKIAEXAMPLE:SECRET@bucket/p", what="storage")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = tmp_path / f"ltc-aws-{socket.gethostname()}-{dead.pid}-abc"
+    left.mkdir()
+    (left / "credentials").write_text("[ltc]\naws_secret_access_key = x\n")
+    mine = tmp_path / f"ltc-aws-{socket.gethostname()}-{os.getpid()}-def"  # a live process's: kept
+    mine.mkdir()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with io.aws_credentials_in_a_file() as path:
+        assert path is not None and path.parent.name.startswith(f"ltc-aws-{socket.gethostname()}-{os.getpid()}-")
+    assert not left.exists() and mine.exists()

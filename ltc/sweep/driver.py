@@ -380,7 +380,7 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
             )
         try:
             claimed = json.loads(stored.read_text())
-            claimed["spec"]
+            json.loads(claimed["spec"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(
                 f"{stored} is damaged ({type(err).__name__}: {err}): it says which sweep the folder holds; restore it, "
