@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -336,3 +337,11 @@ def copy_file(src: str, dest: str | os.PathLike[str]) -> Path:
             shutil.copyfileobj(fin, fout)
 
     return write_atomic(dest, write)
+
+
+def pause_for_tests(where: str) -> None:
+    """Tests only: hold here (``LTC_TEST_PAUSE_AT=where``) after touching ``LTC_TEST_PAUSE_FILE``, so that a test
+    can kill a process at a known point rather than race it."""
+    if os.environ.get("LTC_TEST_PAUSE_AT") == where:
+        Path(os.environ["LTC_TEST_PAUSE_FILE"]).touch()
+        time.sleep(float(os.environ.get("LTC_TEST_PAUSE_SECONDS", "600")))

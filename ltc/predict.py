@@ -77,7 +77,8 @@ def expand_checkpoints(paths: list[str | os.PathLike[str]], *, allow_partial: bo
     for given in paths:
         if io.is_uri(given):
             found_uris = _expand_uri(str(given))
-            _check_folds(found_uris, str(given), allow_partial)
+            if found_uris != [str(given)]:  # a folder (prefix), not the one file given
+                _check_folds(found_uris, str(given), allow_partial)
             for uri in found_uris:
                 out.setdefault(uri, uri)
             continue

@@ -147,9 +147,9 @@ def test_a_screen_folder_is_claimed_once(ensemble, tmp_path):
         screen([ensemble], tmp_path / "in", tmp_path / "o3", progress=False)
 
 
-def _screen_process(args: list[str], log: Path) -> subprocess.Popen:
+def _screen_process(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "ltc.cli", "screen", *args], cwd=REPO, env=dict(os.environ),
+        return subprocess.Popen([sys.executable, "-m", "ltc.cli", "screen", *args], cwd=REPO, env={**os.environ, **env},
                                 stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
 
 
@@ -160,19 +160,21 @@ def test_a_killed_screen_resumes_repeating_no_partition_and_losing_none(ensemble
     path, _ = write_inputs(tmp_path, l96)["folder"]
     out = tmp_path / "out"
     args = [str(ensemble), str(path), "--out", str(out), "--partition-size", "5", "-q"]
-    first = _screen_process(args, tmp_path / "first.log")
+    paused = tmp_path / "paused"  # the driver holds after its third partition is written: the kill comes midway
+    first = _screen_process(args, tmp_path / "first.log", LTC_TEST_PAUSE_AT="screen written 3",
+                            LTC_TEST_PAUSE_FILE=str(paused))  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while len(list((out / "predictions").glob("part-*.parquet"))) < 3:
+        while not paused.exists():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no partition written in 300 s"
+            assert time.monotonic() < deadline, "three partitions not written in 300 s"
             time.sleep(0.1)
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
         _cleanup(first)
     written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "predictions").glob("part-*.parquet")}
-    assert 3 <= len(written) < 19  # 95 candidates in 19 partitions: the kill came midway
+    assert len(written) == 3  # of 19: 95 candidates in partitions of 5
     assert main(["screen", *args]) == 2  # the folder holds a screen: --resume, or another folder
     second = _screen_process([*args, "--resume"], tmp_path / "second.log")
     try:

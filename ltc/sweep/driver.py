@@ -114,13 +114,6 @@ def _term_as_int(signum: int, frame: object) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-def _test_pause(where: str) -> None:
-    """Tests only: hold here (``LTC_TEST_PAUSE_AT=where``) after touching ``LTC_TEST_PAUSE_FILE``."""
-    if os.environ.get("LTC_TEST_PAUSE_AT") == where:
-        Path(os.environ["LTC_TEST_PAUSE_FILE"]).touch()
-        time.sleep(float(os.environ.get("LTC_TEST_PAUSE_SECONDS", "600")))
-
-
 @dataclass
 class SweepPaths:
     root: Path  # <results>/<sweep name>
@@ -259,7 +252,7 @@ def _run_or_read_stage(
         home=home, cache=cache_dir, verify=True, progress=True,
     )  # fmt: skip
     check_sizes(spec, stage, settings, inputs)
-    _test_pause(f"stage {stage.name}")  # tests: its inputs resolved, no trial started
+    io.pause_for_tests(f"stage {stage.name}")  # tests: its inputs resolved, no trial started
     table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
     _arm()
     planned = len(settings) * spec.search_for(stage).trials
@@ -270,7 +263,7 @@ def _run_or_read_stage(
     if len(failed):  # done means done: every planned trial completed (or pruned), and --resume runs these again
         io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
         raise StageFailed(stage.name, [str(e) for e in failed.error], planned)
-    copy_best(table, paths.best(stage.name), pause=lambda: _test_pause("copy_best"))
+    copy_best(table, paths.best(stage.name), pause=lambda: io.pause_for_tests("copy_best"))
     # the stage table marks the stage done: written last, after its best checkpoints are in place
     io.write_parquet_atomic(done_table, table)
     io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
