@@ -887,6 +887,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _full_folders(args: argparse.Namespace) -> str:
+    """Which of the folders this command writes to is full (an ENOSPC that names no file): the results or output
+    folder, the shard cache, the temporary folder (Ray's session); those with under ``io.LOW_SPACE`` left, else all."""
+    import tempfile
+
+    from ltc import io
+    from ltc.paths import cache_root
+
+    given = [getattr(args, key, None) for key in ("results", "out")]
+    folders = [Path(f) for f in given if f is not None and not io.is_uri(f)]
+    folders += [cache_root(), Path(tempfile.gettempdir())]
+    free = io.free_space(folders)
+    low = [f for f, b in free.items() if b < io.LOW_SPACE] or list(free)
+    return ", ".join(f"{f} ({free[f] / 2**20:.1f} MiB free)" for f in low)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -910,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose or err.errno not in USER_ERRNOS:
             raise
         where = f": {err.filename}" if err.filename else ""
+        if err.errno == errno.ENOSPC and not err.filename:  # Arrow's and Tune's writes name no file
+            where = f": {_full_folders(args)}"
         full = "; free some space there, then run the same command (with --resume for a sweep)"
         print(f"ltc {args.command}: error: {err.strerror}{where}{full if err.errno == errno.ENOSPC else ''}",
               file=sys.stderr)  # fmt: skip

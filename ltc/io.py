@@ -10,6 +10,7 @@ profile, never by the URI: ltc writes URIs into results and Tune state (``check_
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -345,3 +346,25 @@ def pause_for_tests(where: str) -> None:
     if os.environ.get("LTC_TEST_PAUSE_AT") == where:
         Path(os.environ["LTC_TEST_PAUSE_FILE"]).touch()
         time.sleep(float(os.environ.get("LTC_TEST_PAUSE_SECONDS", "600")))
+
+
+LOW_SPACE = 16 * 2**20  # bytes: a file system with less left is taken for the full one after a failed write
+
+
+def free_space(folders: list[Path]) -> dict[Path, int]:
+    """Bytes free on the file system of each local folder (of its nearest existing parent)."""
+    free: dict[Path, int] = {}
+    for folder in folders:
+        folder = Path(folder).absolute()
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None:
+            free.setdefault(folder, shutil.disk_usage(existing).free)
+    return free
+
+
+def raise_if_full(folders: list[Path]) -> None:
+    """``OSError(ENOSPC)`` naming the first of ``folders`` with under ``LOW_SPACE`` left, if any: for a failure
+    whose own error names no file (Arrow's writes, Tune's, a trial's), so that the user learns where to free space."""
+    for folder, free in free_space(folders).items():
+        if free < LOW_SPACE:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free)", str(folder))

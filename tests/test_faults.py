@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,14 +37,14 @@ def _spec(name: str) -> dict:
     }  # fmt: skip
 
 
-def _sweep(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _sweep(args: list[str], log: Path, env: dict[str, str], within: list[str] = ()) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "ltc.cli", "sweep", *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        return subprocess.Popen([*within, sys.executable, "-m", "ltc.cli", "sweep", *args], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
 
 
-def _finish(args: list[str], log: Path, env: dict[str, str]) -> tuple[int, str]:
-    proc = _sweep(args, log, env)
+def _finish(args: list[str], log: Path, env: dict[str, str], within: list[str] = ()) -> tuple[int, str]:
+    proc = _sweep(args, log, env, within)
     try:
         return proc.wait(timeout=900), log.read_text()
     finally:
@@ -117,6 +118,72 @@ def test_a_truncated_start_checkpoint_fails_its_stage_in_a_line_and_resumes_once
     _exactly_once(results, "cut")
 
 
+def test_a_full_disk_is_one_line_naming_the_folder_and_resume_finishes_every_trial_once(tmp_path):
+    """Results on a 64 MB tmpfs (mounted in a private user and mount namespace, entered with nsenter), filled up
+    once FT has saved a few checkpoints; then a read-only one for sweep, report and predict."""
+    from ray_cluster import can_isolate
+
+    if not can_isolate():
+        pytest.skip("needs unprivileged user and mount namespaces (unshare)")
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(_spec("full")))
+    results = tmp_path / "results"
+    results.mkdir()
+    holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "sh",
+                               "-c", f"mount -t tmpfs -o size=64m tmpfs {results} && exec sleep 3600"],
+                              start_new_session=True)  # fmt: skip
+    within = ["nsenter", f"--target={holder.pid}", "--user", "--mount", "--preserve-credentials", f"--wd={REPO}"]
+
+    def inside(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*within, *cmd], capture_output=True, text=True, timeout=600)
+
+    try:
+        deadline = time.monotonic() + 30
+        while "tmpfs" not in inside("df", "--output=fstype", str(results)).stdout:
+            assert holder.poll() is None and time.monotonic() < deadline, "could not mount a tmpfs"
+            time.sleep(0.1)
+        env = {**os.environ, "LTC_TEST_PAUSE_AT": "stage ft", "LTC_TEST_PAUSE_FILE": str(tmp_path / "paused"),
+               "LTC_TEST_PAUSE_SECONDS": "2"}  # fmt: skip
+        args = [str(path), "--results", str(results)]
+        first = _sweep(args, tmp_path / "first.log", env, within)
+        try:
+
+            def saved() -> int:  # FT checkpoints on the tmpfs, seen from inside
+                found = inside("find", str(results / "full" / "ray" / "ft"), "-name", "checkpoint.pt").stdout
+                return len(found.split())
+
+            _wait(lambda: saved() >= 3, 600, "three FT checkpoints", first, tmp_path / "first.log")
+            inside("sh", "-c", f"cat /dev/zero > {results}/filler")  # ends on ENOSPC: the disk is full
+            assert first.wait(timeout=600) == 2, _tail(tmp_path / "first.log")
+        finally:
+            _cleanup(first)
+        last = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("ltc sweep: error: No space left on device") and str(results / "full") in last
+        assert "free some space there" in last and "--resume" in last
+        assert inside("test", "-e", str(results / "full" / "stages" / "ft.parquet")).returncode == 1  # not done
+
+        inside("rm", f"{results}/filler")
+        env.pop("LTC_TEST_PAUSE_AT")
+        rc, out = _finish([*args, "--resume"], tmp_path / "second.log", env, within)
+        assert rc == 0, out[-3000:]
+        assert "stage pt: finished earlier" in out and "stage ft: resuming" in out
+        inside("cp", "-r", str(results / "full"), str(tmp_path / "done"))  # out of the namespace, to read here
+        _exactly_once(tmp_path, "done")
+
+        # read-only: each command a line naming the file it could not write, nothing written
+        assert inside("mount", "-o", "remount,ro", str(results)).returncode == 0
+        ltc = [sys.executable, "-m", "ltc.cli"]
+        best = next(p for p in (tmp_path / "done" / "best" / "ft").iterdir() if "scratch" in p.name)
+        for cmd in (["sweep", str(path), "--results", str(results / "again")], ["report", str(results / "full")],
+                    ["predict", "hh143", "--checkpoint", str(best), "--out", str(results / "p.parquet")]):  # fmt: skip
+            done = inside(*ltc, *cmd)
+            assert done.returncode == 2, done.stdout + done.stderr
+            line = done.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"ltc {cmd[0]}: error: Read-only file system: {results}"), done.stderr[-2000:]
+    finally:
+        _cleanup(holder)
+
+
 # --------------------------------------------------------------------------------------------------
 # Damaged resume state, piece by piece (no Ray run needed).
 
@@ -150,9 +217,12 @@ def test_damaged_tune_and_searcher_state_is_replaced_by_the_last_good_copy(tmp_p
     state.write_text('{"runner_data": {}, "trial_data": []}')
     searcher = experiment / "searcher-state-2026.pkl"
     searcher.write_text('{"issued": {"a": 1}, "ended": {}}')
-    keep_last_good(str(experiment), {})  # the pair, as one snapshot
-    assert (experiment / LAST_GOOD / state.name).read_text() == state.read_text()
-    assert (experiment / LAST_GOOD / searcher.name).read_text() == searcher.read_text()
+    gen = experiment / "search_gen_state-2026.json"  # Tune's: a pickle, checked opcode by opcode, never loaded
+    gen_bytes = pickle.dumps({"name:ConcurrencyLimiter": {"live_trials": set()}, "counter": 3})
+    gen.write_bytes(gen_bytes)
+    keep_last_good(str(experiment), {})  # the three, as one snapshot
+    for path in (state, searcher, gen):
+        assert (experiment / LAST_GOOD / path.name).read_bytes() == path.read_bytes()
 
     # a searcher state damaged alone (here: a planted pickle, never unpickled): its own backup, of its snapshot
     searcher.write_bytes(pickle.dumps({"planted": "a pickle that would run code"}))
@@ -161,19 +231,42 @@ def test_damaged_tune_and_searcher_state_is_replaced_by_the_last_good_copy(tmp_p
         f"{searcher}: damaged, replaced by the last good copy ({experiment / BACKUP})"
     ]
     assert searcher.read_text() == '{"issued": {"a": 2}, "ended": {}}'
-    # the experiment state damaged (what a full disk leaves): the kept pair, both files
-    state.write_bytes(b"")
-    assert check_resume_state(str(experiment)) == [
-        f"{path}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / path.name})"
-        for path in (state, searcher)
-    ]
-    assert state.read_text() == '{"runner_data": {}, "trial_data": []}'
-    assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {}}'
-    assert check_resume_state(str(experiment)) == []  # whole now
+    # the experiment state or the search generator's damaged (what a full disk leaves): the kept snapshot, each file
+    for damaged, torn in ((state, b""), (gen, gen_bytes[: len(gen_bytes) // 2])):
+        damaged.write_bytes(torn)
+        assert check_resume_state(str(experiment)) == [
+            f"{path}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / path.name})"
+            for path in (state, gen, searcher)
+        ]
+        assert state.read_text() == '{"runner_data": {}, "trial_data": []}' and gen.read_bytes() == gen_bytes
+        assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {}}'
+        assert check_resume_state(str(experiment)) == []  # whole now
     (experiment / LAST_GOOD / state.name).unlink()
     state.write_text('{"runner_da')
     with pytest.raises(DataError, match="is damaged and no whole copy of this stage's state was kept"):
         check_resume_state(str(experiment))
+
+
+def test_a_tuner_pkl_is_put_back_from_its_copy_and_one_torn_as_the_tuner_was_made_starts_the_stage_over(tmp_path):
+    from ltc.sweep.adapters import LAST_GOOD, TUNER_STATE, check_resume_state, keep_tuner_state, stage_began
+
+    experiment = tmp_path / "ft"
+    experiment.mkdir()
+    tuner = experiment / TUNER_STATE
+    assert not stage_began(str(experiment))  # no Tuner made
+    tuner.write_bytes(b"")  # torn by a full disk as the Tuner was made: no copy, no experiment state
+    assert not stage_began(str(experiment))  # the driver makes a new Tuner: no trial had run
+    (experiment / "experiment_state-2026.json").write_text("{}")
+    assert stage_began(str(experiment))  # a stage begun before ltc kept the copy: resumed as Tune has it
+    (experiment / "experiment_state-2026.json").unlink()
+    tuner.write_bytes(b"\x80\x05the tuner")
+    keep_tuner_state(str(experiment))
+    assert (experiment / LAST_GOOD / TUNER_STATE).read_bytes() == tuner.read_bytes() and stage_began(str(experiment))
+    tuner.write_bytes(b"\x80\x05the tu")
+    assert check_resume_state(str(experiment)) == [
+        f"{tuner}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / TUNER_STATE})"
+    ]
+    assert tuner.read_bytes() == b"\x80\x05the tuner"
 
 
 def test_damaged_tune_searcher_and_journal_files_are_named_and_the_resume_finishes_exactly_once(tmp_path):
@@ -199,8 +292,10 @@ def test_damaged_tune_searcher_and_journal_files_are_named_and_the_resume_finish
         _cleanup(first)
     state = next(ft.glob("experiment_state-*.json"))
     searcher = next(ft.glob("searcher-state-*.pkl"))
+    gen = next(ft.glob("search_gen_state-*.json"))
     journal = results / "torn" / "optuna.log"
     state.write_bytes(b"")
+    gen.write_bytes(b"")
     searcher.write_bytes(searcher.read_bytes()[: searcher.stat().st_size // 2])
     journal.write_bytes(journal.read_bytes()[:-57])
 
@@ -208,5 +303,6 @@ def test_damaged_tune_searcher_and_journal_files_are_named_and_the_resume_finish
     assert rc == 0, out[-3000:]
     assert f"{state}: damaged, replaced by the last good copy" in out
     assert f"{searcher}: damaged, replaced by the last good copy" in out
+    assert f"{gen}: damaged, replaced by the last good copy" in out
     assert f"{journal}: dropped its torn last record" in out and "Failed to restore the run state" not in out
     _exactly_once(results, "torn")

@@ -422,6 +422,31 @@ class Progress(Callback):
 LAST_GOOD = "ltc-last-good"  # beside Tune's files in a stage's experiment folder
 STATE_GLOB = "experiment_state-*.json"  # Tune's experiment state (TuneController.CKPT_FILE_TMPL)
 SEARCHER_GLOB = "searcher-state-*.pkl"  # Searcher.CKPT_FILE_TMPL: ltc's is JSON under that name
+SEARCH_GEN_GLOB = "search_gen_state-*.json"  # SearchGenerator.CKPT_FILE_TMPL: Tune's wrappers, a cloudpickle
+
+
+TUNER_STATE = "tuner.pkl"  # Tune's, written once, when a stage's Tuner is made (TunerInternal._TUNER_PKL)
+
+
+def keep_tuner_state(experiment: str) -> None:
+    """Copy the ``tuner.pkl`` of a Tuner just made into ``LAST_GOOD/``: Tune never writes it again, so this copy is
+    the good one, and its presence says that the Tuner was made whole."""
+    fs, root = io.filesystem(experiment)
+    data = _read(experiment, f"{root}/{TUNER_STATE}")
+    fs.create_dir(f"{root}/{LAST_GOOD}", recursive=True)
+    _write(experiment, f"{root}/{LAST_GOOD}/{TUNER_STATE}", data)
+
+
+def stage_began(experiment: str) -> bool:
+    """Whether Tune can resume ``experiment``: its Tuner was made (``tuner.pkl`` and ltc's copy of it; or, for a
+    stage begun before ltc kept that copy, a ``tuner.pkl`` with an experiment state beside it). A ``tuner.pkl``
+    alone, torn by a full disk as the Tuner was made, is a stage that ran no trial: it starts over."""
+    fs, root = io.filesystem(experiment)
+    if fs.get_file_info(f"{root}/{TUNER_STATE}").type.name != "File":
+        return False
+    return fs.get_file_info(f"{root}/{LAST_GOOD}/{TUNER_STATE}").type.name == "File" or bool(
+        _files(experiment, STATE_GLOB)
+    )
 
 
 def _files(folder: str, pattern: str) -> list[tuple[str, int, int]]:
@@ -459,15 +484,41 @@ def _whole_state(data: bytes) -> bool:
         return False
 
 
+def _whole_pickle(data: bytes) -> bool:
+    """Whether ``data`` is one whole pickle, read opcode by opcode (``pickletools.genops``): nothing is built or
+    run, so this is safe on any file."""
+    import pickletools
+
+    try:
+        ops = [op.name for op, _, _ in pickletools.genops(data)]
+    except Exception:  # genops raises ValueError and others on torn or foreign bytes
+        return False
+    return bool(ops) and ops[-1] == "STOP"
+
+
+def _whole(path: str, data: bytes) -> bool:
+    """Whether a state file of one of the snapshot's kinds reads back whole."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("search_gen_state-"):
+        return _whole_pickle(data)
+    return _searcher_state(data) if name.startswith("searcher-state-") else _whole_state(data)
+
+
+def _snapshot(experiment: str) -> list[tuple[str, int, int]]:
+    """The state files Tune reads to resume ``experiment``, all written at each of its saves: the experiment state,
+    the search generator's wrappers and ltc's searcher state."""
+    return [f for glob in (STATE_GLOB, SEARCH_GEN_GLOB, SEARCHER_GLOB) for f in _files(experiment, glob)]
+
+
 def keep_last_good(experiment: str, seen: dict[str, tuple[int, int]]) -> None:
-    """When ``experiment``'s state files changed since ``seen`` and all read back whole, copy them, Tune's experiment
-    state and ltc's searcher state together (one snapshot: they must agree), into ``LAST_GOOD/``."""
+    """When ``experiment``'s state files changed since ``seen`` and all read back whole, copy them together (one
+    snapshot: they must agree) into ``LAST_GOOD/``."""
     fs, root = io.filesystem(experiment)
-    files = _files(experiment, STATE_GLOB) + _files(experiment, SEARCHER_GLOB)
+    files = _snapshot(experiment)
     if not files or all(seen.get(path) == (size, mtime) for path, size, mtime in files):
         return
     data = {path: _read(experiment, path) for path, _, _ in files}
-    if not all(_whole_state(d) for d in data.values()):
+    if not all(_whole(path, d) for path, d in data.items()):
         return  # being written, or damaged: the copy kept so far stays
     fs.create_dir(f"{root}/{LAST_GOOD}", recursive=True)
     for path, d in data.items():
@@ -532,12 +583,14 @@ def check_resume_state(experiment: str) -> list[str]:
         repaired.append(f"{path}: damaged, replaced by the last good copy ({copy})")
         return True
 
-    states = _files(experiment, STATE_GLOB)
+    tuner, kept = f"{root}/{TUNER_STATE}", f"{root}/{LAST_GOOD}/{TUNER_STATE}"
+    if fs.get_file_info(kept).type.name == "File" and _read(experiment, tuner) != _read(experiment, kept):
+        put_back(tuner, kept, bool)  # Tune never rewrites it: any change is damage
+    tune_files = _files(experiment, STATE_GLOB) + _files(experiment, SEARCH_GEN_GLOB)
     searchers = _files(experiment, SEARCHER_GLOB)
-    if any(not _whole_state(_read(experiment, path)) for path, _, _ in states):
-        for path, _, _ in states + searchers:
-            good = _whole_state if path.endswith(".json") else _searcher_state
-            if not put_back(path, f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}", good):
+    if any(not _whole(path, _read(experiment, path)) for path, _, _ in tune_files):
+        for path, _, _ in tune_files + searchers:
+            if not put_back(path, f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}", lambda d, p=path: _whole(p, d)):
                 raise DataError(
                     f"{path} is damaged and no whole copy of this stage's state was kept: remove {experiment} to run "
                     "the stage again from its start"

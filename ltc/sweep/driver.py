@@ -253,7 +253,11 @@ def _run_or_read_stage(
     )  # fmt: skip
     check_sizes(spec, stage, settings, inputs)
     io.pause_for_tests(f"stage {stage.name}")  # tests: its inputs resolved, no trial started
-    table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
+    try:
+        table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
+    except EOFError:  # Tune reads back each failed trial's pickled error: a full disk leaves that file empty
+        _raise_if_full(paths)
+        raise
     _arm()
     planned = len(settings) * spec.search_for(stage).trials
     ended = int(table.status.isin(["completed", "pruned", "error"]).sum())
@@ -261,6 +265,7 @@ def _run_or_read_stage(
         raise SweepInterrupted(stage.name, ended, planned)
     failed = table[table.status == "error"]
     if len(failed):  # done means done: every planned trial completed (or pruned), and --resume runs these again
+        _raise_if_full(paths)  # trials that failed on a full disk: say which one, not their errors
         io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
         raise StageFailed(stage.name, [str(e) for e in failed.error], planned)
     copy_best(table, paths.best(stage.name), pause=lambda: io.pause_for_tests("copy_best"))
@@ -450,10 +455,10 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
     experiment = f"{paths.storage.rstrip('/')}/{stage.name}"
     with _inputs_on_nodes(paths, stage, inputs) as server:
-        if resume and io.exists(f"{experiment}/tuner.pkl"):
-            print(f"stage {stage.name}: resuming")
-            from ltc.sweep.adapters import check_resume_state
+        from ltc.sweep.adapters import check_resume_state, keep_tuner_state, stage_began
 
+        if resume and stage_began(experiment):
+            print(f"stage {stage.name}: resuming")
             for line in check_resume_state(experiment):  # Tune would start the stage over on a damaged file
                 log.warning(line)
             path, fs = io.tune_storage(experiment)
@@ -481,9 +486,19 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
                 epochs=stage.epochs,
                 max_failures=spec.max_failures,
             )
+            keep_tuner_state(experiment)  # before any trial: a resume finds the Tuner whole, or starts the stage over
             print(f"stage {stage.name}: {len(settings)} settings, {sum(search.trials for _ in configs)} trials")
         grid = tuner.fit()
     return results_table(grid, stage.name)
+
+
+def _raise_if_full(paths: SweepPaths) -> None:
+    """``OSError(ENOSPC)`` naming the results folder, the storage or the temporary folder (Ray's session and
+    trial workdirs) where one of them is (nearly) full."""
+    import tempfile
+
+    local = [] if io.is_uri(paths.storage) else [Path(paths.storage)]
+    io.raise_if_full([paths.root, *local, Path(tempfile.gettempdir())])
 
 
 @contextmanager
