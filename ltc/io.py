@@ -368,3 +368,23 @@ def raise_if_full(folders: list[Path]) -> None:
     for folder, free in free_space(folders).items():
         if free < LOW_SPACE:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free)", str(folder))
+
+
+def keep_working_directory() -> None:
+    """Give this process a working directory again if its own was deleted under it, before it spawns processes
+    (``multiprocessing`` hands them the parent's). A Ray job's driver stands in the job's unpacked ``working_dir``,
+    and Ray's runtime-env agent of each node unpacks it afresh (it overwrites) into the session folder that nodes
+    on one machine share: the folder is deleted and a new one made at its path. That path again, else the temp
+    folder."""
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    gone = ""
+    try:
+        gone = os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
+    except OSError:  # not Linux
+        pass
+    where = gone if gone and os.path.isdir(gone) else tempfile.gettempdir()
+    os.chdir(where)

@@ -367,3 +367,29 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
         f"{len(objects)} objects in {storage}; trials per node "
         f"{trials.node_id.value_counts().to_dict()}"
     )
+
+
+def test_a_later_stage_builds_its_shards_in_parallel_after_the_workers_unpacked_the_job_again(cluster, tmp_path):
+    """Each node's runtime-env agent unpacks the job's working_dir afresh (Ray overwrites it) into the session
+    folder that nodes on one machine share, deleting the driver's working directory under it. A later stage's
+    parallel prepare spawns processes, which need one (issue 25.9: a FileNotFoundError in os.getcwd())."""
+    cluster.two_workers(tmp_path)
+    spec = yaml.safe_load((REPO / SWEEP).read_text())
+    spec["name"] = "parallel_prepare"
+    spec["stages"] = [  # l96's trials on the workers first; then agl, 3,108 CIFs: a parallel prepare
+        {"name": "first", "datasets": ["l96"], "seeds": [0, 1], "epochs": 1, "batch_size": 16},
+        {"name": "second", "datasets": ["agl"], "max_sizes": [100], "seeds": [0], "epochs": 1, "batch_size": 16},
+    ]
+    path = tmp_path / "parallel_prepare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    fresh = tmp_path / "fresh_cache"  # agl not built yet (another test of this module may have built it)
+    fresh.mkdir()
+    results = tmp_path / "results"
+    job = _submit(cluster, [str(path), "--results", str(results)], runtime_env={"env_vars": {"LTC_CACHE": str(fresh)}})
+    out = _finish(job)
+    assert "worker processes failed" not in out  # built in parallel, not in the driver alone after a failure
+    trials = pd.read_parquet(results / "parallel_prepare" / "trials.parquet")
+    assert len(trials) == 3 and (trials.status == "completed").all(), trials[["setting", "status", "error"]]
+    assert set(trials.node_id[trials.stage == "first"]) <= set(cluster.private)
+    (agl,) = [p for p in (fresh / "shards").iterdir() if p.name.startswith("agl-")]
+    assert len(list(agl.glob("shard-*.arrow"))) > 1  # several chunks: the parallel path
