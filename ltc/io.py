@@ -10,6 +10,7 @@ profile, never by the URI: ltc writes URIs into results and Tune state (``check_
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -382,9 +383,7 @@ def keep_working_directory() -> None:
     except FileNotFoundError:
         pass
     gone = ""
-    try:
+    with contextlib.suppress(OSError):  # not Linux
         gone = os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
-    except OSError:  # not Linux
-        pass
     where = gone if gone and os.path.isdir(gone) else tempfile.gettempdir()
     os.chdir(where)

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ltc import __version__, datasets
+from ltc import __version__, datasets, io
 from ltc.errors import DataError, MissingFileError
 from ltc.graphs import CrystalGraph, GraphConfig, GraphError, check_construction, structure_to_graph
 from ltc.io import write_json_atomic
@@ -313,6 +313,7 @@ def _build_shards(
             try:
                 # spawn, not fork: the caller may hold threads (Ray, torch) that fork would copy half-locked
                 ctx = get_context("spawn")
+                io.keep_working_directory()  # spawn hands it on; a Ray job's driver can lose its own
                 with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
                     futures = {pool.submit(build_shard, chunks[i], graph, files[i]): i for i in range(len(chunks))}
                     for fut in as_completed(futures):

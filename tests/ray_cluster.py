@@ -92,9 +92,15 @@ class RayCluster:
     # ---- nodes
 
     def _start(
-        self, name: str, args: list[str], *, env: dict[str, str] | None, hide: dict[Path, Path] | None
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str] | None,
+        hide: dict[Path, Path] | None,
+        temp: str | None = None,
     ) -> subprocess.Popen:
-        temp = self.root / name
+        temp = self.root / (temp or name)
         log = self.root / f"{name}.log"
         cmd = [str(BIN / "ray"), "start", *args, f"--temp-dir={temp}", "--block", "--disable-usage-stats"]
         if hide:  # a mount namespace of its own: each folder shows the node its own replacement
@@ -139,8 +145,10 @@ class RayCluster:
         num_gpus: int | None = None,
         env: dict[str, str] | None = None,
         hide: dict[Path, Path] | None = None,
+        share_temp: bool = False,
     ) -> subprocess.Popen:
-        """A worker node; its ``ray start --block`` process, for ``stop_node``."""
+        """A worker node; its ``ray start --block`` process, for ``stop_node``. ``share_temp``: the head's temp
+        folder, as every node started on one machine with Ray's defaults shares ``/tmp/ray``."""
         name = f"worker{len(self.procs)}"
         args = [
             f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
@@ -148,7 +156,7 @@ class RayCluster:
         ]  # fmt: skip
         if num_gpus is not None:
             args.append(f"--num-gpus={num_gpus}")
-        return self._start(name, args, env=env, hide=hide)
+        return self._start(name, args, env=env, hide=hide, temp="head" if share_temp else None)
 
     def stop_node(self, node: subprocess.Popen) -> None:
         """End one node as a lost machine ends (its whole process group), leaving the others running."""

@@ -36,3 +36,25 @@ def test_read_only_data_home_is_never_written_even_by_root(monkeypatch, tmp_path
         assert os.listdir(home) == []
     finally:
         home.chmod(0o755)
+
+
+def test_a_deleted_working_directory_is_replaced_by_its_path_made_again_else_the_temp_folder(tmp_path):
+    """What a Ray job's driver meets when another node's agent unpacks the job afresh (io.keep_working_directory):
+    run in a child process, whose working directory this test may take away."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = """
+import os, shutil, sys, tempfile
+from ltc import io
+here = sys.argv[1]
+os.makedirs(here); os.chdir(here); shutil.rmtree(here)
+io.keep_working_directory(); print(os.getcwd())       # gone for good: the temp folder
+os.makedirs(here); os.chdir(here); shutil.rmtree(here); os.makedirs(here)
+io.keep_working_directory(); print(os.getcwd())       # made again at its path (a fresh unpack): there
+io.keep_working_directory(); print(os.getcwd())       # whole: left as it is
+"""
+    here = tmp_path / "job"
+    out = subprocess.run([sys.executable, "-c", code, str(here)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [tempfile.gettempdir(), str(here), str(here)]

@@ -221,6 +221,8 @@ def _run_or_read_stage(
     """One stage's trials table: read back if the stage finished earlier, else run (and then marked done)."""
     import pandas as pd
 
+    io.keep_working_directory()  # a Ray job's driver can lose its own between stages (io.keep_working_directory)
+
     from ltc.results import copy_best
 
     _arm()
