@@ -889,16 +889,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _full_folders(args: argparse.Namespace) -> str:
     """Which of the folders this command writes to is full (an ENOSPC that names no file): the results or output
-    folder, the shard cache, the temporary folder (Ray's session); those with under ``io.LOW_SPACE`` left, else all."""
+    folder, the storage, the shard cache, the temporary folders (Ray's session); those with under ``io.LOW_SPACE``
+    left, else all. Looks only: creates nothing on the full disk."""
     import tempfile
 
     from ltc import io
-    from ltc.paths import cache_root
 
-    given = [getattr(args, key, None) for key in ("results", "out")]
-    folders = [Path(f) for f in given if f is not None and not io.is_uri(f)]
-    folders += [cache_root(), Path(tempfile.gettempdir())]
-    free = io.free_space(folders)
+    given = [getattr(args, key, None) for key in ("results", "results_dir", "out", "storage", "cache")]
+    given += [os.environ.get("LTC_CACHE"), os.environ.get("RAY_TMPDIR"), tempfile.gettempdir()]
+    try:
+        free = io.free_space([Path(f) for f in given if f and not io.is_uri(str(f))])
+    except OSError:  # the file system fails even to say how full it is
+        return "(its folder could not be examined)"
     low = [f for f, b in free.items() if b < io.LOW_SPACE] or list(free)
     return ", ".join(f"{f} ({free[f] / 2**20:.1f} MiB free)" for f in low)
 

@@ -127,9 +127,11 @@ def check_uri(uri: str, *, what: str = "URI") -> None:
         return
     base, query = uri.split("?", 1) if "?" in uri else (uri, "")
     scheme, rest = base.split("://", 1)
-    if "@" in rest.split("/", 1)[0]:  # s3://KEY:SECRET@bucket/…: never echoed, never written
+    userinfo, at, after = rest.rpartition("@")
+    # s3://KEY:SECRET@bucket/…, where a secret may hold "/" and "@": never echoed (only what follows the last "@")
+    if at and (":" in userinfo or "/" not in userinfo):
         raise ConfigError(
-            f"{what} {scheme}://…@{rest.split('@', 1)[1]}: credentials in a URI are refused (they would be written "
+            f"{what} {scheme}://…@{after}: credentials in a URI are refused (they would be written "
             "into results, Tune's state and the logs); give them with the AWS variables or an AWS profile"
         )
     if query:

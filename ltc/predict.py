@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,17 +53,22 @@ FOLD_RE = re.compile(r"r(\d+)-?f(\d+)")  # a fold model's folder: r<repeat>f<fol
 
 
 def missing_folds(files: list[str], folder: str) -> list[str]:
-    """The fold models a K-fold cell's folder lacks: ``files`` beneath ``folder`` in folders named r<R>f<F> should
-    be every (repeat, fold) up to the largest of each; the missing ones' names."""
-    units = set()
+    """The fold models the K-fold cells beneath ``folder`` lack: the ``files`` of each cell (the folder above their
+    r<R>f<F> folders) should be every (repeat, fold) up to the largest of each; the missing ones' names (prefixed
+    with the cell's path under ``folder`` where ``folder`` holds several cells). Files not in fold folders: none."""
+    cells: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for f in files:
-        parent = f.rstrip("/").rsplit("/", 2)[-2] if "/" in f else ""
-        m = FOLD_RE.fullmatch(parent)
+        parts = f.rstrip("/").split("/")
+        m = FOLD_RE.fullmatch(parts[-2]) if len(parts) >= 2 else None
         if m is None:
-            return []  # not a K-fold cell: nothing to count
-        units.add((int(m.group(1)), int(m.group(2))))
-    repeats, folds = max(r for r, _ in units) + 1, max(f for _, f in units) + 1
-    return [f"r{r}f{k}" for r in range(repeats) for k in range(folds) if (r, k) not in units]
+            return []  # not K-fold cells: nothing to count
+        cells["/".join(parts[:-2])].add((int(m.group(1)), int(m.group(2))))
+    missing = []
+    for cell, units in sorted(cells.items()):
+        repeats, folds = max(r for r, _ in units) + 1, max(f for _, f in units) + 1
+        where = f"{cell.removeprefix(folder.rstrip('/')).strip('/')}/" if len(cells) > 1 else ""
+        missing += [f"{where}r{r}f{k}" for r in range(repeats) for k in range(folds) if (r, k) not in units]
+    return missing
 
 
 def expand_checkpoints(paths: list[str | os.PathLike[str]], *, allow_partial: bool = False) -> list[str]:

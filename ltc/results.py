@@ -42,6 +42,8 @@ def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     datasets.remember(declared_in(results_dir).values())
     try:
         table = pd.read_parquet(path)
+    except PermissionError:
+        raise
     except Exception as err:  # pyarrow raises several kinds on a damaged file
         raise DataError(
             f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}); `ltc sweep FILE --resume` "

@@ -87,7 +87,7 @@ def test_a_stage_whose_trials_lost_their_shards_is_not_done_and_resumes(tmp_path
     _exactly_once(results, "gone")
 
 
-def test_a_truncated_start_checkpoint_fails_its_stage_in_a_line_and_resumes_once_restored(tmp_path):
+def test_a_truncated_start_checkpoint_fails_its_stage_in_a_line_and_resumes_once_restored(tmp_path, capsys):
     path = tmp_path / "cut.yaml"
     path.write_text(yaml.safe_dump(_spec("cut")))
     results = tmp_path / "results"
@@ -116,6 +116,19 @@ def test_a_truncated_start_checkpoint_fails_its_stage_in_a_line_and_resumes_once
     rc, out = _finish([*args, "--resume"], tmp_path / "second.log", env)
     assert rc == 0, out[-3000:]
     _exactly_once(results, "cut")
+
+    # a damaged file of a finished sweep is one line naming it: the stage table (on resume), trials.parquet (report)
+    from ltc.cli import main
+
+    done = results / "cut" / "stages" / "ft.parquet"
+    done.write_bytes(done.read_bytes()[:-100])
+    rc, out = _finish([*args, "--resume"], tmp_path / "third.log", env)
+    assert rc == 2 and out.strip().splitlines()[-1].startswith(f"ltc sweep: error: {done} is damaged"), out[-3000:]
+    trials = results / "cut" / "trials.parquet"
+    trials.write_bytes(trials.read_bytes()[:200])
+    capsys.readouterr()
+    assert main(["report", str(results / "cut")]) == 2
+    assert capsys.readouterr().err.startswith(f"ltc report: error: {trials} is damaged")
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_resume_finishes_every_trial_once(tmp_path):
@@ -214,7 +227,8 @@ def test_damaged_tune_and_searcher_state_is_replaced_by_the_last_good_copy(tmp_p
     experiment = tmp_path / "ft"
     experiment.mkdir()
     state = experiment / "experiment_state-2026.json"
-    state.write_text('{"runner_data": {}, "trial_data": []}')
+    one_trial = '{"runner_data": {}, "trial_data": [["t1", "{}"]]}'
+    state.write_text(one_trial)
     searcher = experiment / "searcher-state-2026.pkl"
     searcher.write_text('{"issued": {"a": 1}, "ended": {}}')
     gen = experiment / "search_gen_state-2026.json"  # Tune's: a pickle, checked opcode by opcode, never loaded
@@ -223,27 +237,44 @@ def test_damaged_tune_and_searcher_state_is_replaced_by_the_last_good_copy(tmp_p
     keep_last_good(str(experiment), {})  # the three, as one snapshot
     for path in (state, searcher, gen):
         assert (experiment / LAST_GOOD / path.name).read_bytes() == path.read_bytes()
+    # files whole but of two saves (Tune uploads them one by one): not kept, the earlier snapshot stays
+    state.write_text('{"runner_data": {}, "trial_data": [["t1", "{}"], ["t2", "{}"]]}')
+    keep_last_good(str(experiment), {})
+    assert (experiment / LAST_GOOD / state.name).read_text() == one_trial
 
-    # a searcher state damaged alone (here: a planted pickle, never unpickled): its own backup, of its snapshot
+    # a searcher state damaged alone (here: a planted pickle, never unpickled): its backup, if of the state's save
+    state.write_text(one_trial)
     searcher.write_bytes(pickle.dumps({"planted": "a pickle that would run code"}))
-    (experiment / BACKUP).write_text('{"issued": {"a": 2}, "ended": {}}')
+    (experiment / BACKUP).write_text('{"issued": {"a": 1}, "ended": {"a": 1}}')
     assert check_resume_state(str(experiment)) == [
         f"{searcher}: damaged, replaced by the last good copy ({experiment / BACKUP})"
     ]
-    assert searcher.read_text() == '{"issued": {"a": 2}, "ended": {}}'
-    # the experiment state or the search generator's damaged (what a full disk leaves): the kept snapshot, each file
-    for damaged, torn in ((state, b""), (gen, gen_bytes[: len(gen_bytes) // 2])):
+    assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {"a": 1}}'
+    # a backup of another save (2 issued, 1 trial): the kept snapshot instead
+    searcher.write_bytes(b"")
+    (experiment / BACKUP).write_text('{"issued": {"a": 2}, "ended": {}}')
+    assert check_resume_state(str(experiment)) == [
+        f"{searcher}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / searcher.name})"
+    ]
+    assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {}}'
+    # the experiment state or the search generator's damaged (what a full disk leaves), or whole files of two
+    # saves: the kept snapshot, each file that differs from it
+    for damaged, torn in ((state, b""), (gen, gen_bytes[: len(gen_bytes) // 2]), (searcher, b'{"issued": {"a": 3}}')):
         damaged.write_bytes(torn)
         assert check_resume_state(str(experiment)) == [
-            f"{path}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / path.name})"
-            for path in (state, gen, searcher)
+            f"{damaged}: damaged, replaced by the last good copy ({experiment / LAST_GOOD / damaged.name})"
         ]
-        assert state.read_text() == '{"runner_data": {}, "trial_data": []}' and gen.read_bytes() == gen_bytes
+        assert state.read_text() == one_trial and gen.read_bytes() == gen_bytes
         assert searcher.read_text() == '{"issued": {"a": 1}, "ended": {}}'
         assert check_resume_state(str(experiment)) == []  # whole now
     (experiment / LAST_GOOD / state.name).unlink()
     state.write_text('{"runner_da')
-    with pytest.raises(DataError, match="is damaged and no whole copy of this stage's state was kept"):
+    with pytest.raises(DataError, match=r"is damaged or of another save .* and no whole copy of this stage's state"):
+        check_resume_state(str(experiment))
+    state.write_text(one_trial)  # a stage begun by an older ltc: its searcher state a pickle, no backup
+    searcher.write_bytes(pickle.dumps({"issued": {"a": 1}}))
+    (experiment / BACKUP).unlink()
+    with pytest.raises(DataError, match=r"is damaged \(a pickle: an older ltc's, or not ltc's\)"):
         check_resume_state(str(experiment))
 
 
@@ -290,6 +321,19 @@ def test_damaged_tune_searcher_and_journal_files_are_named_and_the_resume_finish
         assert first.wait(timeout=300) == 130, _tail(tmp_path / "first.log")
     finally:
         _cleanup(first)
+    # Tune's tuner.pkl damaged, with no copy of ltc's (a stage begun by an older ltc): one line, nothing changed
+    tuner = ft / "tuner.pkl"
+    whole = tuner.read_bytes()
+    from ltc.sweep.adapters import LAST_GOOD
+
+    (ft / LAST_GOOD / "tuner.pkl").unlink()
+    tuner.write_bytes(whole[: len(whole) // 2])
+    before = {p: p.stat().st_mtime_ns for p in ft.rglob("*")}
+    rc, out = _finish([*args, "--resume"], tmp_path / "refused.log", env)
+    assert rc == 2 and out.strip().splitlines()[-1].startswith(f"ltc sweep: error: {tuner} is damaged"), out[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in ft.rglob("*")} == before  # refused before anything was written
+    tuner.write_bytes(whole)
+
     state = next(ft.glob("experiment_state-*.json"))
     searcher = next(ft.glob("searcher-state-*.pkl"))
     gen = next(ft.glob("search_gen_state-*.json"))

@@ -254,3 +254,13 @@ def test_reads_are_checked_damaged_shards_flipped_weights_and_missing_folds(runs
     assert "holds 3 fold models; r1f1 missing" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(cell), "l96", "--out", str(out), "--allow-partial"]) == 0
     assert (pd.read_parquet(out).n_models == 3).all()
+
+
+def test_missing_folds_are_counted_per_cell():
+    from ltc.predict import missing_folds
+
+    cells = ["best/ft/a/r0f0/checkpoint.pt", "best/ft/a/r0f1/checkpoint.pt", "best/ft/b/r0f1/checkpoint.pt"]
+    assert missing_folds(cells, "best/ft") == ["b/r0f0"]  # one whole cell hides nothing of another
+    assert missing_folds(cells[:2], "best/ft/a") == []
+    assert missing_folds(["c/r0f0/checkpoint.pt", "c/r1f1/checkpoint.pt"], "c") == ["r0f1", "r1f0"]
+    assert missing_folds(["runs/x/checkpoint.pt"], "runs") == []  # not a K-fold cell

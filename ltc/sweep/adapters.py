@@ -437,6 +437,12 @@ def keep_tuner_state(experiment: str) -> None:
     _write(experiment, f"{root}/{LAST_GOOD}/{TUNER_STATE}", data)
 
 
+def tuner_state_whole(experiment: str) -> bool:
+    """Whether ``experiment``'s ``tuner.pkl`` is one whole pickle (read opcode by opcode, never loaded)."""
+    _, root = io.filesystem(experiment)
+    return _whole_pickle(_read(experiment, f"{root}/{TUNER_STATE}"))
+
+
 def stage_began(experiment: str) -> bool:
     """Whether Tune can resume ``experiment``: its Tuner was made (``tuner.pkl`` and ltc's copy of it; or, for a
     stage begun before ltc kept that copy, a ``tuner.pkl`` with an experiment state beside it). A ``tuner.pkl``
@@ -489,11 +495,13 @@ def _whole_pickle(data: bytes) -> bool:
     run, so this is safe on any file."""
     import pickletools
 
+    last = None
     try:
-        ops = [op.name for op, _, _ in pickletools.genops(data)]
+        for op, _, _ in pickletools.genops(data):
+            last = op.name
     except Exception:  # genops raises ValueError and others on torn or foreign bytes
         return False
-    return bool(ops) and ops[-1] == "STOP"
+    return last == "STOP"
 
 
 def _whole(path: str, data: bytes) -> bool:
@@ -518,7 +526,7 @@ def keep_last_good(experiment: str, seen: dict[str, tuple[int, int]]) -> None:
     if not files or all(seen.get(path) == (size, mtime) for path, size, mtime in files):
         return
     data = {path: _read(experiment, path) for path, _, _ in files}
-    if not all(_whole(path, d) for path, d in data.items()):
+    if not all(_whole(path, d) for path, d in data.items()) or not _agree(data):
         return  # being written, or damaged: the copy kept so far stays
     fs.create_dir(f"{root}/{LAST_GOOD}", recursive=True)
     for path, d in data.items():
@@ -562,44 +570,66 @@ def _searcher_state(data: bytes) -> bool:
     return isinstance(state, dict) and "issued" in state
 
 
-def check_resume_state(experiment: str) -> list[str]:
-    """Before Tune resumes ``experiment``: damaged state files (0 bytes, truncated, a searcher state that is not
-    ltc's JSON: a planted pickle is never read) are replaced by good copies; what was replaced, one line each.
+def _agree(data: dict[str, bytes]) -> bool:
+    """Whether the newest experiment state in ``data`` (path → bytes) and the searcher state of its save are of one
+    save: Tune holds as many trials as the searcher issued. Tune uploads its files one by one, so whole files can
+    still be of two saves."""
+    states = sorted(p for p in data if p.rsplit("/", 1)[-1].startswith("experiment_state-"))
+    if not states:
+        return True
+    session = states[-1].rsplit("/", 1)[-1].removeprefix("experiment_state-").removesuffix(".json")
+    searcher = next((d for p, d in data.items() if p.rsplit("/", 1)[-1] == f"searcher-state-{session}.pkl"), None)
+    if searcher is None:
+        return True
+    try:
+        trials = len(json.loads(data[states[-1]])["trial_data"])
+        return trials == sum(json.loads(searcher)["issued"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
 
-    A damaged experiment state is replaced, with the searcher state beside it, by the last pair kept whole
-    (``keep_last_good``): the two must be of one snapshot. A damaged searcher state alone is replaced by the backup
-    its last save wrote beside it (``BACKUP``), of the same snapshot as the experiment state. Raises ``DataError``
-    naming a damaged file that has no good copy."""
+
+def check_resume_state(experiment: str) -> list[str]:
+    """Before Tune resumes ``experiment``: damaged state files (0 bytes, truncated, of two saves, a searcher state
+    that is not ltc's JSON: a planted pickle is never read) are replaced by good copies; what was replaced, one line
+    each.
+
+    A searcher state damaged alone is replaced by the backup its last save wrote beside it (``BACKUP``) when that
+    is of the experiment state's save; otherwise every state file is put back from the last snapshot kept whole
+    (``keep_last_good``). Raises ``DataError`` naming a damaged file that has no good copy."""
     fs, root = io.filesystem(experiment)
     repaired: list[str] = []
 
-    def put_back(path: str, copy: str, good) -> bool:
-        if fs.get_file_info(copy).type.name != "File":
-            return False
-        data = _read(experiment, copy)
-        if not good(data):
-            return False
+    def is_file(path: str) -> bool:
+        return fs.get_file_info(path).type.name == "File"
+
+    def put(path: str, data: bytes, copy: str) -> None:
         _write(experiment, path, data)
         repaired.append(f"{path}: damaged, replaced by the last good copy ({copy})")
-        return True
 
-    tuner, kept = f"{root}/{TUNER_STATE}", f"{root}/{LAST_GOOD}/{TUNER_STATE}"
-    if fs.get_file_info(kept).type.name == "File" and _read(experiment, tuner) != _read(experiment, kept):
-        put_back(tuner, kept, bool)  # Tune never rewrites it: any change is damage
-    tune_files = _files(experiment, STATE_GLOB) + _files(experiment, SEARCH_GEN_GLOB)
-    searchers = _files(experiment, SEARCHER_GLOB)
-    if any(not _whole(path, _read(experiment, path)) for path, _, _ in tune_files):
-        for path, _, _ in tune_files + searchers:
-            if not put_back(path, f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}", lambda d, p=path: _whole(p, d)):
-                raise DataError(
-                    f"{path} is damaged and no whole copy of this stage's state was kept: remove {experiment} to run "
-                    "the stage again from its start"
-                )
+    tuner, kept_tuner = f"{root}/{TUNER_STATE}", f"{root}/{LAST_GOOD}/{TUNER_STATE}"
+    if is_file(kept_tuner) and _read(experiment, tuner) != (whole := _read(experiment, kept_tuner)):
+        put(tuner, whole, kept_tuner)  # Tune never rewrites it: any change is damage
+    current = {path: _read(experiment, path) for path, _, _ in _snapshot(experiment)}
+    damaged = [path for path, data in current.items() if not _whole(path, data)]
+    if not damaged and _agree(current):
         return repaired
-    for path, _, _ in searchers:
-        if not _searcher_state(_read(experiment, path)) and not put_back(path, f"{root}/{BACKUP}", _searcher_state):
-            raise DataError(
-                f"{path} is damaged (or not ltc's) and its backup {root}/{BACKUP} cannot be read: the searcher's state "
-                f"of this stage; remove {experiment} to run the stage again from its start"
-            )
+    backup = f"{root}/{BACKUP}"
+    if damaged and all(p.rsplit("/", 1)[-1].startswith("searcher-state-") for p in damaged) and is_file(backup):
+        data = _read(experiment, backup)
+        if _searcher_state(data) and _agree({**current, **dict.fromkeys(damaged, data)}):
+            for path in damaged:
+                put(path, data, backup)
+            return repaired
+    copies = {path: f"{root}/{LAST_GOOD}/{path.rsplit('/', 1)[-1]}" for path in current}
+    kept = {path: _read(experiment, copy) for path, copy in copies.items() if is_file(copy)}
+    if len(kept) < len(current) or not all(_whole(p, d) for p, d in kept.items()) or not _agree(kept):
+        bad = damaged[0] if damaged else max(current)
+        older = " (a pickle: an older ltc's, or not ltc's)" if current.get(bad, b"")[:1] == b"\x80" else ""
+        raise DataError(
+            f"{bad} is damaged{older} or of another save than the files beside it, and no whole copy of this stage's "
+            f"state was kept: remove {experiment} to run the stage again from its start"
+        )
+    for path, data in kept.items():
+        if data != current[path]:
+            put(path, data, copies[path])
     return repaired

@@ -19,6 +19,7 @@ the last experiment snapshot, from which ``--resume`` also finishes every planne
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -161,7 +162,9 @@ def run_sweep(
             validate(spec, home=home, cache=cache_dir, local=not (address or os.environ.get("RAY_ADDRESS")))
             root = Path(results).resolve() / spec.name
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
-            paths = SweepPaths(root, storage or spec.storage or str(root / "ray"), optuna_ref)
+            given = storage or spec.storage or str(root / "ray")
+            # one spelling per place (./ckpts, ckpts/ and the absolute path are one folder): compared on --resume
+            paths = SweepPaths(root, given.rstrip("/") if io.is_uri(given) else str(Path(given).resolve()), optuna_ref)
             io.tune_storage(paths.storage)  # a refused storage URI or endpoint fails here, in one line
             stack.enter_context(one_driver(paths.root))  # held to the end: a second driver is refused
             _claim_results(paths, spec, spec_text, resume)
@@ -236,6 +239,8 @@ def _run_or_read_stage(
     if done_table.is_file():
         try:
             table = pd.read_parquet(done_table)
+        except PermissionError:
+            raise
         except Exception as err:  # pyarrow raises several kinds on a damaged file
             raise DataError(
                 f"{done_table} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}): it marks stage "
@@ -267,8 +272,15 @@ def _run_or_read_stage(
         raise SweepInterrupted(stage.name, ended, planned)
     failed = table[table.status == "error"]
     if len(failed):  # done means done: every planned trial completed (or pruned), and --resume runs these again
-        _raise_if_full(paths)  # trials that failed on a full disk: say which one, not their errors
-        io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
+        full = any("No space left" in str(e) or "Errno 28" in str(e) for e in failed.error)
+        try:
+            io.write_parquet_atomic(paths.trials, pd.concat([*tables.values(), table], ignore_index=True))
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            full = True
+        if full:  # trials that failed on a full disk: say which folder is full, not each trial's error
+            _raise_if_full(paths)
         raise StageFailed(stage.name, [str(e) for e in failed.error], planned)
     copy_best(table, paths.best(stage.name), pause=lambda: io.pause_for_tests("copy_best"))
     # the stage table marks the stage done: written last, after its best checkpoints are in place
@@ -457,7 +469,7 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
     experiment = f"{paths.storage.rstrip('/')}/{stage.name}"
     with _inputs_on_nodes(paths, stage, inputs) as server:
-        from ltc.sweep.adapters import check_resume_state, keep_tuner_state, stage_began
+        from ltc.sweep.adapters import check_resume_state, keep_tuner_state, stage_began, tuner_state_whole
 
         if resume and stage_began(experiment):
             print(f"stage {stage.name}: resuming")
@@ -468,7 +480,9 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
                 tuner = tune.Tuner.restore(
                     path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
                 )
-            except Exception as err:  # Tune's own pickle, damaged: nothing of it can be read
+            except Exception as err:
+                if tuner_state_whole(experiment):  # Ray unreachable, storage refused, …: not the file's fault
+                    raise
                 raise DataError(
                     f"{experiment}/tuner.pkl is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
                     f"Tune's state of stage {stage.name}; remove {experiment} to run that stage again from its start"
@@ -500,7 +514,8 @@ def _raise_if_full(paths: SweepPaths) -> None:
     import tempfile
 
     local = [] if io.is_uri(paths.storage) else [Path(paths.storage)]
-    io.raise_if_full([paths.root, *local, Path(tempfile.gettempdir())])
+    ray_tmp = [Path(os.environ["RAY_TMPDIR"])] if os.environ.get("RAY_TMPDIR") else []
+    io.raise_if_full([paths.root, *local, *ray_tmp, Path(tempfile.gettempdir())])
 
 
 @contextmanager
