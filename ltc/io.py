@@ -389,3 +389,21 @@ def keep_working_directory() -> None:
         gone = os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
     where = gone if gone and os.path.isdir(gone) else tempfile.gettempdir()
     os.chdir(where)
+
+
+def inside(base: str | os.PathLike[str], path: str | os.PathLike[str]) -> Any:
+    """``path``, returned as given when it lies inside ``base`` (local folders compared as absolute, normalised
+    paths, symlinks not followed; URIs by prefix, with no ``.``/``..`` segment after it): a path ltc derives from
+    names must never leave the folder the user gave (``ConfigError`` otherwise)."""
+    if is_uri(str(base)):
+        prefix = str(base).rstrip("/") + "/"
+        rest = str(path)[len(prefix) :]
+        ok = str(path).startswith(prefix) and not {".", ".."} & set(rest.split("/"))
+    else:
+        root, full = (os.path.normpath(os.path.abspath(p)) for p in (base, path))
+        ok = full == root or full.startswith(root.rstrip(os.sep) + os.sep)
+    if not ok:
+        raise ConfigError(
+            f"{path} would lie outside {base}, where ltc keeps everything of this run: a name with a path in it?"
+        )
+    return path

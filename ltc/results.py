@@ -640,7 +640,7 @@ def copy_best(table: pd.DataFrame, folder: Path, *, pause=None) -> None:
             dest = folder / slug(cell) / unit / "checkpoint.pt"
         else:
             dest = folder / slug(row.setting) / "checkpoint.pt"
-        io.copy_file(row.checkpoint, dest)
+        io.copy_file(row.checkpoint, io.inside(folder, dest))
         local.append(str(dest))
         if pause is not None and len(local) == 1:
             pause()  # tests: a driver killed here, mid-copy, must leave its stage unfinished

@@ -599,3 +599,24 @@ def test_credentials_are_refused_in_a_uri_and_a_killed_drivers_file_is_removed(t
     with io.aws_credentials_in_a_file() as path:
         assert path is not None and path.parent.name.startswith(f"ltc-aws-{socket.gethostname()}-{os.getpid()}-")
     assert not left.exists() and mine.exists()
+
+
+def test_no_path_ltc_derives_leaves_the_results_folder_or_the_storage(tmp_path):
+    """Names are checked at load (test_sweep_plan); this is the second line: every derived path is checked where
+    it is made, locally and in a bucket."""
+    from ltc import io
+    from ltc.sweep.driver import SweepPaths
+
+    paths = SweepPaths(tmp_path / "res" / "sw", str(tmp_path / "res" / "sw" / "ray"), "")
+    assert paths.stage_table("ft") == tmp_path / "res" / "sw" / "stages" / "ft.parquet"
+    assert paths.experiment("ft") == str(tmp_path / "res" / "sw" / "ray" / "ft")
+    for escape in (lambda: paths.stage_table("../../x"), lambda: paths.best("../.."), lambda: paths.experiment("..")):
+        with pytest.raises(ConfigError, match="would lie outside"):
+            escape()
+    bucket = SweepPaths(tmp_path, "s3://bucket/runs/sw", "")
+    assert bucket.experiment("ft") == "s3://bucket/runs/sw/ft"
+    with pytest.raises(ConfigError, match=r"s3://bucket/runs/sw/\.\./x would lie outside s3://bucket/runs/sw"):
+        bucket.experiment("../x")
+    assert io.inside(tmp_path, tmp_path / "a" / ".." / "b") == tmp_path / "a" / ".." / "b"  # normalised inside
+    with pytest.raises(ConfigError):
+        io.inside(tmp_path / "a", tmp_path / "ab")  # a sibling sharing the prefix is outside

@@ -126,10 +126,14 @@ class SweepPaths:
         return self.root / "trials.parquet"
 
     def stage_table(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.parquet"
+        return io.inside(self.root, self.root / "stages" / f"{stage}.parquet")
 
     def best(self, stage: str) -> Path:
-        return self.root / "best" / stage
+        return io.inside(self.root, self.root / "best" / stage)
+
+    def experiment(self, stage: str) -> str:
+        """Tune's folder of ``stage``, in the storage."""
+        return io.inside(self.storage, f"{self.storage.rstrip('/')}/{stage}")
 
 
 def run_sweep(
@@ -160,7 +164,7 @@ def run_sweep(
             cache_dir = str(cache_root(cache, home=Path(home)).resolve())
             # what a trial would reject fails here, before Ray starts
             validate(spec, home=home, cache=cache_dir, local=not (address or os.environ.get("RAY_ADDRESS")))
-            root = Path(results).resolve() / spec.name
+            root = io.inside(Path(results).resolve(), Path(results).resolve() / spec.name)
             optuna_ref = studies.register_storage(optuna_storage or str(root / studies.JOURNAL_NAME))
             given = storage or spec.storage or str(root / "ray")
             # one spelling per place (./ckpts, ckpts/ and the absolute path are one folder): compared on --resume
@@ -328,7 +332,7 @@ def keep_given(paths: SweepPaths, stage: str, start: Start) -> Start:
     """
     digest = hashlib.sha256(start.label.encode()).hexdigest()[:8]
     label = re.sub(r"[^A-Za-z0-9_.+=-]", "-", start.label)
-    kept = f"{paths.storage.rstrip('/')}/starts/{stage}/{label}-{digest}/checkpoint.pt"
+    kept = io.inside(paths.storage, f"{paths.storage.rstrip('/')}/starts/{stage}/{label}-{digest}/checkpoint.pt")
     if not io.exists(kept):
         io.put_file(str(start.checkpoint), kept)
     return dataclasses.replace(start, checkpoint=kept)
@@ -467,7 +471,7 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
     res = spec.resources_for(stage)
     search = spec.search_for(stage)
     trainable = tune.with_resources(ltc_trial, {"cpu": res.cpu, "gpu": res.gpu})
-    experiment = f"{paths.storage.rstrip('/')}/{stage.name}"
+    experiment = paths.experiment(stage.name)
     with _inputs_on_nodes(paths, stage, inputs) as server:
         from ltc.sweep.adapters import check_resume_state, keep_tuner_state, stage_began, tuner_state_whole
 
