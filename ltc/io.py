@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ltc.errors import ConfigError, MissingFileError
+from ltc.errors import ConfigError, DataError, MissingFileError
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
@@ -407,3 +407,17 @@ def inside(base: str | os.PathLike[str], path: str | os.PathLike[str]) -> Any:
             f"{path} would lie outside {base}, where ltc keeps everything of this run: a name with a path in it?"
         )
     return path
+
+
+def read_parquet_checked(path: Path, remedy: str) -> Any:
+    """``pandas.read_parquet(path)``; a damaged file is a ``DataError`` naming it, the reader's first line and
+    ``remedy`` (what to do about it). A permission error stays one (it is not damage)."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except PermissionError:
+        raise
+    except Exception as err:  # pyarrow raises several kinds on a damaged file
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise DataError(f"{path} is damaged ({type(err).__name__}: {first}): {remedy}") from None

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from ltc import compare, datasets
-from ltc.errors import DataError, MissingFileError
-from ltc.io import filesystem, write_text_atomic
+from ltc.errors import MissingFileError
+from ltc.io import filesystem, read_parquet_checked, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,7 @@ def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; point at a sweep's results folder (results/<sweep name>)")
     datasets.remember(declared_in(results_dir).values())
-    try:
-        table = pd.read_parquet(path)
-    except PermissionError:
-        raise
-    except Exception as err:  # pyarrow raises several kinds on a damaged file
-        raise DataError(
-            f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}); `ltc sweep FILE --resume` "
-            "writes it again from the stages' tables"
-        ) from None
+    table = read_parquet_checked(path, "`ltc sweep FILE --resume` writes it again from the stages' tables")
     return with_start(upgrade(table))
 
 

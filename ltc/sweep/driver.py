@@ -241,15 +241,9 @@ def _run_or_read_stage(
     settings_by_stage[stage.name] = settings
     done_table = paths.stage_table(stage.name)
     if done_table.is_file():
-        try:
-            table = pd.read_parquet(done_table)
-        except PermissionError:
-            raise
-        except Exception as err:  # pyarrow raises several kinds on a damaged file
-            raise DataError(
-                f"{done_table} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:200]}): it marks stage "
-                f"{stage.name} done; remove it, and --resume gathers that stage's finished trials again"
-            ) from None
+        table = io.read_parquet_checked(
+            done_table, f"it marks stage {stage.name} done; remove it, and --resume gathers that stage's trials again"
+        )
         print(f"stage {stage.name}: finished earlier ({len(table)} trials)")
         return table
     if not settings:
