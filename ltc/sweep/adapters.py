@@ -48,10 +48,11 @@ def read_state(path: Path) -> dict[str, Any]:
     errors = []
     for candidate in (path, path.parent / BACKUP):
         try:
-            state = json.loads(candidate.read_text())
-            if not isinstance(state, dict) or "issued" not in state:
-                raise ValueError("not a searcher state")
-        except (OSError, UnicodeDecodeError, ValueError) as err:
+            data = candidate.read_bytes()
+            if not _searcher_state(data):  # the one test of a whole searcher state, as check_resume_state's
+                raise ValueError("not a searcher state (ltc's JSON with 'issued')")
+            state = json.loads(data)
+        except (OSError, ValueError) as err:
             errors.append(f"{candidate}: {type(err).__name__}: {str(err)[:120]}")
             continue
         if candidate != path:
