@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,7 @@ from ltc.sweep.plan import (
     validate,
 )
 from ltc.sweep.spec import AshaSpec, SearchSpec, StageSpec, SweepSpec
+from ltc.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,12 @@ def run_sweep(
     data_home: str | None = None,
     cache: str | None = None,
     optuna_storage: str | None = None,
+    tracking: Sequence[Tracker] = (),
 ) -> Any:
     """Run every stage of ``spec``; returns the trials table (pandas). See the module docstring.
 
     ``optuna_storage``: a database URL for the Optuna studies; default ``<results>/<name>/optuna.log``.
+    ``tracking``: trackers each trial is logged to as well (``ltc.tracking.parse_tracking``).
 
     Raises ``SweepInterrupted`` after SIGINT or SIGTERM, leaving a state that ``resume=True`` completes.
     """
@@ -176,7 +179,7 @@ def run_sweep(
             with io.aws_credentials_in_a_file():
                 init_ray(address)
                 _arm()
-                return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir)
+                return _run_stages(spec, paths, resume=resume, home=home, cache_dir=cache_dir, tracking=tracking)
         except KeyboardInterrupt:  # before any stage started (validation, Ray's start)
             raise SweepInterrupted(None) from None
 
@@ -197,7 +200,9 @@ def _check_job_paths(**paths: str | os.PathLike[str] | None) -> None:
             )
 
 
-def _run_stages(spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, cache_dir: str) -> Any:
+def _run_stages(
+    spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, cache_dir: str, tracking: Sequence[Tracker] = ()
+) -> Any:
     import pandas as pd
 
     tables: dict[str, pd.DataFrame] = {}
@@ -205,8 +210,9 @@ def _run_stages(spec: SweepSpec, paths: SweepPaths, *, resume: bool, home: str, 
     for stage in spec.stages:
         try:
             tables[stage.name] = _run_or_read_stage(
-                spec, stage, paths, tables, settings_by_stage, resume=resume, home=home, cache_dir=cache_dir
-            )
+                spec, stage, paths, tables, settings_by_stage, resume=resume, home=home, cache_dir=cache_dir,
+                tracking=tracking,
+            )  # fmt: skip
         except KeyboardInterrupt:  # outside a Tuner (resolving inputs, copying) or a second Ctrl-C
             raise SweepInterrupted(stage.name) from None
     trials = pd.concat(list(tables.values()), ignore_index=True)
@@ -224,6 +230,7 @@ def _run_or_read_stage(
     resume: bool,
     home: str,
     cache_dir: str,
+    tracking: Sequence[Tracker] = (),
 ) -> Any:
     """One stage's trials table: read back if the stage finished earlier, else run (and then marked done)."""
     import pandas as pd
@@ -259,7 +266,7 @@ def _run_or_read_stage(
     check_sizes(spec, stage, settings, inputs)
     io.pause_for_tests(f"stage {stage.name}")  # tests: its inputs resolved, no trial started
     try:
-        table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs)
+        table = _run_stage(spec, stage, settings, paths, resume=resume, inputs=inputs, tracking=tracking)
     except EOFError:  # Tune reads back each failed trial's pickled error: a full disk leaves that file empty
         _raise_if_full(paths)
         raise
@@ -455,7 +462,16 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
     )
 
 
-def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths: SweepPaths, *, resume: bool, inputs):
+def _run_stage(
+    spec: SweepSpec,
+    stage: StageSpec,
+    settings: list[Setting],
+    paths: SweepPaths,
+    *,
+    resume: bool,
+    inputs,
+    tracking: Sequence[Tracker] = (),
+):
     from ray import tune
 
     from ltc.results import results_table
@@ -486,6 +502,8 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
                     f"Tune's state of stage {stage.name}; remove {experiment} to run that stage again from its start"
                 ) from None
         else:
+            from ltc.tracking import callbacks as tracker_callbacks
+
             configs = {s.key: {**trial_config(spec, stage, s, inputs), "input_server": server} for s in settings}
             tuner = make_tuner(
                 trainable,
@@ -499,6 +517,8 @@ def _run_stage(spec: SweepSpec, stage: StageSpec, settings: list[Setting], paths
                 asha=spec.asha,
                 epochs=stage.epochs,
                 max_failures=spec.max_failures,
+                # a restored stage keeps the callbacks it was started with (Tune's state holds them)
+                callbacks=tracker_callbacks(tracking, sweep=spec.name, stage=stage.name, root=paths.root),
             )
             keep_tuner_state(experiment)  # before any trial: a resume finds the Tuner whole, or starts the stage over
             print(f"stage {stage.name}: {len(settings)} settings, {sum(search.trials for _ in configs)} trials")
@@ -543,11 +563,13 @@ def make_tuner(
     asha: AshaSpec | None,
     epochs: int,
     max_failures: int,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """One stage's ``Tuner``: the settings' trial configs (``configs``), searched per setting by Optuna
     (``search``; studies in ``optuna_storage``, a reference from ``studies.register_storage``), with early
     stopping per setting when ``asha`` is set; checkpoints and Tune's state go to ``storage_path`` (a folder or
-    URI: ``ltc.io.tune_storage``). Benchmarks build it with a no-op ``trainable``."""
+    URI: ``ltc.io.tune_storage``); ``callbacks``: more Tune callbacks (trackers). Benchmarks build it with a no-op
+    ``trainable``."""
     from ray import tune
 
     from ltc.sweep.adapters import METRIC, MODE, KeepLastGoodState, Progress, SettingSearch, StudyPruning
@@ -576,7 +598,7 @@ def make_tuner(
             # 2, not 1: Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints
             # since the last snapshot; with 1, every finished trial would force one
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[Progress(name, total), KeepLastGoodState(f"{storage_path.rstrip('/')}/{name}")],
+            callbacks=[Progress(name, total), KeepLastGoodState(f"{storage_path.rstrip('/')}/{name}"), *callbacks],
         ),
     )
 
