@@ -27,65 +27,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltc import datasets
 from ltc.checkpoints import save_checkpoint
+from ltc.choices import DEFAULT_GRAPHS, RunConfig, TrainConfig  # defined without torch; used and re-exported here
 from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
 from ltc.inputs import RunInputs, resolve_inputs
 from ltc.io import write_json_atomic, write_parquet_atomic
 from ltc.models import MODELS, CrystalGNN, build_model
 from ltc.shards import ShardSet
-from ltc.splits import Split, SplitConfig, make_split
-from ltc.targets import TRANSFORMS, TargetScaler, regression_metrics
+from ltc.splits import Split, make_split
+from ltc.targets import TargetScaler, regression_metrics
 from ltc.transfer import check_strategy, freeze, load_init, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Graph settings each architecture is usually trained with (a checkpoint's own settings win).
-DEFAULT_GRAPHS = {
-    "cgcnn": GraphConfig(cutoff=8.0, max_neighbors=12),
-    # Devi et al.: ALIGNN's own graphs (jarvis-tools' k-nearest edges, undirected; 8 Å is its first search radius)
-    "alignn": GraphConfig(cutoff=8.0, max_neighbors=12, construction="jarvis"),
-    "megnet": GraphConfig(cutoff=4.0, max_neighbors=24),  # ParAIsite: 4 Å, all neighbours in practice
-    # CHGNet 0.3.0's own graphs: every neighbour within 6 Å, and its bond graph of bonds shorter than 3 Å
-    "chgnet": GraphConfig(cutoff=6.0, construction="chgnet"),
-}
-
-
-LOSSES = ("mse", "l1")
-SCHEDULES = ("onecycle", "cosine", "constant")
-HEADS = ("auto", "keep", "new")
 MIN_IMPROVEMENT = 1e-6  # relative decrease of the validation loss that counts as better
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    loss: str = "mse"  # one of LOSSES
-    schedule: str = "onecycle"  # one of SCHEDULES
-    patience: int | None = None  # stop after this many epochs without a better validation loss
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 …
-    grad_clip: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r} must be an integer >= 1")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr={self.lr!r} must be > 0")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss={self.loss!r} must be one of {LOSSES}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ConfigError(f"patience={self.patience!r} must be an integer >= 1 or None")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -300,55 +256,6 @@ def fit(
 
 # --------------------------------------------------------------------------------------------------
 # One run, end to end.
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One PT or FT training run. ``init`` (a checkpoint path, or a name in ``ltc.models.PRETRAINED``) makes it
-    a fine-tuning run."""
-
-    datasets: tuple[str, ...]
-    model: str | None = None  # from the checkpoint when fine-tuning
-    model_config: dict[str, Any] = field(default_factory=dict)  # overrides of the model's config fields
-    graph: GraphConfig | None = None  # default: the checkpoint's, else DEFAULT_GRAPHS[model]
-    size: int | None = None  # exactly this many train+val structures per dataset (None: all)
-    max_size: int | None = None  # at most this many (PT size caps)
-    seed: int = 0
-    split: SplitConfig = SplitConfig()
-    fold: int | None = None  # kfold: the test fold of this run …
-    repeat: int | None = None  # … in this repeat
-    holdout: tuple[str, ...] = ()  # keep formulas of these datasets' test sets out of training
-    transform: str | None = None  # target transform; default: the dataset's
-    init: str | None = None
-    strategy: str = "all"
-    n_unfrozen: int | None = None
-    head: str = "auto"  # one of HEADS (see transfer.model_from_checkpoint)
-    train: TrainConfig = TrainConfig()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.datasets, str):
-            object.__setattr__(self, "datasets", (self.datasets,))
-        if not self.datasets:
-            raise ConfigError("a run needs at least one dataset")
-        for name in self.datasets:
-            # the name's syntax only: a declared dataset is unknown in a trial's process (inputs resolve it)
-            datasets.check_name(name)
-        if len(set(self.datasets)) != len(self.datasets):
-            raise ConfigError(f"datasets={list(self.datasets)} names a dataset twice")
-        if self.init is None and self.model is None:
-            raise ConfigError(f"name a model ({', '.join(MODELS)}) or a checkpoint to start from")
-        if self.model is not None and self.model not in MODELS:
-            raise ConfigError(f"model={self.model!r} must be one of {list(MODELS)}")
-        if self.init is None and (self.strategy != "all" or self.n_unfrozen is not None):
-            raise ConfigError(f"strategy={self.strategy!r} / n_unfrozen need a checkpoint to start from (init)")
-        if self.size is not None and self.max_size is not None:
-            raise ConfigError("give size or max_size, not both")
-        if self.transform is not None and self.transform not in TRANSFORMS:
-            raise ConfigError(f"transform={self.transform!r} must be one of {TRANSFORMS}")
-        if self.head not in HEADS:
-            raise ConfigError(f"head={self.head!r} must be one of {HEADS}")
-        if not self.split.kfold and (self.fold is not None or self.repeat is not None):
-            raise ConfigError(f"fold / repeat go with a kfold split, not {self.split.test!r}")
 
 
 def graph_for(stage: RunConfig, ckpt: dict[str, Any] | None, model_name: str) -> GraphConfig:
@@ -591,8 +498,10 @@ def train_kfold(
     inputs: RunInputs | None = None,
     home: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool | None] | None = None,
 ) -> dict[str, Any]:
-    """Every (repeat, fold) run of a kfold ``stage`` into ``out_dir/r<repeat>-f<fold>/``, then ``cv.json``.
+    """Every (repeat, fold) run of a kfold ``stage`` into ``out_dir/r<repeat>f<fold>/``, then ``cv.json``;
+    ``on_epoch`` is each run's (``fit``).
 
     ``cv.json`` holds the metrics of each repeat's pooled out-of-fold test predictions (every structure
     tested once per repeat) and their mean ± std over repeats; returned as well.
@@ -604,8 +513,8 @@ def train_kfold(
         inputs = run_inputs(stage, home=home, cache=cache)
     preds = []
     for run in fold_runs(stage):
-        folder = out / f"r{run.repeat}-f{run.fold}"
-        train_run(run, folder, inputs=inputs)
+        folder = out / f"r{run.repeat}f{run.fold}"  # as a sweep names a K-fold unit
+        train_run(run, folder, inputs=inputs, on_epoch=on_epoch)
         p = pd.read_parquet(folder / "predictions.parquet")
         preds.append(p[p.split == "test"].assign(repeat=run.repeat, fold=run.fold))
     table = pd.concat(preds, ignore_index=True)

@@ -34,33 +34,18 @@ from typing import Any
 
 from torch import nn
 
+from ltc import choices
 from ltc.checkpoints import CheckpointError, load_checkpoint
+from ltc.choices import PRETRAINED
 from ltc.errors import ConfigError
-from ltc.models import PRETRAINED, CrystalGNN, Head, build_model
+from ltc.models import CrystalGNN, Head, build_model
 
-STRATEGIES = ("all", "blocks", "last_layer", "new_head", "two_body", "three_body")
 NEW_HEAD_HIDDEN = (64,)  # Devi et al.: Linear(256, 64) → Linear(64, 1)
 
 
 def check_strategy(model: CrystalGNN, strategy: str, n_unfrozen: int | None) -> None:
-    """Raise ValueError if ``strategy`` / ``n_unfrozen`` do not fit ``model``."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy={strategy!r} must be one of {STRATEGIES}")
-    if strategy == "blocks":
-        if isinstance(n_unfrozen, bool) or not isinstance(n_unfrozen, int):
-            raise ConfigError(f"strategy 'blocks' needs n_unfrozen (0..{model.n_blocks}), got {n_unfrozen!r}")
-        if not 0 <= n_unfrozen <= model.n_blocks:
-            raise ConfigError(
-                f"n_unfrozen={n_unfrozen} must be between 0 and {model.n_blocks} "
-                f"({model.name} has {model.n_blocks} blocks)"
-            )
-    elif n_unfrozen is not None:
-        raise ConfigError(f"n_unfrozen={n_unfrozen} only goes with strategy 'blocks', not {strategy!r}")
-    if strategy == "three_body" and not model.three_body_modules():
-        raise ConfigError(
-            f"three_body needs model alignn or chgnet: {model.name} has no three-body (bond-angle) updates; "
-            "use alignn or chgnet, or two_body / last_layer / new_head / blocks / all"
-        )
+    """A ``ConfigError`` if ``strategy`` / ``n_unfrozen`` do not fit ``model`` (``ltc.choices.check_strategy``)."""
+    choices.check_strategy(model.name, model.config, strategy, n_unfrozen)
 
 
 def trainable_modules(model: CrystalGNN, strategy: str = "all", n_unfrozen: int | None = None) -> list[nn.Module]:

@@ -6,6 +6,8 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from ltc import datasets
+from ltc.archs import ARCHS, model_config
+from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig, structure_to_graph
 from ltc.models import MODELS, build_model
 from ltc.models.alignn import line_graph
@@ -22,6 +24,39 @@ SMALL = {
 
 def test_every_model_is_tested_here_or_in_its_own_file():
     assert set(MODELS) == {*SMALL, "chgnet"}
+
+
+# Configs that differ in what ltc.archs derives without building: blocks and three-body parts.
+ARCH_CASES = [
+    ("cgcnn", {"n_blocks": 2}),
+    ("megnet", {"n_blocks": 1}),
+    ("alignn", {"alignn_layers": 2, "gcn_layers": 1}),
+    ("alignn", {"alignn_layers": 0, "gcn_layers": 2}),
+    ("chgnet", {"n_conv": 3}),
+    ("chgnet", {"n_conv": 1}),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides"), ARCH_CASES)
+def test_arch_facts_match_the_built_model(name, overrides):
+    """What --dry-run and the sweep spec read from ltc.archs (no torch) is what the built model has."""
+    if name == "chgnet":
+        pytest.importorskip("chgnet")
+    config = model_config(name, overrides)
+    model = build_model(name, config)
+    arch = ARCHS[name]
+    assert arch.n_blocks(config) == model.n_blocks == len(model.blocks)
+    assert arch.three_body(config) == bool(model.three_body_modules())
+    assert arch.constructions == type(model).constructions and arch.config_class is type(model).config_class
+
+
+def test_arch_config_errors_need_no_model():
+    with pytest.raises(ConfigError, match="unknown model 'gcn'; known: cgcnn"):
+        model_config("gcn")
+    with pytest.raises(ConfigError, match=r"unknown CGCNNConfig field\(s\) \['hiden'\]"):
+        model_config("cgcnn", {"hiden": 3})
+    with pytest.raises(ConfigError, match="n_blocks=0 must be an integer >= 1"):
+        model_config("cgcnn", {"n_blocks": 0})
 
 
 @pytest.fixture(scope="module")

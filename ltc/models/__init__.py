@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from ltc.archs import MODEL_NAMES, ALIGNNConfig, CGCNNConfig, CHGNetConfig, MEGNetConfig, ModelConfig, model_config
+from ltc.choices import PRETRAINED, Pretrained
 from ltc.errors import ConfigError
-from ltc.graphs import GraphConfig
-from ltc.models.alignn import ALIGNN, ALIGNNConfig
-from ltc.models.base import CrystalGNN, Head, ModelConfig
-from ltc.models.cgcnn import CGCNN, CGCNNConfig
-from ltc.models.chgnet import CHGNet, CHGNetConfig, load_pretrained
-from ltc.models.megnet import MEGNet, MEGNetConfig
+from ltc.models.alignn import ALIGNN
+from ltc.models.base import CrystalGNN, Head
+from ltc.models.cgcnn import CGCNN
+from ltc.models.chgnet import CHGNet
+from ltc.models.megnet import MEGNet
 
 MODELS: dict[str, type[CrystalGNN]] = {"cgcnn": CGCNN, "megnet": MEGNet, "alignn": ALIGNN, "chgnet": CHGNet}
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """A pretrained model ltc can start from by name (``ltc train --init NAME``), with no property head."""
-
-    model: str  # a name in MODELS
-    description: str  # one line, for help texts
-    # () -> (model with a fresh head, the graphs it was trained on, {where the weights came from})
-    load: Callable[[], tuple[CrystalGNN, GraphConfig, dict[str, Any]]]
-
-
-# Pretrained names → how to load them; weights come from installed packages, never from the network.
-PRETRAINED: dict[str, Pretrained] = {
-    "chgnet-0.3.0": Pretrained(
-        "chgnet",
-        "CHGNet 0.3.0 (Deng et al. 2023), trained on MPtrj energies, forces, stresses and magmoms; "
-        "weights from the chgnet wheel (pip install 'ltc[chgnet]')",
-        functools.partial(load_pretrained, "0.3.0"),
-    ),
-}
+assert tuple(MODELS) == MODEL_NAMES  # ltc.archs names them for the CLI and validation, without torch
 
 __all__ = [
     "ALIGNN",
@@ -59,18 +37,9 @@ __all__ = [
 
 def build_model(name: str, config: dict[str, Any] | ModelConfig | None = None) -> CrystalGNN:
     """Model ``name`` from a config dataclass or a plain dict of its fields (unknown fields are errors)."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
-    if config is None:
-        config = cls.config_class()
-    elif isinstance(config, dict):
-        config = cls.config_class.from_dict(config)
-    elif not isinstance(config, cls.config_class):
-        raise TypeError(f"{name} needs a {cls.config_class.__name__}, got {type(config).__name__}")
+    config = model_config(name, config)
     check_fits(name, config)
-    return cls(config)
+    return MODELS[name](config)
 
 
 # What training holds per parameter (float32): the weight, its gradient and AdamW's two moments.

@@ -15,42 +15,14 @@ then atoms on the crystal graph with the new bonds (``node_update``: two-body). 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch_geometric.nn import global_mean_pool
 from torch_geometric.utils import scatter
 
-from ltc.errors import ConfigError
+from ltc.archs import ALIGNNConfig
 from ltc.graphs import cgcnn_atom_features
-from ltc.models.base import RBF, CrystalGNN, ModelConfig, _positive
-
-
-@dataclass(frozen=True)
-class ALIGNNConfig(ModelConfig):
-    alignn_layers: int = 4
-    gcn_layers: int = 4
-    hidden: int = 256
-    embedding: int = 64
-    edge_bins: int = 80
-    angle_bins: int = 40
-    rbf_stop: float = 8.0  # Å
-    # line graph keeps bond pairs a→b→a, as ALIGNN's; ltc.train sets it from GraphConfig.line_graph_backtracking.
-    # False by default: the line graph of the "knn" graphs, and of every checkpoint made before this field.
-    backtracking: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "hidden", "embedding", "edge_bins", "angle_bins")
-        for name in ("alignn_layers", "gcn_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name}={v!r} must be an integer >= 0")
-        if self.alignn_layers + self.gcn_layers < 1:
-            raise ConfigError("ALIGNN needs at least one layer (alignn_layers + gcn_layers >= 1)")
-        if not isinstance(self.backtracking, bool):
-            raise ConfigError(f"backtracking={self.backtracking!r} must be true or false")
+from ltc.models.base import RBF, CrystalGNN
 
 
 def _dense(a: int, b: int) -> nn.Sequential:
@@ -140,13 +112,16 @@ def line_graph(
     return torch.stack([e1[keep], e2[keep]]), cos[keep]
 
 
+DEFAULT_CONFIG = ALIGNNConfig()  # frozen: one shared default
+
+
 class ALIGNN(CrystalGNN):
     """Atomistic Line Graph Neural Network (Choudhary & DeCost 2021); Devi et al.'s backbone."""
 
     name = "alignn"
     config_class = ALIGNNConfig
 
-    def __init__(self, config: ALIGNNConfig = ALIGNNConfig()) -> None:
+    def __init__(self, config: ALIGNNConfig = DEFAULT_CONFIG) -> None:
         super().__init__(config)
         c = config
         self.register_buffer("atom_table", torch.from_numpy(cgcnn_atom_features()))

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ltc.errors import ConfigError
+from ltc.archs import ACTIVATION_NAMES, ModelConfig
 
 ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "relu": nn.ReLU,
@@ -28,45 +27,7 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "softplus": nn.Softplus,
     "none": None,
 }
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Fields every model config has; subclasses add their architecture's sizes."""
-
-    n_targets: int = 1
-    head_hidden: tuple[int, ...] = ()  # hidden widths of each head's MLP; () = one Linear
-    head_activation: str = "relu"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):  # configs read back from JSON or checkpoints hold lists
-                object.__setattr__(self, f.name, tuple(value))
-        if not isinstance(self.n_targets, int) or self.n_targets < 1:
-            raise ConfigError(f"n_targets={self.n_targets!r} must be an integer >= 1")
-        if any(not isinstance(h, int) or h < 1 for h in self.head_hidden):
-            raise ConfigError(f"head_hidden={self.head_hidden!r} must be positive integers")
-        if self.head_activation not in ACTIVATIONS:
-            raise ConfigError(f"head_activation={self.head_activation!r} must be one of {list(ACTIVATIONS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-def _positive(config: ModelConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES  # the names configs accept are the ones built here
 
 
 class Head(nn.Module):

@@ -8,30 +8,13 @@ softplus (``fc_dim``); the head maps that to the target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch_geometric.nn import CGConv, global_mean_pool
 
-from ltc.errors import ConfigError
+from ltc.archs import CGCNNConfig
 from ltc.graphs import cgcnn_atom_features
-from ltc.models.base import RBF, CrystalGNN, ModelConfig, _positive
-
-
-@dataclass(frozen=True)
-class CGCNNConfig(ModelConfig):
-    hidden: int = 64  # atom feature width (reference: atom_fea_len 64)
-    n_blocks: int = 3  # convolutions (reference: n_conv 3)
-    fc_dim: int = 128  # readout width (reference: h_fea_len 128)
-    rbf_stop: float = 8.0  # Å, last Gaussian centre (reference: radius 8)
-    rbf_step: float = 0.2  # Å, spacing and width of the Gaussians
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "hidden", "n_blocks", "fc_dim")
-        if not self.rbf_stop > 0 or not 0 < self.rbf_step < self.rbf_stop:
-            raise ConfigError(f"rbf_stop={self.rbf_stop!r}, rbf_step={self.rbf_step!r}: need 0 < step < stop")
+from ltc.models.base import RBF, CrystalGNN
 
 
 class CGCNNBlock(nn.Module):
@@ -46,13 +29,16 @@ class CGCNNBlock(nn.Module):
         return nn.functional.softplus(self.conv(x, edge_index, edge_attr))
 
 
+DEFAULT_CONFIG = CGCNNConfig()  # frozen: one shared default
+
+
 class CGCNN(CrystalGNN):
     """Crystal graph convolutional network (Xie & Grossman 2018); ltc's fast baseline."""
 
     name = "cgcnn"
     config_class = CGCNNConfig
 
-    def __init__(self, config: CGCNNConfig = CGCNNConfig()) -> None:
+    def __init__(self, config: CGCNNConfig = DEFAULT_CONFIG) -> None:
         super().__init__(config)
         c = config
         self.register_buffer("atom_table", torch.from_numpy(cgcnn_atom_features()))

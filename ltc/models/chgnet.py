@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -34,110 +32,10 @@ import torch
 from torch import nn
 from torch_geometric.nn import global_mean_pool
 
+from ltc.archs import ARCHS, CHGNetConfig, require_package
 from ltc.errors import ConfigError
 from ltc.graphs import CHGNET_MAX_Z, GraphConfig
-from ltc.models.base import CrystalGNN, ModelConfig, _positive
-
-NORMS = ("layer", "batch", "none")
-
-
-def _require_chgnet() -> None:
-    if find_spec("chgnet") is None:
-        raise ConfigError("model chgnet needs the chgnet package: pip install 'ltc[chgnet]'")
-
-
-@dataclass(frozen=True)
-class CHGNetConfig(ModelConfig):
-    """CHGNet's architecture arguments (its ``model_args``, defaults those of 0.3.0) and ltc's property heads."""
-
-    head_hidden: tuple[int, ...] = (64, 64, 64)  # CHGNet's own readout MLP widths
-    head_activation: str = "silu"
-    atom_fea_dim: int = 64
-    bond_fea_dim: int = 64
-    angle_fea_dim: int = 64
-    num_radial: int = 31
-    num_angular: int = 31  # odd: 1 + sin and cos of (num_angular - 1) / 2 frequencies
-    n_conv: int = 4
-    atom_conv_hidden_dim: int = 64
-    bond_conv_hidden_dim: int = 64
-    angle_layer_hidden_dim: int = 0  # 0: the angle update's gated MLP has no hidden layer
-    mlp_hidden_dims: tuple[int, ...] = (64, 64, 64)  # CHGNet's energy head (kept, never trained)
-    atom_graph_cutoff: float = 6.0  # Å: must be the graphs' cutoff (ltc.train sets it from them)
-    bond_graph_cutoff: float = 3.0  # Å: must be the graphs' bond_cutoff
-    cutoff_coeff: int = 8  # smoothness of the polynomial envelope that takes the bond bases to 0 at the cutoff
-    learnable_rbf: bool = True
-    non_linearity: str = "silu"
-    gmlp_norm: str = "layer"  # CHGNet's gMLP_norm: normalisation inside the gated MLPs, one of NORMS
-    readout_norm: str = "layer"  # one of NORMS
-    conv_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "atom_fea_dim", "bond_fea_dim", "angle_fea_dim", "num_radial", "num_angular", "n_conv")
-        if self.num_angular % 2 != 1:
-            raise ConfigError(f"num_angular={self.num_angular} must be odd (CHGNet's Fourier angle bases)")
-        for name in ("gmlp_norm", "readout_norm"):
-            if getattr(self, name) not in NORMS:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be one of {list(NORMS)}")
-        if not 0 < self.bond_graph_cutoff <= self.atom_graph_cutoff:
-            raise ConfigError(
-                f"bond_graph_cutoff={self.bond_graph_cutoff} must be > 0 and <= "
-                f"atom_graph_cutoff={self.atom_graph_cutoff}"
-            )
-
-    def chgnet_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``chgnet.model.CHGNet`` for this architecture."""
-        norm = {"none": None}
-        return {
-            "atom_fea_dim": self.atom_fea_dim,
-            "bond_fea_dim": self.bond_fea_dim,
-            "angle_fea_dim": self.angle_fea_dim,
-            "composition_model": "MPtrj",  # AtomRef's per-element energies (the weights overwrite them)
-            "num_radial": self.num_radial,
-            "num_angular": self.num_angular,
-            "n_conv": self.n_conv,
-            "atom_conv_hidden_dim": self.atom_conv_hidden_dim,
-            "update_bond": True,
-            "bond_conv_hidden_dim": self.bond_conv_hidden_dim,
-            "update_angle": True,
-            "angle_layer_hidden_dim": self.angle_layer_hidden_dim,
-            "conv_dropout": self.conv_dropout,
-            "mlp_hidden_dims": list(self.mlp_hidden_dims),
-            "mlp_first": True,  # the energy head: per-atom energies, then their mean
-            "is_intensive": True,
-            "non_linearity": self.non_linearity,
-            "atom_graph_cutoff": self.atom_graph_cutoff,
-            "bond_graph_cutoff": self.bond_graph_cutoff,
-            "cutoff_coeff": self.cutoff_coeff,
-            "learnable_rbf": self.learnable_rbf,
-            "gMLP_norm": norm.get(self.gmlp_norm, self.gmlp_norm),
-            "readout_norm": norm.get(self.readout_norm, self.readout_norm),
-        }
-
-    @classmethod
-    def from_chgnet_args(cls, args: dict[str, Any], **overrides: Any) -> CHGNetConfig:
-        """The config of a CHGNet built with ``args`` (a weights file's ``model_args``); other settings are errors."""
-        fixed = {"composition_model": "MPtrj", "update_bond": True, "update_angle": True, "mlp_first": True}
-        fixed |= {"is_intensive": True, "mlp_dropout": 0}
-        # read_out is unused when mlp_first; the converter's algorithm and the version do not change the model
-        ignored = {"read_out", "graph_converter_algorithm", "version"}
-        renamed = {"gMLP_norm": "gmlp_norm"}
-        fields: dict[str, Any] = {}
-        for key, value in args.items():
-            if key in ignored:
-                continue
-            if key in fixed:
-                if value != fixed[key]:
-                    raise ConfigError(f"CHGNet with {key}={value!r} is not supported by ltc (needs {fixed[key]!r})")
-                continue
-            name = renamed.get(key, key)
-            if name not in cls.__dataclass_fields__ or name in ModelConfig.__dataclass_fields__:
-                raise ConfigError(f"CHGNet argument {key}={value!r} is not supported by ltc")
-            fields[name] = "none" if value is None and name.endswith("_norm") else value
-        for name in ("atom_graph_cutoff", "bond_graph_cutoff"):
-            if name in fields:
-                fields[name] = float(fields[name])
-        return cls(**fields, **overrides)
+from ltc.models.base import CrystalGNN
 
 
 class CHGNetBlock(nn.Module):
@@ -203,11 +101,14 @@ class CHGNetReadout(nn.Module):
 
 def _build_chgnet(config: CHGNetConfig):
     """chgnet's own ``CHGNet`` for ``config`` (its constructor prints a line; kept quiet)."""
-    _require_chgnet()
+    require_package("chgnet")
     from chgnet.model.model import CHGNet as ChgnetModel
 
     with contextlib.redirect_stdout(io.StringIO()):
         return ChgnetModel(**config.chgnet_args())
+
+
+DEFAULT_CONFIG = CHGNetConfig()  # frozen: one shared default
 
 
 class CHGNet(CrystalGNN):
@@ -219,9 +120,9 @@ class CHGNet(CrystalGNN):
 
     name = "chgnet"
     config_class = CHGNetConfig
-    constructions = ("chgnet",)
+    constructions = ARCHS["chgnet"].constructions
 
-    def __init__(self, config: CHGNetConfig = CHGNetConfig(), *, core: nn.Module | None = None) -> None:
+    def __init__(self, config: CHGNetConfig = DEFAULT_CONFIG, *, core: nn.Module | None = None) -> None:
         """``core``: a chgnet ``CHGNet`` of this config to take the modules from (e.g. with pretrained weights)."""
         super().__init__(config)
         core = core if core is not None else _build_chgnet(config)
@@ -321,7 +222,7 @@ WEIGHTS = {"0.3.0": "0.3.0/chgnet_0.3.0_e29f68s314m37.pth.tar"}
 
 def weights_path(version: str) -> Path:
     """The weights file of CHGNet ``version`` inside the installed chgnet package."""
-    _require_chgnet()
+    require_package("chgnet")
     if version not in WEIGHTS:
         raise ConfigError(f"CHGNet version {version!r} is not known to ltc; known: {list(WEIGHTS)}")
     import chgnet

@@ -12,41 +12,15 @@ features ParAIsite's MLP head reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch_geometric.nn import MetaLayer
 from torch_geometric.nn.aggr import Set2Set
 from torch_geometric.utils import scatter
 
-from ltc.errors import ConfigError
+from ltc.archs import MEGNetConfig
 from ltc.graphs import MAX_Z
-from ltc.models.base import RBF, CrystalGNN, ModelConfig, ShiftedSoftplus, _positive, mlp
-
-
-@dataclass(frozen=True)
-class MEGNetConfig(ModelConfig):
-    n_blocks: int = 3
-    node_embedding: int = 16
-    state_dim: int = 2
-    rbf_num: int = 100
-    rbf_stop: float = 5.0  # Å: cutoff + 1 for matgl's 4 Å graphs
-    rbf_width: float = 0.5  # Å
-    dense: tuple[int, ...] = (64, 32)  # encoder and pre-block dense widths; the last is the block width
-    conv: tuple[int, ...] = (64, 64, 32)  # edge/node/state update MLPs; the last must equal dense[-1]
-    output: tuple[int, ...] = (32, 16)  # readout dense widths after Set2Set; the last is readout_dim
-    set2set_steps: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "n_blocks", "node_embedding", "state_dim", "rbf_num", "set2set_steps")
-        for name in ("dense", "conv", "output"):
-            widths = getattr(self, name)
-            if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-                raise ConfigError(f"{name}={widths!r} must be a non-empty tuple of positive integers")
-        if self.conv[-1] != self.dense[-1]:
-            raise ConfigError(f"conv[-1]={self.conv[-1]} must equal dense[-1]={self.dense[-1]} (residual blocks)")
+from ltc.models.base import RBF, CrystalGNN, ShiftedSoftplus, mlp
 
 
 class _EdgeUpdate(nn.Module):
@@ -101,13 +75,16 @@ class MEGNetBlock(nn.Module):
         return x + x2, e + e2, u + u2
 
 
+DEFAULT_CONFIG = MEGNetConfig()  # frozen: one shared default
+
+
 class MEGNet(CrystalGNN):
     """MatErials Graph Network (Chen et al. 2019); ParAIsite's backbone."""
 
     name = "megnet"
     config_class = MEGNetConfig
 
-    def __init__(self, config: MEGNetConfig = MEGNetConfig()) -> None:
+    def __init__(self, config: MEGNetConfig = DEFAULT_CONFIG) -> None:
         super().__init__(config)
         c = config
         width = c.dense[-1]

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ltc import datasets
+from ltc.archs import ARCHS
 from ltc.errors import ConfigError, LtcError
 from ltc.graphs import GraphConfig
 from ltc.inputs import RunInputs
 from ltc.splits import SplitConfig
-from ltc.sweep.spec import Arch, Range, StageSpec, SweepSpec, build_arch_model
+from ltc.sweep.spec import Arch, Range, StageSpec, SweepSpec, arch_config
 from ltc.sweep.studies import JOURNAL_NAME
 
 Kind = Literal["pretrain", "finetune", "scratch"]
@@ -254,7 +255,7 @@ def plan(spec: SweepSpec) -> dict[str, list[Setting]]:
 def n_blocks(spec: SweepSpec, arch: Arch | None = None) -> int:
     """Blocks of ``arch``'s model (default: the sweep's model)."""
     arch = arch or spec.arch_for(None)
-    return build_arch_model(arch.model, arch.config_json).n_blocks
+    return ARCHS[arch.model].n_blocks(arch_config(arch.model, arch.config_json))
 
 
 def graphs_of(spec: SweepSpec, stage: StageSpec) -> list[GraphConfig]:
@@ -438,13 +439,15 @@ def validate(
 def beyond_this_machine(spec: SweepSpec) -> list[str]:
     """The stages whose CPUs or GPUs per trial this machine does not have, each as a line naming its key: on a
     Ray of this machine alone, their trials would wait forever."""
-    import torch
-
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    gpus = torch.cuda.device_count()
+    gpus = 0
+    if any(spec.resources_for(stage).gpu > 0 for stage in spec.stages):
+        import torch  # only to count GPUs: a CPU sweep's --dry-run never imports torch
+
+        gpus = torch.cuda.device_count()
     out = []
     for i, stage in enumerate(spec.stages):
         res = spec.resources_for(stage)
@@ -468,11 +471,11 @@ def _validate(spec: SweepSpec, *, home: str | None, cache: str | None, counts: b
         search = spec.search_for(stage)
         fixed = search.n_unfrozen if isinstance(search.n_unfrozen, int) else None
         for arch in spec.archs(stage):  # each start's model
-            model = build_arch_model(arch.model, arch.config_json)
-            if "blocks" in stage.strategies and fixed is not None and not 0 <= fixed <= model.n_blocks:
+            blocks = n_blocks(spec, arch)
+            if "blocks" in stage.strategies and fixed is not None and not 0 <= fixed <= blocks:
                 raise ConfigError(
-                    f"{_search_key(spec, i, 'n_unfrozen')}={fixed}: {arch.model} has {model.n_blocks} "
-                    f"blocks, so n_unfrozen must be between 0 and {model.n_blocks}"
+                    f"{_search_key(spec, i, 'n_unfrozen')}={fixed}: {arch.model} has {blocks} "
+                    f"blocks, so n_unfrozen must be between 0 and {blocks}"
                 )
         if stage.scratch:
             scratch_names(spec, stage)  # two archs of one model name cannot be told apart

@@ -20,15 +20,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from ltc import datasets
+from ltc.archs import ARCHS, MODEL_NAMES, ModelConfig, model_config
+from ltc.choices import DEFAULT_GRAPHS, LOSSES, PRETRAINED, SCHEDULES, STRATEGIES, TrainConfig, check_strategy
 from ltc.config import from_dict, read_yaml
 from ltc.datasets import UserDataset
 from ltc.errors import ConfigError, LtcError
 from ltc.graphs import GraphConfig
-from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SplitConfig
 from ltc.sweep.studies import SAMPLERS, Sampler
-from ltc.train import DEFAULT_GRAPHS, LOSSES, SCHEDULES, TrainConfig
-from ltc.transfer import STRATEGIES
 
 _TRAIN = TrainConfig()  # the defaults a stage inherits (one source of truth: TrainConfig)
 
@@ -251,7 +250,7 @@ class Arch:
     """An architecture: a model, its config overrides and the graphs it reads. Each start carries one (a start
     from a stage trained with model M on graphs G fine-tunes M on G); scratch baselines are built from them."""
 
-    model: str  # a name in ltc.models.MODELS
+    model: str  # a name in ltc.archs.MODEL_NAMES
     config_json: str  # the model_config overrides as sorted JSON (hashable); ``model_config`` reads them
     graph: GraphConfig
 
@@ -277,11 +276,16 @@ def pretrained_arch(name: str) -> Arch:
 
 
 @functools.lru_cache(maxsize=32)
-def build_arch_model(model: str, config_json: str):
-    """A fresh model of (model, config) for checks (blocks, strategies); cached, never trained."""
-    from ltc.models import build_model
+def arch_config(model: str, config_json: str) -> ModelConfig:
+    """The validated config of (model, overrides), for checks (blocks, strategies) that need no torch. Overrides
+    are also checked against this machine's memory (``ltc.models.check_fits``, which imports torch); the defaults
+    are small enough anywhere."""
+    config = model_config(model, json.loads(config_json))
+    if json.loads(config_json):
+        from ltc.models import check_fits
 
-    return build_model(model, json.loads(config_json))
+        check_fits(model, config)
+    return config
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class StageSpec:
     start_from: Source | list[Source] | None = None
     # a stage from scratch (PT) may train its own architecture; default: the sweep's. A fine-tuning stage takes
     # its architectures from its starts (its scratch baselines too), so these are errors there
-    model: str | None = None  # one of ltc.models.MODELS
+    model: str | None = None  # one of ltc.archs.MODEL_NAMES
     model_config: dict[str, Any] | None = None  # default: the sweep's if the model is the sweep's, else {}
     graph: GraphConfig | None = None  # default: the sweep's if the model is the sweep's, else the model's usual
     sizes: list[int | None] | None = None  # exact train+val sizes (FT); null = all
@@ -396,7 +400,7 @@ class SweepSpec:
     name: str
     stages: list[StageSpec]
     description: str = ""
-    model: str = "cgcnn"  # one of ltc.models.MODELS
+    model: str = "cgcnn"  # one of ltc.archs.MODEL_NAMES
     model_config: dict[str, Any] = field(default_factory=dict)
     graph: GraphConfig | None = None  # default: the model's usual graphs
     split: SplitConfig = SplitConfig()
@@ -434,8 +438,8 @@ class SweepSpec:
         _check_name("name", self.name)
         if not 0 <= self.max_failures <= MAX_FAILURES:
             raise ConfigError(f"max_failures={self.max_failures} must be between 0 and {MAX_FAILURES}")
-        if self.model not in MODELS:
-            known = ", ".join(repr(m) for m in MODELS)
+        if self.model not in MODEL_NAMES:
+            known = ", ".join(repr(m) for m in MODEL_NAMES)
             raise ConfigError(f"model: expected one of {known}, got {self.model!r}")
         for i, st in enumerate(self.stages):
             if self.split_for(st).kfold and len(st.seeds) > 1:
@@ -446,19 +450,17 @@ class SweepSpec:
             for src in st.sources:
                 if src.stage is not None and src.stage not in names[:i]:
                     raise ConfigError(f"stage {st.name!r} starts from {src.stage!r}, which is not an earlier stage")
-            if st.model is not None and st.model not in MODELS:
-                known = ", ".join(repr(m) for m in MODELS)
+            if st.model is not None and st.model not in MODEL_NAMES:
+                known = ", ".join(repr(m) for m in MODEL_NAMES)
                 raise ConfigError(f"stages[{i}].model: expected one of {known}, got {st.model!r}")
-        from ltc.transfer import check_strategy
-
         own = [(i, st) for i, st in enumerate(self.stages) if (st.model, st.model_config, st.graph) != (None,) * 3]
         archs = [(f"stages[{i}].", self.arch_for(st)) for i, st in own]  # a stage's own graphs are checked too
         for where, arch in [("", self.arch_for(None)), *archs]:
             try:  # a bad model_config fails here, not in a trial
-                build_arch_model(arch.model, arch.config_json)
+                arch_config(arch.model, arch.config_json)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{where}model_config {arch.model_config}: {err}") from None
-            readable = MODELS[arch.model].constructions
+            readable = ARCHS[arch.model].constructions
             if readable is not None and arch.graph.construction not in readable:
                 raise ConfigError(
                     f"{where}graph: model {arch.model} needs graphs of construction {' or '.join(readable)}, "
@@ -466,10 +468,10 @@ class SweepSpec:
                 )
         for i, st in enumerate(self.stages):
             for arch in self.archs(st):  # each start's model (several in a stage that mixes architectures)
-                model = build_arch_model(arch.model, arch.config_json)
+                config = arch_config(arch.model, arch.config_json)
                 for j, strategy in enumerate(st.strategies):
                     try:
-                        check_strategy(model, strategy, 0 if strategy == "blocks" else None)
+                        check_strategy(arch.model, config, strategy, 0 if strategy == "blocks" else None)
                     except ConfigError as err:
                         raise ConfigError(f"stages[{i}].strategies[{j}]={strategy!r}: {err}") from None
 
