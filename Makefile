@@ -1,5 +1,5 @@
-# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the whole test suite).
-# Both create .venv if missing and install ltc into it first.
+# Two commands on a fresh machine:  `make demo` (the quickstart sweep on a local Ray, then its report) and `make test`
+# (lint and the whole test suite). Both create .venv if missing and install ltc into it first.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -56,7 +56,7 @@ bench-search: install
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_early_stop.py
 
-# The papers at laptop scale, and CHGNet as a start for L96 (about 11, 16 and 15 minutes on 2 cores; not part
+# The papers at laptop scale, and CHGNet as a start for L96 (about 11, 16 and 7 minutes on 2 cores; not part
 # of CI): each sweep, its report, and a copy with the papers' numbers beside ltc's in results/reference/<name>/
 # (committed). --resume: a rerun after an interrupt finishes what is left; remove results/<name>/ to start over.
 REPRODUCE ?= paraisite_laptop devi_laptop chgnet_l96
