@@ -166,3 +166,20 @@ class RunConfig:
             raise ConfigError(f"head={self.head!r} must be one of {HEADS}")
         if not self.split.kfold and (self.fold is not None or self.repeat is not None):
             raise ConfigError(f"fold / repeat go with a kfold split, not {self.split.test!r}")
+
+
+# What `ltc report` writes (``ltc.results``), for its --help: here, where reading it costs no scipy or matplotlib
+REPORT_HELP = (
+    "Read RESULTS_DIR/trials.parquet and write RESULTS_DIR/report.md with PNG figures beside it. Each unit (a "
+    "seed, or a fold of a repeat) is represented by its trial with the lowest validation loss. Tables: "
+    "pre-training per dataset and size (mean ± std over seeds); per FT dataset and size, every start and scratch "
+    "by the dataset's headline metric (kappa: MAE of log10 kappa; other properties: R²), as mean ± std over "
+    "seeds, or over repeats of pooled out-of-fold predictions (K-fold); paired comparisons A − B of each start "
+    "against scratch and of starts against each other, with a 95 % corrected resampled t interval, win count "
+    "and verdict (fewer than 3 pairs: cannot be judged); how much the validation-loss pick lost on test; and "
+    "the cell with the lowest validation loss, scratch included. Figures: a PT × FT heatmap of A − B (start "
+    "minus scratch, as in the paired table; unjudged cells hatched), metrics against FT and PT size, "
+    "strategies, a parity plot of the lowest-validation-loss cell per FT dataset (K-fold: its pooled "
+    "out-of-fold predictions, with the table's headline), and the Optuna trials. Partial sweeps work: what is "
+    "missing is shown as missing."
+)

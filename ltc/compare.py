@@ -7,7 +7,9 @@ a K-fold stage, or the seeds of a fixed-test-split stage. Each unit is represent
 
 - ``cell_table``: per cell, the dataset's headline metric (kappa: MAE and R² of log10 kappa, MAPE;
   other properties: R², MAE) as mean ± std over repeats of pooled out-of-fold predictions (K-fold), or
-  over seeds.
+  over seeds (``spread_note`` says which, in words); numbers for people by ``fmt_num`` / ``fmt_pm``.
+- ``lowest_val_loss``: the cell with the lowest mean validation loss, scratch included: the report's
+  "lowest validation loss" line, the parity plot's model and the heatmap's strategy per start all use it.
 - ``paired_table``: every start against scratch and starts against each other, on the units both have:
   mean paired difference of the headline metric with a 95 % interval (Nadeau–Bengio corrected resampled t,
   ``ltc.stats``; the units share training data, so the plain paired t is too narrow), win count, and
@@ -21,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -105,64 +108,121 @@ def _unit_metric(rows: pd.DataFrame, metric: str) -> pd.Series:
     return rows[col].astype(float) if col in rows.columns else pd.Series(np.nan, index=rows.index)
 
 
-def pooled_by_repeat(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
-    """K-fold cell rows (one per (repeat, fold)) → one row per repeat: metrics of its pooled test predictions.
+def pooled_predictions(rows: pd.DataFrame, read_predictions) -> dict[int, pd.DataFrame]:
+    """K-fold cell rows (one per (repeat, fold)) → repeat → the test predictions of all its folds, pooled.
 
     ``read_predictions(checkpoint)`` returns the trial's ``predictions.parquet`` (or None). A repeat whose
-    folds are not all there is left out (a partial sweep), never pooled from fewer folds.
+    folds are not all there (a partial sweep) or whose predictions cannot be read is left out, never pooled
+    from fewer folds.
     """
-    dataset = rows.ft_dataset.iloc[0]
-    kappa = is_kappa(dataset)
     k = int(rows.n_folds.dropna().iloc[0])
-    out = []
+    out: dict[int, pd.DataFrame] = {}
     for repeat, g in rows.groupby("repeat", sort=True):
         if g.fold.nunique() < k:
             continue
         parts = []
-        for ckpt in g.checkpoint:
+        for fold, ckpt in zip(g.fold, g.checkpoint, strict=True):
             p = read_predictions(ckpt) if isinstance(ckpt, str) else None
             if p is None:
                 break
-            parts.append(p[p.split == "test"])
+            parts.append(p[p.split == "test"].assign(repeat=int(repeat), fold=int(fold)))
         else:
-            pooled = pd.concat(parts, ignore_index=True)
-            m = regression_metrics(pooled.y_true.to_numpy(), pooled.y_pred.to_numpy(), kappa=kappa)
-            out.append({"repeat": int(repeat), "n": len(pooled), **m})
+            out[int(repeat)] = pd.concat(parts, ignore_index=True)
+    return out
+
+
+def pooled_by_repeat(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
+    """K-fold cell rows → one row per full repeat: the metrics of its pooled test predictions
+    (``pooled_predictions``)."""
+    kappa = is_kappa(rows.ft_dataset.iloc[0])
+    out = []
+    for repeat, pooled in pooled_predictions(rows, read_predictions).items():
+        m = regression_metrics(pooled.y_true.to_numpy(), pooled.y_pred.to_numpy(), kappa=kappa)
+        out.append({"repeat": repeat, "n": len(pooled), **m})
     return pd.DataFrame(out)
 
 
-def mean_std(values: pd.Series | list[float], digits: int = 3) -> str:
-    """``mean ± std`` (ddof 0) of the finite values; one value alone; ``–`` for none (missing, never zero)."""
+def fmt_num(value: float | None, sig: int = 3) -> str:
+    """``value`` for people: ``sig`` significant digits, positional (``122``, ``0.296``, ``1230000``, never
+    ``1.1e+02``); ``–`` for None or NaN (missing, never zero)."""
+    if value is None or not math.isfinite(float(value)):
+        return MISSING
+    text = np.format_float_positional(float(value), precision=sig, unique=False, fractional=False, trim="-")
+    return "0" if float(text) == 0.0 else text  # never "-0"
+
+
+def fmt_pm(mean: float | None, spread: float | None) -> str:
+    """``mean ± spread`` for people: the mean to 3 significant digits, the spread to 2 (``122 ± 110``,
+    ``0.296 ± 0.021``); the mean alone without a finite spread. What the spread is, the caller says."""
+    if spread is None or not math.isfinite(float(spread)) or mean is None or not math.isfinite(float(mean)):
+        return fmt_num(mean)
+    return f"{fmt_num(mean)} ± {fmt_num(spread, 2)}"
+
+
+def mean_std(values: pd.Series | list[float]) -> str:
+    """``mean ± std`` (ddof 0) of the finite values (``fmt_pm``); one value alone; ``–`` for none."""
     v = pd.Series(values, dtype=float).dropna()
     if v.empty:
         return MISSING
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}g}"
-    return f"{v.mean():.{digits}g} ± {v.std(ddof=0):.2g}"
+    return fmt_num(v.iloc[0]) if len(v) == 1 else fmt_pm(v.mean(), v.std(ddof=0))
+
+
+def spread_note(rows: pd.DataFrame) -> str:
+    """What the ± of ``cell_table``'s metrics is, for the caption of a table of ``rows``' cells."""
+    if is_kfold(rows):
+        return (
+            "mean ± std (ddof 0) over full repeats, each repeat's metrics computed from its pooled out-of-fold "
+            "test predictions (all K folds); counts in `units`, one value where one repeat"
+        )
+    return "mean ± std (ddof 0) over the seeds counted in `units` (each seed's best trial on the test set)"
+
+
+def cell_metrics(g: pd.DataFrame, read_predictions) -> dict[str, str]:
+    """One cell's rows → its ``units`` and each shown metric as text (``mean_std``): what ``cell_table``
+    prints, and the number the parity plot of a K-fold cell prints."""
+    dataset = g.ft_dataset.iloc[0]
+    if is_kfold(g):
+        pooled = pooled_by_repeat(g, read_predictions)
+        out = {"units": f"{len(g)} folds, {len(pooled)} full repeat{'s' if len(pooled) != 1 else ''}"}
+        for metric in shown_metrics(dataset):
+            out[metric] = mean_std(pooled[metric]) if metric in pooled.columns else MISSING
+        return out
+    out = {"units": f"{len(g)} seed{'s' if len(g) != 1 else ''}"}
+    for metric in shown_metrics(dataset):
+        out[metric] = mean_std(_unit_metric(g, metric))
+    return out
+
+
+def val_loss_by_cell(rows: pd.DataFrame) -> pd.Series:
+    """Mean validation loss of each (start, strategy) cell over its units' best trials, lowest first (scratch
+    included). The aggregate ``cell_table`` keeps as ``val_loss`` and every "best cell" choice uses."""
+    loss = rows.assign(val_loss=rows.val_loss.astype(float)).groupby(CELL, sort=False, dropna=False).val_loss.mean()
+    return loss.dropna().sort_values(kind="stable")
+
+
+def lowest_val_loss(rows: pd.DataFrame) -> tuple[tuple[str, str], float] | None:
+    """The cell of one (stage, FT dataset, size) with the lowest mean validation loss, over every start and
+    scratch, with that mean; None when no cell has one."""
+    loss = val_loss_by_cell(rows)
+    if loss.empty:
+        return None
+    start, strategy = loss.index[0]
+    return (start, strategy), float(loss.iloc[0])
 
 
 def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
-    """One row per cell of one (dataset, size): units, headline and other metrics (mean ± std), lr, n_unfrozen."""
+    """One row per cell of one (dataset, size): units, headline and other metrics (``cell_metrics``; the ±
+    is said by ``spread_note``), lr, n_unfrozen, and the mean validation loss (``val_loss_by_cell``)."""
     if rows.empty:
         return pd.DataFrame()
-    dataset = rows.ft_dataset.iloc[0]
-    kfold = is_kfold(rows)
+    loss = val_loss_by_cell(rows)
     out = []
     for (start, strategy), g in rows.groupby(CELL, sort=False, dropna=False):
-        row: dict[str, Any] = {"start": start, "strategy": strategy}
-        if kfold:
-            pooled = pooled_by_repeat(g, read_predictions)
-            row["units"] = f"{len(g)} folds, {len(pooled)} full repeat{'s' if len(pooled) != 1 else ''}"
-            for metric in shown_metrics(dataset):
-                row[metric] = mean_std(pooled[metric]) if metric in pooled.columns else MISSING
-        else:
-            row["units"] = f"{len(g)} seeds"
-            for metric in shown_metrics(dataset):
-                row[metric] = mean_std(_unit_metric(g, metric))
-        row["lr (median)"] = f"{g.lr.median():.2g}"
+        row: dict[str, Any] = {"start": start, "strategy": strategy, **cell_metrics(g, read_predictions)}
+        row["lr (median)"] = fmt_num(g.lr.astype(float).median(), 2)
         nu = g.n_unfrozen.dropna()
         row["n_unfrozen"] = ",".join(str(int(v)) for v in nu.value_counts().sort_index().index) if len(nu) else MISSING
-        row["val_loss"] = float(g.val_loss.astype(float).mean())
+        row["val_loss"] = float(loss.get((start, strategy), float("nan")))
         out.append(row)
     table = pd.DataFrame(out)
     return table.sort_values("start", key=lambda s: ~s.map(is_scratch), kind="stable").reset_index(drop=True)
@@ -198,31 +258,37 @@ def cells_of(rows: pd.DataFrame) -> list[tuple[str, str]]:
     return list(dict.fromkeys(zip(rows.start, rows.strategy, strict=True)))
 
 
-def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
+def paired_results(rows: pd.DataFrame) -> list[tuple[tuple[str, str], tuple[str, str], PairedResult]]:
     """Each start against the scratch of its architecture, then starts against each other (and, beside several
-    architectures, the scratch baselines against each other); one row per comparison, all on the same units."""
+    architectures, the scratch baselines against each other): ``(a, b, compare_cells(rows, a, b))`` each."""
     if rows.empty:
-        return pd.DataFrame()
+        return []
     cells = cells_of(rows)
     scratch = [c for c in cells if is_scratch(c[0])]
     tuned = [c for c in cells if not is_scratch(c[0])]
     against = {c: scratch_for(rows, c, scratch) for c in tuned}
     pairs = [(c, s) for s in scratch for c in tuned if s in against[c]]
     pairs += list(itertools.combinations(tuned, 2)) + list(itertools.combinations(scratch, 2))
+    return [(a, b, compare_cells(rows, a, b)) for a, b in pairs]
+
+
+def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """``paired_results`` as a table: one row per comparison, all on the same units."""
+    if rows.empty:
+        return pd.DataFrame()
     h = headline(rows.ft_dataset.iloc[0])
     out = []
-    for a, b in pairs:
-        r = compare_cells(rows, a, b)
+    for a, b, r in paired_results(rows):
         out.append(
             {
-                "A": _cell_name(a),
-                "B": _cell_name(b),
+                "A": cell_name(a),
+                "B": cell_name(b),
                 "metric": h.label,
                 "pairs": r.n_pairs,
                 "A - B": format_diff(r.mean_diff),
                 "95% interval": MISSING if r.ci_low is None else f"[{format_diff(r.ci_low)}, {format_diff(r.ci_high)}]",
                 "A better on": f"{r.wins} of {r.n_pairs}",
-                "verdict": _verdict(r, a, b),
+                "verdict": verdict(r, a, b),
                 "significant": r.significant,
                 "mean_diff": r.mean_diff,
             }
@@ -230,17 +296,28 @@ def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _cell_name(cell: tuple[str, str]) -> str:
+def cell_name(cell: tuple[str, str]) -> str:
+    """How tables name a cell: ``start [strategy]``, or the scratch baseline's own name."""
     start, strategy = cell
     return start if is_scratch(start) else f"{start} [{strategy}]"
 
 
-def _verdict(r: PairedResult, a: tuple[str, str], b: tuple[str, str]) -> str:
+def diff_pm(r: PairedResult) -> str:
+    """``A − B = +0.025 ± 0.031, 95 % interval`` (the corrected t interval is symmetric about the mean, so this
+    is ``paired_table``'s interval, written as one ±); without an interval, the number of pairs instead."""
+    if r.ci_low is None or r.ci_high is None:
+        return f"A − B = {format_diff(r.mean_diff)}, no interval ({r.n_pairs} pair{'s' if r.n_pairs != 1 else ''})"
+    half = format_diff((r.ci_high - r.ci_low) / 2).lstrip("+")
+    return f"A − B = {format_diff(r.mean_diff)} ± {half}, {r.confidence:.0%} interval".replace("%", " %")
+
+
+def verdict(r: PairedResult, a: tuple[str, str], b: tuple[str, str]) -> str:
+    """Cell ``a`` against cell ``b`` in words: which is better, no significant difference, or cannot be judged."""
     if r.significant is None:
         return f"cannot be judged ({r.n_pairs} pair{'s' if r.n_pairs != 1 else ''}; need {MIN_PAIRS})"
     if not r.significant:
         return "no significant difference"
-    return f"{_cell_name(a) if r.better == 'a' else _cell_name(b)} is better"
+    return f"{cell_name(a) if r.better == 'a' else cell_name(b)} is better"
 
 
 def selection_gaps(
@@ -270,25 +347,41 @@ def selection_gaps(
         values = np.array([x for x, _ in gaps])
         out.append(
             {
-                "cell": _cell_name((start, strategy)),
+                "cell": cell_name((start, strategy)),
                 "units": len(gaps),
-                "trials per unit": f"{np.mean([n for _, n in gaps]):.3g}",
-                f"test {h.label}: picked worse than test-best by (mean)": f"{values.mean():.3g}",
+                "trials per unit": fmt_num(np.mean([n for _, n in gaps])),
+                f"test {h.label}: picked worse than test-best by (mean)": fmt_num(values.mean()),
                 "pick was test-best": f"{int((values <= 1e-12).sum())} of {len(values)}",
             }
         )
     return pd.DataFrame(out)
 
 
-def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool | None, str, tuple]]:
-    """(start, FT dataset) → (mean paired difference vs scratch of the headline metric, significant, label,
-    its 95 % interval)
-    at each FT dataset's largest size; the start's strategy is the one with the lowest validation loss.
+@dataclass(frozen=True)
+class HeatCell:
+    """One heatmap cell: start ``a`` (its lowest-validation-loss strategy) against scratch ``b``, paired.
+
+    ``result.mean_diff`` is ``A − B`` with ``paired_table``'s sign; ``judged``: enough pairs for an interval.
+    """
+
+    a: tuple[str, str]
+    b: tuple[str, str]
+    headline: Headline
+    result: PairedResult
+
+    @property
+    def judged(self) -> bool:
+        return self.result.significant is not None
+
+
+def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], HeatCell]:
+    """(start, FT dataset) → that start against the scratch of its architecture at the FT dataset's largest
+    size; the start's strategy is its cell with the lowest mean validation loss (``val_loss_by_cell``).
 
     Only rows of one stage are ever paired (stages differ in their held-out data); a dataset fine-tuned in
     several stages is labelled ``<stage>:<dataset>``.
     """
-    cells: dict[tuple[str, str], tuple[float, bool | None, str, tuple]] = {}
+    cells: dict[tuple[str, str], HeatCell] = {}
     ft = best[best.kind != "pretrain"]
     shared = {d for d, g in ft.groupby("ft_dataset") if g.stage.nunique() > 1}
     for (stage, dataset), all_rows in ft.groupby(["stage", "ft_dataset"]):
@@ -298,17 +391,13 @@ def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], tuple[float, bool
         scratch = rows[rows.start.map(is_scratch)]
         if scratch.empty:
             continue
-        s_cells = list(dict.fromkeys(zip(scratch.start, scratch.strategy, strict=True)))
+        s_cells = cells_of(scratch)
         for start, g in rows[rows.kind == "finetune"].groupby("start"):
-            strategy = g.groupby("strategy").val_loss.mean().idxmin()
-            own = scratch_for(rows, (start, strategy), s_cells)  # the scratch of its own architecture
-            if not own:
+            found = lowest_val_loss(g)
+            if found is None:
                 continue
-            r = compare_cells(rows, (start, strategy), own[0])
-            cells[(start, column)] = (
-                r.mean_diff if r.mean_diff is not None else float("nan"),
-                r.significant,
-                headline(dataset).label,
-                (r.ci_low, r.ci_high),
-            )
+            a = found[0]
+            own = scratch_for(rows, a, s_cells)  # the scratch of its own architecture
+            if own:
+                cells[(start, column)] = HeatCell(a, own[0], headline(dataset), compare_cells(rows, a, own[0]))
     return cells

@@ -1,10 +1,11 @@
-"""Sweep results → tables, figures and ``report.md`` (``ltc report RESULTS_DIR``).
+"""Sweep results → tables, figures and ``report.md`` (``ltc report RESULTS_DIR``; ``ltc.choices.REPORT_HELP``).
 
-Everything starts from ``trials.parquet``. Each setting is represented by its best trial (lowest
-validation loss) among the completed ones; settings are then aggregated over seeds (mean ± std).
-What is "best" (strategy, lr, n_unfrozen) is chosen on validation loss, never on the test set. A
-sweep that stopped half way reports what it has: a missing cell is drawn and printed as missing,
-never as zero.
+Everything starts from ``trials.parquet``. Each unit (a seed, or a fold of a repeat) of a setting is
+represented by its best trial (lowest validation loss) among the completed ones; a cell's metrics are then
+mean ± std over seeds, or over repeats of pooled out-of-fold predictions (K-fold), and every ± says over
+what. What is "best" (strategy, lr, n_unfrozen, the parity plot's model) is chosen on validation loss, never
+on the test set, by one aggregate (``compare.val_loss_by_cell``). A sweep that stopped half way reports what
+it has: a missing cell is drawn and printed as missing, never as zero.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import pandas as pd
 from ltc import compare, datasets
 from ltc.errors import MissingFileError
 from ltc.io import filesystem, read_parquet_checked, write_text_atomic
+from ltc.stats import format_diff
+from ltc.targets import Headline
 
 log = logging.getLogger(__name__)
 
 MISSING = compare.MISSING
 
 
+# What `ltc report` writes: its --help text (ltc.cli), kept here beside the code that writes it.
 def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``RESULTS_DIR/trials.parquet`` with a ``start`` column (the trial's source lineage, or its kind).
 
@@ -89,8 +93,31 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def settings_table(best: pd.DataFrame) -> pd.DataFrame:
+    """Per (stage, dataset, size, start, strategy) of ``best`` (best-per-setting rows of pre-training, or of a
+    table without FT columns): seeds, the dataset's headline and MAE on the test set, each mean ± std (ddof 0)
+    over the seeds (``compare.mean_std``), and the MAE's units. FT cells are ``compare.cell_table``'s."""
+    out = []
+    keys = ["stage", "dataset", "size", "start", "strategy"]
+    for (stage, dataset, size, start, strategy), g in best.groupby(keys, dropna=False, sort=False):
+        multi = "+" in str(dataset)  # several properties: each in its own units
+        h = compare.headline("" if multi else str(dataset))
+        out.append({"stage": stage, "dataset": dataset, "size": MISSING if pd.isna(size) else int(size),
+                    "start": compare.cell_name((start, strategy)), "seeds": len(g), "headline": h.label,
+                    "test": compare.mean_std(g[f"test_{h.metric}"]), "test MAE": compare.mean_std(g.test_mae),
+                    "units": "per property" if multi else _units(str(dataset))})  # fmt: skip
+    table = pd.DataFrame(out)
+    # pre-training starts from nothing: no start column for it alone
+    return table.drop(columns="start") if (best.kind == "pretrain").all() else table
+
+
+# what the ± of ``settings_table`` is over: one wording for the report and the console
+SETTINGS_NOTE = "test metrics of each seed's best trial, mean ± std (ddof 0) over the seeds counted in `seeds`"
+
+
 # --------------------------------------------------------------------------------------------------
-# Figures. Each returns the PNG path, or None with the reason it was not drawn.
+# Figures. Each returns the PNG path, or None with the reason it was not drawn. The heatmap and parity
+# plot draw what ``heatmap_data`` and ``parity_panels`` return, so the numbers can be checked without images.
 
 
 def _plt():
@@ -124,47 +151,90 @@ def _largest_size(rows: pd.DataFrame):
     return sizes.max() if not sizes.empty else float("nan")
 
 
+@dataclass(frozen=True)
+class HeatmapPanel:
+    """The numbers one panel of the heatmap draws (one headline metric): per (start, FT column), A − B of the
+    start (its lowest-validation-loss strategy) against scratch, as ``compare.paired_table``'s ``A - B``."""
+
+    headline: Headline
+    starts: list[str]  # rows: PT starts
+    columns: list[str]  # FT datasets (``<stage>:<dataset>`` where several stages fine-tune one)
+    diff: np.ndarray  # A − B in the headline's units; NaN: no comparison
+    judged: np.ndarray  # enough pairs for an interval: only these are coloured
+    text: list[list[str]]  # what each cell says
+    limit: float  # colour scale ±limit: largest |A − B| or interval bound of a judged cell; 0 if none is judged
+
+
+def heatmap_data(best: pd.DataFrame) -> list[HeatmapPanel]:
+    """``compare.heatmap_cells`` as matrices, one panel per headline metric (R² and MAE of log10 kappa are not
+    on one scale, and their "better" points in opposite directions)."""
+    cells = compare.heatmap_cells(best)
+    panels = []
+    for label in sorted({c.headline.label for c in cells.values()}):
+        mine = {k: c for k, c in cells.items() if c.headline.label == label}
+        starts, columns = sorted({k[0] for k in mine}), sorted({k[1] for k in mine})
+        diff = np.full((len(starts), len(columns)), np.nan)
+        judged = np.zeros(diff.shape, dtype=bool)
+        text = [["n/a"] * len(columns) for _ in starts]
+        bounds = [0.0]
+        for (start, column), cell in mine.items():
+            i, j, r = starts.index(start), columns.index(column), cell.result
+            diff[i, j] = r.mean_diff if r.mean_diff is not None else np.nan
+            judged[i, j] = cell.judged
+            if cell.judged:
+                # the colour scale spans the intervals too: a difference well inside its interval stays pale
+                bounds += [abs(r.mean_diff), abs(r.ci_low), abs(r.ci_high)]
+                mark = "*" if r.significant else ""
+                text[i][j] = f"{format_diff(r.mean_diff)}{mark}\n[{format_diff(r.ci_low)}, {format_diff(r.ci_high)}]"
+            elif r.mean_diff is not None:
+                text[i][j] = f"{format_diff(r.mean_diff)}\n{r.n_pairs} pair{'s' if r.n_pairs != 1 else ''}: not judged"
+        head = next(iter(mine.values())).headline
+        panels.append(HeatmapPanel(head, starts, columns, diff, judged, text, max(bounds)))
+    return panels
+
+
 def fig_heatmap(best: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
-    """PT source × FT dataset: the paired improvement over scratch in each FT dataset's headline metric, at its
-    largest FT size; ``*`` marks cells whose 95 % interval excludes zero, ``?`` cells that cannot be judged."""
+    """PT start × FT dataset: A − B (start minus scratch) of each FT dataset's headline metric at its largest FT
+    size, with the paired table's sign; ``*``: the 95 % interval excludes zero; hatched, not coloured: fewer
+    pairs than an interval needs (the number is still written)."""
     if best[best.kind == "finetune"].empty:
         return None, "no fine-tuning trials"
-    raw = compare.heatmap_cells(best)
-    if not raw:
+    panels = heatmap_data(best)
+    if not panels:
         return None, "no fine-tuning dataset has a scratch baseline to compare with"
-    pts = sorted({k[0] for k in raw})
-    fts = sorted({k[1] for k in raw})
-    matrix = np.full((len(pts), len(fts)), np.nan)
-    marks: dict[tuple[int, int], str] = {}
-    bounds = [0.0]
-    for (pt, ft_name), (diff, significant, _label, (low, high)) in raw.items():
-        sign = 1.0 if compare.headline(ft_name.split(":")[-1]).higher_is_better else -1.0
-        i, j = pts.index(pt), fts.index(ft_name)
-        matrix[i, j] = sign * diff  # improvement: positive = the start beats scratch
-        marks[(i, j)] = "*" if significant else ("?" if significant is None else "")
-        if low is not None:
-            lo, hi = sorted((sign * low, sign * high))
-            marks[(i, j)] += f"\n[{lo:+.3f}, {hi:+.3f}]"
-            bounds += [abs(lo), abs(hi)]
+    from matplotlib.patches import Rectangle
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(1.3 * len(fts) + 3.0, 5.0), 0.8 * len(pts) + 2.4))
-    finite = matrix[np.isfinite(matrix)]
-    # the colour scale spans the intervals too: a difference well inside its interval stays pale
-    lim = max(abs(finite).max() if finite.size else 0.0, *bounds, 1e-3)
-    # missing cells: grey and labelled n/a, never a colour that reads as zero
-    cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
-    im = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=-lim, vmax=lim)
-    for i in range(len(pts)):
-        for j in range(len(fts)):
-            v = matrix[i, j]
-            text = "n/a" if np.isnan(v) else f"{v:+.3f}{marks.get((i, j), '')}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(fts)), [f"{f}\n({compare.headline(f.split(':')[-1]).label})" for f in fts], fontsize=7)
-    ax.set_yticks(range(len(pts)), pts)
-    ax.set_xlabel("fine-tuned on")
-    ax.set_ylabel("pre-trained on")
-    ax.set_title("paired improvement over scratch\n(* 95% interval excludes 0; ? fewer than 3 pairs)", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    widths = [max(1.6 * len(p.columns) + 3.2, 6.5) for p in panels]
+    height = max(0.9 * len(p.starts) for p in panels) + 2.8
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), height), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
+    for ax, p in zip(axes.flat, panels, strict=True):
+        how = "higher" if p.headline.higher_is_better else "lower"
+        # blue = the start is better, whichever way the metric points
+        cmap = plt.get_cmap("RdBu" if p.headline.higher_is_better else "RdBu_r").with_extremes(bad="#dddddd")
+        lim = p.limit if p.limit > 0 else 1e-3
+        # only judged cells carry a colour; missing ones are grey (n/a), unjudged ones hatched on white
+        im = ax.imshow(np.ma.masked_array(p.diff, mask=~p.judged), cmap=cmap, vmin=-lim, vmax=lim)
+        for i in range(len(p.starts)):
+            for j in range(len(p.columns)):
+                unjudged = np.isfinite(p.diff[i, j]) and not p.judged[i, j]
+                if unjudged:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="#999999",
+                                           hatch="///", linewidth=0))  # fmt: skip
+                box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5} if unjudged else None
+                ax.text(j, i, p.text[i][j], ha="center", va="center", fontsize=8, bbox=box)
+        ax.set_xticks(range(len(p.columns)), p.columns, fontsize=8)
+        ax.set_yticks(range(len(p.starts)), p.starts)
+        ax.set_xlabel("fine-tuned on (largest FT size)")
+        ax.set_ylabel("start (A)")
+        ax.set_title(
+            f"A − B = start − scratch, {p.headline.label} ({how} is better), paired\n"
+            "* 95 % interval excludes 0; hatched: fewer than 3 pairs, not judged",
+            fontsize=9,
+        )
+        if p.judged.any():
+            fig.colorbar(im, ax=ax, shrink=0.8, label=f"A − B, {p.headline.label} (blue: A better)")
     return _save(fig, out / "heatmap_gain.png"), ""
 
 
@@ -236,51 +306,108 @@ def read_predictions(checkpoint: str) -> pd.DataFrame | None:
         return None
 
 
-def best_models(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per FT dataset, at its largest FT size: the (start, strategy) with the lowest mean validation loss
-    over seeds, and its best trial. Validation losses are only compared at one size (same scaling,
-    comparable validation sets)."""
-    best = best_per_setting(trials)
-    best = best[best.kind != "pretrain"]
+def best_cells(best: pd.DataFrame) -> list[tuple[pd.DataFrame, tuple[str, str]]]:
+    """Per (stage, FT dataset), at its largest FT size: its rows and the cell with the lowest mean validation
+    loss over every start and scratch (``compare.lowest_val_loss``: the report's line for that size). Validation
+    losses are only compared within one stage and size (same scaling, comparable validation sets)."""
+    ft = best[best.kind != "pretrain"]
     out = []
-    for _, rows in best.groupby("ft_dataset"):
+    for _, rows in ft.groupby(["stage", "ft_dataset"], sort=False):
         size = _largest_size(rows)
         at = rows[rows.ft_size == size] if not pd.isna(size) else rows
-        mean = at.groupby(["start", "strategy"]).val_loss.mean()
-        start, strategy = mean.idxmin()
-        group = at[(at.start == start) & (at.strategy == strategy)]
-        out.append(group.loc[group.val_loss.idxmin()])
+        found = compare.lowest_val_loss(at)
+        if found is not None:
+            out.append((at, found[0]))
+    return out
+
+
+def _cell_rows(rows: pd.DataFrame, cell: tuple[str, str]) -> pd.DataFrame:
+    return rows[(rows.start == cell[0]) & (rows.strategy == cell[1])]
+
+
+def best_models(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per (stage, FT dataset), at its largest FT size: the best trial (lowest validation loss) of its
+    ``best_cells`` cell, one row each."""
+    out = []
+    for rows, cell in best_cells(best_per_setting(trials)):
+        g = _cell_rows(rows, cell)
+        out.append(g.loc[g.val_loss.astype(float).idxmin()])
     return pd.DataFrame(out)
 
 
-def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
-    best = best_models(trials)
+@dataclass(frozen=True)
+class ParityPanel:
+    """The numbers one parity panel draws: the ``best_cells`` cell of one (stage, FT dataset)."""
+
+    stage: str
+    dataset: str
+    cell: tuple[str, str]
+    points: pd.DataFrame  # y_true, y_pred (raw units) of the test predictions drawn
+    headline: Headline
+    value: str  # the headline metric as printed, e.g. "0.296 ± 0.021"
+    what: str  # which predictions are drawn
+    spread: str  # what the value is over (what its ± is)
+
+
+def parity_panels(trials: pd.DataFrame, read=None) -> list[ParityPanel]:
+    """``best_cells``' predictions. K-fold: the pooled out-of-fold test predictions of every full repeat
+    (each structure once per repeat), with the cell's headline exactly as ``compare.cell_table`` prints it (the
+    metric of each repeat's pooled predictions, mean ± std over repeats). Seeds: the test predictions of the
+    seed with the cell's lowest validation loss, with that seed's headline (the table's is over all seeds).
+    ``read``: ``read_predictions`` (tests pass their own)."""
+    read = read or read_predictions
     panels = []
-    for _, row in best.iterrows():
-        preds = read_predictions(row.checkpoint) if isinstance(row.checkpoint, str) else None
-        if preds is not None:
-            panels.append((row, preds[preds.split == "test"]))
+    for rows, cell in best_cells(best_per_setting(trials)):
+        g = _cell_rows(rows, cell)
+        stage, dataset = str(g.stage.iloc[0]), str(g.ft_dataset.iloc[0])
+        h = compare.headline(dataset)
+        if compare.is_kfold(g):
+            pooled = compare.pooled_predictions(g, read)
+            if not pooled:
+                continue
+            k, n = int(g.n_folds.dropna().iloc[0]), len(pooled)
+            points = pd.concat(pooled.values(), ignore_index=True)
+            what = f"pooled out-of-fold test predictions, {'all ' if n > 1 else ''}{n} × {k} (repeats × folds)"
+            spread = f"mean ± std over {n} repeats" if n > 1 else "1 repeat"
+            value = compare.cell_metrics(g, read)[h.metric]
+            panels.append(ParityPanel(stage, dataset, cell, points, h, value, what, spread))
+            continue
+        unit = g.loc[g.val_loss.astype(float).idxmin()]
+        preds = read(unit.checkpoint) if isinstance(unit.checkpoint, str) else None
+        if preds is None:
+            continue
+        seed = "" if pd.isna(unit.get("seed")) else f"seed {int(unit['seed'])}: "
+        what = f"test set, {seed}the cell's lowest validation loss of {len(g)} seeds"
+        value = compare.fmt_num(unit[f"test_{h.metric}"])
+        spread = f"this seed; the table: {compare.cell_metrics(g, read)[h.metric]} over {len(g)}"
+        panels.append(ParityPanel(stage, dataset, cell, preds[preds.split == "test"], h, value, what, spread))
+    return panels
+
+
+def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
+    """Predicted against true of ``parity_panels``: per (stage, FT dataset), the cell the report names as its
+    lowest validation loss at the largest FT size."""
+    panels = parity_panels(trials)
     if not panels:
         return None, "no predictions of a completed fine-tuning trial were found"
-    fig, axes = _grid(len(panels), 3.6, 3.4)
-    for ax, (row, p) in zip(axes, panels, strict=True):
-        kappa = compare.is_kappa(row.ft_dataset)
-        ax.scatter(p.y_true, p.y_pred, s=10, alpha=0.7)
-        lo, hi = np.nanmin([p.y_true.min(), p.y_pred.min()]), np.nanmax([p.y_true.max(), p.y_pred.max()])
-        if kappa:
-            lo = max(lo, 1e-2)
+    stages = {(p.dataset, p.stage) for p in panels}
+    fig, axes = _grid(len(panels), 4.4, 4.0)
+    for ax, p in zip(axes, panels, strict=True):
+        y_true, y_pred = p.points.y_true.astype(float), p.points.y_pred.astype(float)
+        ax.scatter(y_true, y_pred, s=10, alpha=0.5)
+        both = pd.concat([y_true, y_pred])
+        lo, hi = both.min(), both.max()
+        if compare.is_kappa(p.dataset):
+            lo = both[both > 0].min()  # a log axis: the diagonal from the smallest positive value
             ax.set_xscale("log")
             ax.set_yscale("log")
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        unit = _units(row.ft_dataset)
+        unit = _units(p.dataset)
         ax.set_xlabel(f"true ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
-        h = compare.headline(row.ft_dataset)
-        ax.set_title(
-            f"{row.ft_dataset}: {row.start}, {row.strategy}\n{h.label} {row[f'test_{h.metric}']:.3g}"
-            + (f" (fold {int(row['fold'])} of repeat {int(row['repeat'])})" if pd.notna(row.get("fold")) else ""),
-            fontsize=9,
-        )
+        name = f"{p.stage}:{p.dataset}" if sum(d == p.dataset for d, _ in stages) > 1 else p.dataset
+        ax.set_title(f"{name}: {compare.cell_name(p.cell)} (lowest validation loss)\n{p.what}\n"
+                     f"{p.headline.label} {p.value} ({p.spread})", fontsize=8)  # fmt: skip
     return _save(fig, out / "parity.png"), ""
 
 
@@ -353,7 +480,7 @@ class Report:
 
 
 FIGURES = {
-    "PT × FT heatmap of the paired improvement over scratch": fig_heatmap,
+    "PT × FT heatmap of the paired difference A − B (start minus scratch)": fig_heatmap,
     "Metrics against FT size": fig_ft_size,
     "Metrics against PT size": fig_pt_size,
     "Strategy comparison": fig_strategies,
@@ -374,7 +501,9 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
         "out-of-fold predictions, mean ± std over repeats. Comparisons pair the two cells on the units both "
         "have ((repeat, fold), or seed), by each unit's test metric: mean difference A − B with a 95 % interval "
         "from the Nadeau–Bengio corrected resampled t-test (units share training data, so a plain paired t "
-        "would be too narrow), and how often A was better. Fewer than 3 pairs cannot be judged.",
+        "would be too narrow), and how often A was better. Fewer than 3 pairs cannot be judged. The lowest "
+        "validation loss is the mean over a cell's units, every start and scratch alike; at the largest FT size "
+        "its cell is the parity plot's.",
         "",
     ]
     for (stage, dataset, size), _ in ft.groupby(["stage", "ft_dataset", "ft_size"], dropna=False, sort=False):
@@ -384,7 +513,7 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
         how = "lower" if not h.higher_is_better else "higher"
         lines += [f"### {stage}: {dataset}, FT size {size_label} ({_units(dataset)}; {h.label}, {how} is better)", ""]
         cells = compare.cell_table(rows, read_predictions)
-        lines += [markdown_table(cells), ""]
+        lines += [f"Metrics: {compare.spread_note(rows)}.", "", markdown_table(cells), ""]
         paired = compare.paired_table(rows)
         if not paired.empty:
             shown = paired.drop(columns=["significant", "mean_diff"])
@@ -399,11 +528,24 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
                 markdown_table(gaps),
                 "",
             ]
-        tuned = cells[~cells.start.map(compare.is_scratch)] if not cells.empty else cells
-        if not tuned.empty:
-            top = tuned.loc[tuned.val_loss.idxmin()]
-            lines += [f"Lowest validation loss: start `{top.start}`, strategy `{top.strategy}`.", ""]
+        line = lowest_val_loss_line(rows)
+        if line:
+            lines += [line, ""]
     return lines
+
+
+def lowest_val_loss_line(rows: pd.DataFrame) -> str:
+    """The cell of one (stage, FT dataset, size) with the lowest mean validation loss, every start and scratch
+    considered (``compare.val_loss_by_cell``), and the runner-up; "" when no cell has a validation loss."""
+    loss = compare.val_loss_by_cell(rows)
+    if loss.empty:
+        return ""
+    units = "folds" if compare.is_kfold(rows) else "seeds"
+    text = f"Lowest validation loss (mean over each cell's {units}): `{compare.cell_name(loss.index[0])}`, "
+    text += compare.fmt_num(loss.iloc[0])
+    if len(loss) > 1:
+        text += f"; next `{compare.cell_name(loss.index[1])}`, {compare.fmt_num(loss.iloc[1])}"
+    return text + "."
 
 
 def declared_in(results_dir: str | os.PathLike[str]) -> dict[str, datasets.DatasetSpec]:
@@ -445,18 +587,8 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
     ]
     pt = best[best.kind == "pretrain"]
     if not pt.empty:
-        lines += [
-            "## Pre-training",
-            "",
-            "| stage | dataset | size | seeds | headline | test | test MAE | units |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for (stage, dataset, size), g in pt.groupby(["stage", "dataset", "size"], dropna=False, sort=False):
-            size_label = MISSING if pd.isna(size) else int(size)
-            units = _units(dataset) if "+" not in dataset else "per property"
-            h = compare.headline(dataset) if "+" not in dataset else compare.headline("")
-            value, mae = compare.mean_std(g[f"test_{h.metric}"]), compare.mean_std(g.test_mae)
-            lines.append(f"| {stage} | {dataset} | {size_label} | {len(g)} | {h.label} | {value} | {mae} | {units} |")
+        lines += ["## Pre-training", "", f"{SETTINGS_NOTE[0].upper()}{SETTINGS_NOTE[1:]}.", "",
+                  markdown_table(settings_table(pt))]  # fmt: skip
         lines.append("")
         gaps = [
             gap.assign(cell=f"{stage}: {dataset}, size {MISSING if pd.isna(size) else int(size)}")
@@ -550,7 +682,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
         cfg = result.config or {}
         if "setting" not in cfg:
             # a placeholder Tune made for a suggestion an interrupt cut short: it never ran and is not a trial
-            log.info("stage %s: skipping a trial without a configuration (%s)", stage, result.path)
+            log.debug("stage %s: skipping a trial without a configuration (%s)", stage, result.path)
             continue
         m = result.metrics or {}
         done = bool(m.get(COMPLETED))
@@ -641,53 +773,35 @@ def copy_best(table: pd.DataFrame, folder: Path, *, pause=None) -> None:
 
 
 def summary(trials: pd.DataFrame) -> str:
-    """What a sweep found, for the console: each setting's units (mean ± std), then for each FT dataset and
-    size the pooled K-fold metrics and the paired comparisons (each start against scratch, starts against
-    each other) with their 95 % intervals and verdicts."""
+    """What a sweep found, for the console, in the report's numbers and words: pre-training settings
+    (``settings_table``), then per FT dataset and size its cells (``compare.cell_table``), the paired
+    comparisons (A − B ± the 95 % interval's half-width) with their verdicts, and the lowest validation loss."""
     trials = upgrade(trials)
     best = with_start(best_per_setting(trials))
     if best.empty:
         return "no completed trials"
-    keys = ["stage", "dataset", "size", "start", "strategy"]
-    rows = []
-    for key, g in best.groupby(keys, dropna=False, sort=False):
-        row = dict(zip(keys, key, strict=True))
-        name = str(row["dataset"])
-        kappa = compare.is_kappa(name)
-        h = compare.headline(name)
-        row["size"] = "all" if pd.isna(row["size"]) else int(row["size"])
-        row["units"] = f"{len(g)} {'folds' if compare.is_kfold(g) else 'seeds' if len(g) > 1 else 'seed'}"
-        mae = g.test_mae.astype(float)
-        row["test_mae"] = f"{mae.mean():.4g} ± {mae.std(ddof=0):.2g}" if mae.notna().any() else "-"
-        if kappa:  # raw-unit R² of kappa is in trials.parquet, never a headline
-            v = g[f"test_{h.metric}"].astype(float)
-            row["test_mae_log10"] = f"{v.mean():.3f} ± {v.std(ddof=0):.3f}" if v.notna().any() else "-"
-        else:
-            r2 = g.test_r2.astype(float)
-            row["test_r2"] = f"{r2.mean():.3f} ± {r2.std(ddof=0):.3f}" if r2.notna().any() else "-"
-        row["lr"] = f"{g.lr.median():.2g}"
-        row["n_unfrozen"] = "-" if g.n_unfrozen.isna().all() else ",".join(str(int(v)) for v in g.n_unfrozen.dropna())
-        rows.append(row)
-    table = pd.DataFrame(rows).fillna("")
     counts = trials.status.value_counts().to_dict()
-    lines = [f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()), table.to_string(index=False)]
-    ft = best[best.kind != "pretrain"]
-    if "ft_dataset" not in ft.columns:
+    lines = [f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    # rows of a table without FT columns have no cells to compare: shown per setting, like pre-training
+    per_setting = best[best.kind == "pretrain"] if "ft_dataset" in best.columns else best
+    if not per_setting.empty:
+        lines += ["", f"{SETTINGS_NOTE}:", settings_table(per_setting).to_string(index=False)]
+    if "ft_dataset" not in best.columns:
         return "\n".join(lines)
+    ft = best[best.kind != "pretrain"]
     for (stage, dataset, size), _ in ft.groupby(["stage", "ft_dataset", "ft_size"], dropna=False, sort=False):
-        cell_rows = compare.ft_rows(best[best.stage == stage], dataset, size)
+        rows = compare.ft_rows(best[best.stage == stage], dataset, size)
         size_label = "all" if pd.isna(size) else int(size)
         h = compare.headline(dataset)
         lines += ["", f"{stage}: {dataset}, FT size {size_label}; judged by {h.label} "
                   f"({'lower' if not h.higher_is_better else 'higher'} is better)"]  # fmt: skip
-        if compare.is_kfold(cell_rows):
-            cells = compare.cell_table(cell_rows, read_predictions).drop(columns=["val_loss"])
-            lines += ["pooled out-of-fold test predictions per repeat, mean ± std over repeats:"]
-            lines += [cells.to_string(index=False)]
-        paired = compare.paired_table(cell_rows)
-        for _, r in paired.iterrows():
-            lines.append(
-                f"  {r.A} vs {r.B}: {r['A - B']} {r['95% interval']} (A better on {r['A better on']} "
-                f"{'folds' if compare.is_kfold(cell_rows) else 'seeds'}): {r.verdict}"
-            )
+        lines += [f"metrics: {compare.spread_note(rows)}"]
+        lines += [compare.cell_table(rows, read_predictions).drop(columns=["val_loss"]).to_string(index=False)]
+        units = "folds" if compare.is_kfold(rows) else "seeds"
+        for a, b, r in compare.paired_results(rows):
+            lines.append(f"  {compare.cell_name(a)} vs {compare.cell_name(b)}: {compare.diff_pm(r)} "
+                         f"(A better on {r.wins} of {r.n_pairs} {units}): {compare.verdict(r, a, b)}")  # fmt: skip
+        line = lowest_val_loss_line(rows)
+        if line:
+            lines.append(line)
     return "\n".join(lines)
