@@ -45,6 +45,7 @@ format: install
 	$(BIN)/ruff format ltc tests benchmarks reproduce
 
 bench: install
+	$(BIN)/python benchmarks/bench_cli.py
 	$(BIN)/python benchmarks/bench_graphs.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_sweep.py

@@ -5,19 +5,29 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ltc.archs import MODEL_NAMES
+from ltc.choices import (
+    DEFAULT_GRAPHS,
+    HEADS,
+    LOSSES,
+    PRETRAINED,
+    REPORT_HELP,
+    SCHEDULES,
+    STRATEGIES,
+    RunConfig,
+    TrainConfig,
+)
 from ltc.datasets import KAPPA_MAX
 from ltc.errors import ConfigError, DataError, LtcError
 from ltc.graphs import CONSTRUCTIONS, GraphConfig
-from ltc.models import MODELS, PRETRAINED
 from ltc.splits import SPLIT_TESTS, SplitConfig
 from ltc.targets import TRANSFORMS
-from ltc.train import HEADS, LOSSES, SCHEDULES, RunConfig, TrainConfig
-from ltc.transfer import STRATEGIES
 
 log = logging.getLogger("ltc")
 
@@ -42,8 +52,6 @@ _HEAD_DEFAULT = RunConfig.__dataclass_fields__["head"].default
 
 def _construction_help() -> str:
     """Each graph construction, its line, and the models that train on it by default."""
-    from ltc.train import DEFAULT_GRAPHS
-
     parts = []
     for name, text in CONSTRUCTIONS.items():
         models = [m for m, g in DEFAULT_GRAPHS.items() if g.construction == name]
@@ -53,8 +61,6 @@ def _construction_help() -> str:
 
 def _construction_graph(construction: str) -> GraphConfig:
     """The usual graphs of a construction: those of the first model that trains on it by default, else ltc's."""
-    from ltc.train import DEFAULT_GRAPHS
-
     return next((g for g in DEFAULT_GRAPHS.values() if g.construction == construction), _GRAPH)
 
 
@@ -246,7 +252,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     graph = None
     if args.cutoff is not None or args.max_neighbors is not None or args.construction is not None:
         # a flag not given keeps its value from the checkpoint's graphs, or the model's usual ones
-        from ltc.train import DEFAULT_GRAPHS
         from ltc.transfer import load_init
 
         if args.init:
@@ -296,9 +301,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     # resolved once before training, as a sweep's driver does: shards built or verified, split ids, holdout
     inputs = run_inputs(stage, home=args.data_home, cache=args.cache, progress=True)
-    if stage.split.kfold:
-        return _train_kfold(stage, args.out, inputs)
-    m = train_run(stage, args.out, inputs=inputs)
+    runs = stage.split.folds * stage.split.repeats if stage.split.kfold else 1
+    bar = EpochBar(stage.train.epochs, runs=runs, quiet=args.quiet)
+    try:
+        if stage.split.kfold:
+            return _train_kfold(stage, args.out, inputs, bar)
+        m = train_run(stage, args.out, inputs=inputs, on_epoch=bar)
+    finally:
+        bar.close()
     print(
         f"{m['model']} on {'+'.join(m['datasets'])}: {m['epochs_run']} epochs in {m['train_seconds']:.1f} s, "
         f"{m['params_trainable']:,} of {m['params_total']:,} parameters trained (strategy {m['strategy']}"
@@ -318,12 +328,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_kfold(stage, out: Path, inputs) -> int:
+class EpochBar:
+    """``fit``'s ``on_epoch`` for ``ltc train``: a bar of epochs per run with its latest losses (stderr; none with
+    --quiet, and a line per epoch at -v, which a log file keeps). A new run (its epoch 1 again) starts a new bar."""
+
+    def __init__(self, epochs: int, *, runs: int = 1, quiet: bool) -> None:
+        self.epochs, self.total_runs, self.quiet = epochs, runs, quiet
+        self.bar, self.runs = None, 0
+
+    def __call__(self, record: dict[str, float], state: Callable[[], object]) -> None:
+        from tqdm.auto import tqdm
+
+        done = int(record["epoch"]) + 1  # fit counts epochs from 0
+        if self.bar is None or done <= self.bar.n:  # the first epoch of the next run (K-fold)
+            self.close()
+            self.runs += 1
+            desc = "training" if self.total_runs == 1 else f"run {self.runs}/{self.total_runs}"
+            self.bar = tqdm(total=self.epochs, desc=desc, unit="epoch", disable=self.quiet, leave=False)
+        self.bar.set_postfix(train_loss=f"{record['train_loss']:.3g}", val_loss=f"{record['val_loss']:.3g}",
+                             refresh=False)  # fmt: skip
+        self.bar.n = done  # one line per epoch, whatever the time since the last (tqdm's update may skip it)
+        self.bar.refresh()
+        log.debug("epoch %d: train_loss %.4g, val_loss %.4g, lr %.3g, %.1f s", record["epoch"],
+                  record["train_loss"], record["val_loss"], record["lr"], record["seconds"])  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
     from ltc.train import train_kfold
 
     split = stage.split
     print(f"{split.folds}-fold cross-validation x {split.repeats} repeat(s): {split.folds * split.repeats} runs")
-    cv = train_kfold(stage, out, inputs=inputs)
+    cv = train_kfold(stage, out, inputs=inputs, on_epoch=bar)
     for name, res in cv["datasets"].items():
         from ltc.compare import shown_metrics
 
@@ -338,7 +378,7 @@ def _train_kfold(stage, out: Path, inputs) -> int:
         rows.append(("mean ± std", "", *mean))
         print(f"{name}: pooled out-of-fold test predictions per repeat")
         print(_table(rows, ("repeat", "n", *metrics)))
-    print(f"  {out / 'cv.json'}\n  {out / 'oof_predictions.parquet'}\n  {out}/r<repeat>-f<fold>/checkpoint.pt")
+    print(f"  {out / 'cv.json'}\n  {out / 'oof_predictions.parquet'}\n  {out}/r<repeat>f<fold>/checkpoint.pt")
     return 0
 
 
@@ -352,6 +392,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
+    from ltc.tracking import parse_tracking
+
+    trackers = parse_tracking(args.tracking)  # a bad value or a missing package: one line, --dry-run too
     if args.smoke:
         spec = smoke(spec)
     args.declared.append(datasets.declare(spec.declared_datasets()))  # the summary below names them too
@@ -368,11 +411,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     from ltc.results import summary
     from ltc.sweep.driver import StageFailed, SweepInterrupted, run_sweep
+    from ltc.tracking import open_stores
+
+    open_stores(trackers, sweep=spec.name)  # a store that refuses: one line, before Ray and the results folder
 
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # after a Ctrl-C Tune suggests `Tuner.restore(...)`; an ltc user resumes with `ltc sweep --resume` (said below)
     logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore(" not in record.getMessage())
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_unexpected_fetch_failures)
     results = Path(args.results)
     try:
         trials = run_sweep(
@@ -385,6 +432,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             data_home=args.data_home,
             cache=args.cache,
             optuna_storage=args.optuna_storage,
+            tracking=trackers,
         )
     except StageFailed as err:
         # a line per cause: what to fix before the command that finishes the sweep
@@ -413,6 +461,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unexpected_fetch_failures(record: logging.LogRecord) -> bool:
+    """False for Tune's "Failed to fetch metrics for N trial(s)" warning when every trial it lists merely had no
+    result file yet (FileNotFoundError): the trials an interrupt left pending, a line each, dozens of them, which
+    --resume runs. Any other failure it lists keeps the warning whole."""
+    text = record.getMessage()
+    if not text.startswith("Failed to fetch metrics"):
+        return True
+    return not all("FileNotFoundError" in line for line in text.splitlines()[1:])
+
+
 def _resume_argv(args: argparse.Namespace) -> list[str]:
     argv = ["sweep", str(args.file), "--resume"]
     from ltc.sweep.studies import MASK, register_storage
@@ -423,6 +481,8 @@ def _resume_argv(args: argparse.Namespace) -> list[str]:
             value = register_storage(value).replace(MASK, "PASSWORD")
         if value is not None and not (flag == "results" and str(value) == "results"):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for value in getattr(args, "tracking", None) or []:  # later stages log to them too (a restored stage keeps its own)
+        argv += ["--tracking", value]
     return argv + (["--smoke"] if args.smoke else [])
 
 
@@ -446,8 +506,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ltc predict
 
 
+def _num(value: object) -> str:
+    """A metric for people: 4 significant digits, "-" where undefined."""
+    return "-" if value is None or math.isnan(float(value)) else f"{float(value):.4g}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ltc.predict import predict
+    import pandas as pd
+
+    from ltc.predict import predict, score
 
     checkpoints = list(args.checkpoint)
     source = args.input
@@ -484,6 +551,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "rank",
         ]
         print(head[cols].head(args.show).to_string(index=False))
+    for _, m in score(table).iterrows():  # where the input carried known values
+        text = f"MAE {_num(m.mae)} {m.units}, R² {_num(m.r2)}"
+        if "mae_log10" in m and pd.notna(m.mae_log10):  # kappa: log10 metrics first, as reports judge it
+            text = f"MAE log10 {_num(m.mae_log10)}, R² log10 {_num(m.r2_log10)}; raw: {text}"
+        print(f"\n{m.target} against the known values (y_true) of {source}, {m.n} structures: {text}")
     print(f"\npredictions: {out}")
     return 0
 
@@ -531,6 +603,26 @@ def cmd_screen(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+# The libraries whose versions decide a result, as `ltc --version` shows them (read from the installed metadata:
+# importing them would take seconds)
+STACK = ("torch", "torch-geometric", "ray", "optuna", "pymatgen", "pyarrow")
+
+
+def version_line() -> str:
+    """``ltc 0.1.0 (torch 2.13.0, torch-geometric …)``: ltc's version and those of its stack, as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ltc import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ltc {__version__} (" + ", ".join(f"{name} {installed(name)}" for name in STACK) + ")"
+
+
 ALLOW_PARTIAL_HELP = (
     "use a K-fold cell's folder that lacks some of its fold models (r<R>f<F>) as it is; without it, that is an error"
 )
@@ -543,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         "conductivity (and any crystal property), on Ray Tune.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=version_line(), help="ltc's version and its stack's")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, desc: str) -> argparse.ArgumentParser:
@@ -646,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset name(s), see `ltc datasets`, or the path of your own (see ltc prepare --help)",
     )
     sp.add_argument("--out", type=Path, required=True, help="output folder")
-    sp.add_argument("--model", choices=list(MODELS), help="architecture (needed without --init)")
+    sp.add_argument("--model", choices=list(MODEL_NAMES), help="architecture (needed without --init)")
     sp.add_argument(
         "--model-config",
         nargs="*",
@@ -753,6 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss (default off)")
     g.add_argument("--device", default=_TRAIN.device, help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar of epochs (-v: a line per epoch)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
     own_data_flags(sp)
 
@@ -786,20 +880,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: RESULTS/<sweep name>/optuna.log, a journal file; open either with optuna-dashboard)",
     )
     sp.add_argument(
+        "--tracking",
+        action="append",
+        metavar="TRACKER",
+        help="log every trial to a tracker too, one run each tagged with its setting (repeatable; pip install "
+        "'ltc[tracking]'): mlflow:URI, an MLflow tracking URI such as sqlite:////abs/mlflow.db or "
+        "http://127.0.0.1:5000 (experiment: the sweep's name); wandb, a W&B run in project $WANDB_PROJECT or the "
+        "sweep's name, grouped by stage, OFFLINE (runs in RESULTS/<sweep name>/wandb/ for `wandb sync`, nothing "
+        "sent) unless WANDB_MODE or WANDB_API_KEY is set. TensorBoard files are always written: "
+        "STORAGE/<stage>/<trial>/events.out.tfevents.* (STORAGE: RESULTS/<sweep name>/ray by default)",
+    )
+    sp.add_argument(
         "--smoke",
         action="store_true",
-        help="scaled-down run to check a sweep file end to end: first setting of each stage, 1 trial, 2 epochs, "
-        "64 structures, a small model",
+        help="scaled-down copy (<name>-smoke) to check a sweep file end to end in minutes: per stage the first "
+        "dataset set, size (at most 64 structures), seed and strategy, scratch kept; 1 trial of 2 epochs, small "
+        "fresh models; a K-fold stage keeps all its folds, 1 repeat (the quickstart's: 10 FT settings)",
     )
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (default: $LTC_CACHE)")
 
     sp = sub.add_parser(
         "report",
         help="write report.md and figures for a sweep's results",
-        description="Read RESULTS_DIR/trials.parquet and write RESULTS_DIR/report.md with PNG figures beside it: "
-        "per FT dataset, scratch against each PT source (mean ± std over seeds of R² and MAE, gain), the best "
-        "strategy / lr / n_unfrozen by validation loss; a PT × FT heatmap of the R² gain, metrics against FT and "
-        "PT size, strategies, parity plots of the best models and the Optuna trials. Partial sweeps work.",
+        description=REPORT_HELP,
     )
     sp.set_defaults(func=cmd_report)
     sp.add_argument("results_dir", type=Path, metavar="RESULTS_DIR", help="a sweep's results, e.g. results/quickstart")
@@ -829,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
         "go beside the predictions as y_true); an extxyz file, a CSV / Parquet table or a JSON list of structures",
     )
     sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
-    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=256, help="structures per forward pass (default %(default)s)")
     sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda …")
     sp.add_argument("--show", type=int, default=10, help="rows to print per target (default 10)")
     sp.add_argument("--cache", type=Path, default=None, help="shard cache folder (dataset inputs)")
@@ -877,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--gpus-per-actor", type=float, help="GPUs per actor, a fraction to share one (default: 1 where GPUs exist)"
     )
-    sp.add_argument("--batch-size", type=int, default=256, help="structures per forward pass (default 256)")
+    sp.add_argument("--batch-size", type=int, default=256, help="structures per forward pass (default %(default)s)")
     sp.add_argument("--target", help="a column / info key of known values, kept beside as y_true")
     sp.add_argument("--id-key", help="the id column / info key (default: id, material_id, mpd_id, jid or name)")
     sp.add_argument("--structure-key", help="the structure column (default: structure, cif, atoms or poscar)")
@@ -905,6 +1008,28 @@ def _full_folders(args: argparse.Namespace) -> str:
     return ", ".join(f"{f} ({free[f] / 2**20:.1f} MiB free)" for f in low)
 
 
+# The paths a user gives, by the option (or variable) that gives them: an OS error on one of them, or on a folder
+# above or below it, is theirs to fix, whatever its errno (mkdir under /proc or a dead mount is ENOENT).
+USER_PATHS = {"results": "--results", "results_dir": "RESULTS_DIR", "out": "--out", "storage": "--storage",
+              "cache": "--cache", "data_home": "--data-home"}  # fmt: skip
+USER_PATH_VARIABLES = ("LTC_DATA_HOME", "LTC_CACHE", "RAY_TMPDIR")
+
+
+def _given_path(args: argparse.Namespace, filename: object) -> str | None:
+    """``--out PATH`` (say) when ``filename`` is the path the user gave there, or a folder above or below it."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return None
+    given = [(flag, getattr(args, key, None)) for key, flag in USER_PATHS.items()]
+    given += [(name, os.environ.get(name)) for name in USER_PATH_VARIABLES]
+    bad = Path(os.path.abspath(filename))
+    for flag, value in given:
+        if value and "://" not in str(value):
+            mine = Path(os.path.abspath(value))
+            if bad == mine or bad in mine.parents or mine in bad.parents:
+                return f"{flag} {value}" if flag.startswith("-") else f"{flag}={value}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -925,13 +1050,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ltc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a path the user gave that cannot be written or read, a full disk: theirs to fix too
-        if args.verbose or err.errno not in USER_ERRNOS:
+        given = _given_path(args, err.filename)
+        if args.verbose or (err.errno not in USER_ERRNOS and given is None):
             raise
         where = f": {err.filename}" if err.filename else ""
         if err.errno == errno.ENOSPC and not err.filename:  # Arrow's and Tune's writes name no file
             where = f": {_full_folders(args)}"
         full = "; free some space there, then run the same command (with --resume for a sweep)"
-        print(f"ltc {args.command}: error: {err.strerror}{where}{full if err.errno == errno.ENOSPC else ''}",
+        option = f"{given}: " if given is not None else ""  # which of the paths given leads there
+        print(f"ltc {args.command}: error: {option}{err.strerror}{where}{full if err.errno == errno.ENOSPC else ''}",
               file=sys.stderr)  # fmt: skip
         return 2
     finally:

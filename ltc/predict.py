@@ -28,7 +28,7 @@ from ltc.errors import ConfigError, MissingFileError
 from ltc.graphs import GraphConfig, GraphError, check_construction, structure_to_graph
 from ltc.models import CrystalGNN, build_model
 from ltc.shards import ShardSet, collate_graphs
-from ltc.targets import TargetScaler
+from ltc.targets import TargetScaler, regression_metrics
 
 log = logging.getLogger(__name__)
 
@@ -375,3 +375,23 @@ def rank(table: pd.DataFrame, models: list[LoadedModel]) -> pd.DataFrame:
             g = pd.concat([ok, g[g.error.notna()]])
         parts.append(g)
     return pd.concat(parts, ignore_index=True) if parts else table
+
+
+def score(table: pd.DataFrame) -> pd.DataFrame:
+    """Per target, the ensemble mean's metrics against known values (``y_true``), on the rows that have both: n,
+    MAE and R² in raw units, and for kappa targets (those ``rank`` orders) MAE and R² of log10 kappa, its headline
+    metrics. Empty when no row has a known value."""
+    if "y_true" not in table:
+        return pd.DataFrame()
+    rows = []
+    for target, g in table[table.error.isna()].groupby("target", sort=False):
+        known = g[g.y_true.notna() & g.pred_mean.notna()]
+        if known.empty:
+            continue
+        kappa = bool(g["rank"].notna().any())
+        m = regression_metrics(known.y_true.to_numpy(float), known.pred_mean.to_numpy(float), kappa=kappa)
+        row = {"target": target, "units": g.units.iloc[0], "n": len(known), "mae": m["mae"], "r2": m["r2"]}
+        if kappa:
+            row |= {"mae_log10": m["mae_log10"], "r2_log10": m["r2_log10"]}
+        rows.append(row)
+    return pd.DataFrame(rows)

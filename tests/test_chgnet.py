@@ -333,7 +333,7 @@ def test_cli_prepare_train_kfold_from_chgnet_then_predict_cif_files(tmp_path, st
     assert main(argv) == 0
     cv = json.loads((out / "cv.json").read_text())
     assert cv["folds"] == 2 and cv["datasets"]["l96"]["repeats"][0]["n"] == 95
-    assert all((out / f"r0-f{f}" / "checkpoint.pt").is_file() for f in (0, 1))
+    assert all((out / f"r0f{f}" / "checkpoint.pt").is_file() for f in (0, 1))
     # screening CIF files with the two fold models: the graphs are built from the files as the shards were
     cifs = tmp_path / "cifs"
     cifs.mkdir()

@@ -84,6 +84,34 @@ def test_console_script_help_explains_commands():
     assert "rejected.parquet" in out
 
 
+# What `ltc --help`, each command's --help and a CPU sweep's --dry-run must not import: each costs seconds.
+HEAVY = ("torch", "torch_geometric", "ray", "pymatgen.core", "optuna", "ase", "matminer", "mlflow", "wandb")
+IMPORTS_OF = """
+import sys
+from ltc.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(" ".join(sorted(m for m in {heavy} if m in sys.modules)) or "-")
+sys.exit(code)
+"""
+
+
+def test_help_and_dry_run_import_no_torch_nor_ray(data_home, tmp_path):
+    """The CLI's choices and defaults come from torch-free modules (ltc.archs, ltc.choices)."""
+    listed = subprocess.run([sys.executable, "-m", "ltc.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    commands = re.findall(r"^    ([a-z]+) ", listed.stdout, flags=re.MULTILINE)  # the commands `ltc --help` lists
+    assert {"datasets", "prepare", "train", "sweep", "report", "predict", "screen"} <= set(commands)
+    runs = [["--help"], *([c, "--help"] for c in commands)]
+    runs.append(["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--dry-run", "--results", str(tmp_path)])
+    script = IMPORTS_OF.format(heavy=HEAVY)
+    for argv in runs:
+        done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        assert done.stdout.splitlines()[-1] == "-", (argv, done.stdout.splitlines()[-1])
+
+
 # --- ltc train ---------------------------------------------------------------------------------------
 
 SMALL_ARGS = {
@@ -137,8 +165,12 @@ def test_cli_three_stage_chain(tmp_path, capsys):
                  "--holdout", "hh143", "--out", str(ft1), *common]) == 0  # fmt: skip
     assert main(["train", "--dataset", "hh143", "--init", str(ft1 / "checkpoint.pt"), "--size", "40",
                  "--out", str(ft2), *common]) == 0  # fmt: skip
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert "MAE log10" in out
+    # a bar of epochs per run, to its end (2 of 2), with the latest losses
+    assert len(re.findall(r"training: +0%", printed.err)) == 3, printed.err[-2000:]
+    assert len(re.findall(r"training: 100%\|[^|]*\| 2/2 \[[^\]]*val_loss=", printed.err)) == 3, printed.err[-2000:]
     import torch
 
     ckpt = torch.load(ft2 / "checkpoint.pt", weights_only=True)

@@ -83,6 +83,27 @@ def test_cif_folder_reproduces_the_runs_test_metrics_and_ranks(runs, tmp_path, c
     assert ranked.pred_mean.is_monotonic_increasing
 
 
+def test_predict_prints_the_metrics_of_known_values(runs, tmp_path, capsys):
+    """A labelled input: MAE / R² of the ensemble mean, log10 first for kappa, as computed from the table."""
+    from ltc.targets import regression_metrics
+
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), "hh143", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_parquet(out)
+    m = regression_metrics(table.y_true.to_numpy(), table.pred_mean.to_numpy(), kappa=True)
+    line = next(x for x in printed.splitlines() if "against the known values" in x)  # the model's target is l96
+    assert line.startswith("l96 against the known values (y_true) of hh143, 143 structures: ")
+    assert f"MAE log10 {m['mae_log10']:.4g}, R² log10 {m['r2_log10']:.4g}; raw: MAE {m['mae']:.4g} W/(m K)" in line
+    # unlabelled structures: no such line
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    record = datasets.read("l96").records[0]
+    datasets.parse_structure(record.fmt, record.payload).to(filename=str(folder / "one.cif"))
+    assert main(["predict", "--checkpoint", str(runs[0] / "checkpoint.pt"), str(folder), "--out", str(out)]) == 0
+    assert "against the known values" not in capsys.readouterr().out
+
+
 def test_ensemble_mean_and_std(runs, tmp_path):
     out = tmp_path / "p.parquet"
     ckpts = [str(runs[s] / "checkpoint.pt") for s in (0, 1)]
@@ -130,18 +151,18 @@ def test_poscar_files_are_read(runs, tmp_path):
 
 
 def _fold_folder(runs, root):
-    """A cross-validated setting laid out as a sweep saves it: ``<setting>/r0-f<k>/checkpoint.pt``."""
+    """A cross-validated setting laid out as a sweep saves it: ``<setting>/r0f<k>/checkpoint.pt``."""
     setting = root / "finetune" / "l96-setting"
     for k, seed in enumerate((0, 1)):
-        (setting / f"r0-f{k}").mkdir(parents=True)
-        shutil.copy(runs[seed] / "checkpoint.pt", setting / f"r0-f{k}" / "checkpoint.pt")
-    (setting / "r0-f0" / "metrics.json").write_text("{}")  # other files beside them are not checkpoints
+        (setting / f"r0f{k}").mkdir(parents=True)
+        shutil.copy(runs[seed] / "checkpoint.pt", setting / f"r0f{k}" / "checkpoint.pt")
+    (setting / "r0f0" / "metrics.json").write_text("{}")  # other files beside them are not checkpoints
     return setting
 
 
 def test_checkpoint_folder_is_the_ensemble_of_its_checkpoints(runs, tmp_path):
     setting = _fold_folder(runs, tmp_path)
-    files = [str(setting / f"r0-f{k}" / "checkpoint.pt") for k in (0, 1)]
+    files = [str(setting / f"r0f{k}" / "checkpoint.pt") for k in (0, 1)]
     assert expand_checkpoints([setting]) == files  # recursive, sorted
     assert expand_checkpoints([setting, files[1]]) == files  # a file reached twice counts once
     by_folder = predict([setting], "l96")
@@ -160,7 +181,7 @@ def test_checkpoint_folder_is_the_ensemble_of_its_checkpoints(runs, tmp_path):
 
 def test_empty_or_missing_checkpoint_paths(runs, tmp_path, capsys):
     empty = tmp_path / "setting"
-    (empty / "r0-f0").mkdir(parents=True)
+    (empty / "r0f0").mkdir(parents=True)
     missing = tmp_path / "nosuch"
     with pytest.raises(MissingFileError, match=re.escape(f"checkpoint folder {empty} holds no checkpoint.pt")):
         predict([runs[0] / "checkpoint.pt", empty], "l96")
@@ -180,7 +201,7 @@ def test_ensemble_of_different_targets_names_both_checkpoints(runs, tmp_path):
     # same dataset, other units: not one target either (also found inside a folder)
     ckpt = load_checkpoint(runs[1] / "checkpoint.pt")
     ckpt["targets"][0]["units"] = "mW/(m K)"
-    relabelled = save_checkpoint(tmp_path / "setting" / "r0-f0" / "checkpoint.pt", ckpt)
+    relabelled = save_checkpoint(tmp_path / "setting" / "r0f0" / "checkpoint.pt", ckpt)
     with pytest.raises(ConfigError, match=re.escape("mW/(m K)")) as info:
         predict([first, tmp_path / "setting"], "l96")
     assert str(first) in str(info.value) and str(relabelled) in str(info.value)

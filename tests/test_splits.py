@@ -118,8 +118,8 @@ def test_train_kfold_pools_out_of_fold_predictions(tmp_path):
     expected = regression_metrics(r0.y_true.to_numpy(), r0.y_pred.to_numpy(), kappa=True)["mae_log10"]
     assert res["repeats"][0]["mae_log10"] == pytest.approx(expected)
     assert res["mae_log10_mean"] == pytest.approx(np.mean([r["mae_log10"] for r in res["repeats"]]))
-    assert sorted(p.parent.name for p in tmp_path.glob("r*-f*/checkpoint.pt")) == [
-        f"r{r}-f{f}" for r in range(2) for f in range(3)
+    assert sorted(p.parent.name for p in tmp_path.glob("r*f*/checkpoint.pt")) == [
+        f"r{r}f{f}" for r in range(2) for f in range(3)
     ]
 
 

@@ -369,8 +369,9 @@ class StudyPruning(FIFOScheduler):
 class Progress(Callback):
     """One bar per stage: finished trials, with running / pruned / failed counts.
 
-    Tune pickles its callbacks into the experiment (for ``--resume``); the bar is made on first use and
-    left out of the pickle.
+    Tune pickles its callbacks with the Tuner when a stage starts, so a resumed stage's copy knows nothing of the
+    trials that finished since: the bar counts them from Tune's restored trials when it is made, and a resumed
+    stage's bar starts where the interrupted one stopped and ends at its total.
     """
 
     def __init__(self, stage: str, total: int) -> None:
@@ -382,14 +383,21 @@ class Progress(Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "bar": None, "running": set()}
 
-    def _update(self, finished: int = 0) -> None:
+    @staticmethod
+    def _outcome(trial: Trial) -> str:
+        return "done" if trial.last_result.get(COMPLETED) else "pruned"
+
+    def _update(self, trials: list[Trial], finished: Trial | None = None, outcome: str | None = None) -> None:
         from tqdm.auto import tqdm
 
-        if self.bar is None:
-            done_before = sum(self.counts.values())
-            self.bar = tqdm(total=self.total, initial=done_before, desc=f"stage {self.stage}", unit="trial",
+        if self.bar is None:  # first event of this driver: what finished before it is in Tune's trials
+            ended = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR) and t is not finished]
+            self.counts = Counter("failed" if t.status == Trial.ERROR else self._outcome(t) for t in ended)
+            self.bar = tqdm(total=self.total, initial=len(ended), desc=f"stage {self.stage}", unit="trial",
                             dynamic_ncols=True)  # fmt: skip
-        self.bar.update(finished)
+        if finished is not None and outcome is not None:
+            self.counts[outcome] += 1
+            self.bar.update(1)
         self.bar.set_postfix(
             running=len(self.running), done=self.counts["done"], pruned=self.counts["pruned"],
             failed=self.counts["failed"], refresh=True,
@@ -397,17 +405,15 @@ class Progress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
-        self._update()
+        self._update(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self.counts["done" if trial.last_result.get(COMPLETED) else "pruned"] += 1
-        self._update(1)
+        self._update(trials, trial, self._outcome(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self.counts["failed"] += 1
-        self._update(1)
+        self._update(trials, trial, "failed")
 
     def on_experiment_end(self, trials, **info):
         if self.bar is not None:
