@@ -226,11 +226,26 @@ def _model_overrides(items: Sequence[str]) -> dict[str, object]:
     return out
 
 
+def _writable_folder(folder: Path, *, create: bool = True) -> None:
+    """Make ``folder`` (and its parents; ``create=False``: only check that they could be made) and check that
+    this user can write there: an ``OSError`` naming the path otherwise, which ``main`` prints as one line naming
+    the option that gave it. Run before any work, so a mistyped path costs nothing."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = folder
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from ltc.train import RunConfig, run_inputs, train_run
 
+    _writable_folder(Path(args.out))  # before any training: an unwritable --out fails now, not after the run
     if args.threads:
         torch.set_num_threads(args.threads)
     strategy = args.strategy
@@ -388,7 +403,7 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ltc import datasets
-    from ltc.io import check_uri
+    from ltc.io import check_uri, is_uri
     from ltc.sweep import describe, load_sweep, smoke, validate
 
     spec = load_sweep(args.file)
@@ -398,6 +413,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.smoke:
         spec = smoke(spec)
     args.declared.append(datasets.declare(spec.declared_datasets()))  # the summary below names them too
+    for folder in (args.results, None if is_uri(args.storage or "") else args.storage):
+        if folder:  # the driver makes them; a path it could not make fails now, before Ray starts
+            _writable_folder(Path(folder), create=False)
     if args.dry_run:
         # what a trial would reject fails here, naming the key; Ray is never imported
         check_uri(args.storage or spec.storage or "", what="storage")
@@ -522,10 +540,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if len(checkpoints) < 2:
             raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
         source = checkpoints.pop()
+    out = Path(args.out)
+    _writable_folder(out.parent)  # before predicting
     table = predict(checkpoints, source, batch_size=args.batch_size, device=args.device, home=args.data_home,
                     cache=args.cache, target=args.target, allow_partial=args.allow_partial)  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
     ok = table[table.error.isna()]
     failed = table[table.error.notna()].drop_duplicates("id")

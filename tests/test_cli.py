@@ -59,6 +59,42 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["prepare", "l96", "-q", "--cache", "{F}/cache"], "--cache {F}/cache: Not a directory: {F}"),
+        (["train", "--dataset", "l96", "--model", "cgcnn", "--out", "{F}/run"], "--out {F}/run: Not a directory: {F}"),
+        (["predict", "--checkpoint", "{F}", "l96", "--out", "{F}/p.parquet"], "--out {F}/p.parquet: Not a directory"),
+        (["sweep", "sweeps/quickstart.yaml", "--results", "{F}/res"], "--results {F}/res: Not a directory: {F}"),
+        (
+            ["sweep", "sweeps/quickstart.yaml", "--dry-run", "--results", "{F}/res"],
+            "--results {F}/res: Not a directory",
+        ),
+        (["sweep", "sweeps/quickstart.yaml", "--storage", "{F}/s", "--results", "{T}/r"], "--storage {F}/s: Not a"),
+        (["report", "{F}/results"], "{F}/results/trials.parquet does not exist"),
+    ],
+)
+def test_a_path_under_a_file_is_one_line_naming_it(capsys, tmp_path, monkeypatch, argv, option):
+    """The user's path mistakes (here: a path under a file) are one line naming the option and path, found before
+    any work (no Ray, no training: the command returns in a second or two)."""
+    monkeypatch.chdir(REPO)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    fill = {"F": str(blocker), "T": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option.format(**fill) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing was made
+    assert "ray" not in sys.modules or argv[0] != "sweep"  # the sweep never started Ray
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(capsys, tmp_path):
+    """mkdir under /proc fails with ENOENT, which inside ltc would be a bug; under --out it is the user's."""
+    assert main(["train", "--dataset", "l96", "--model", "cgcnn", "--out", "/proc/ltc-test/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ltc train: error: --out /proc/ltc-test/run: No such file or directory: /proc/ltc-test", err
+
+
 def test_graph_construction_choices_are_the_librarys(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "l96", "--construction", "alignn"])
