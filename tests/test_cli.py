@@ -72,6 +72,7 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
         ),
         (["sweep", "sweeps/quickstart.yaml", "--storage", "{F}/s", "--results", "{T}/r"], "--storage {F}/s: Not a"),
         (["report", "{F}/results"], "{F}/results/trials.parquet does not exist"),
+        (["prepare", "l96", "--data-home", "{F}/home"], "put paraisite_Dataset1.json.gz in {F}/home/ltc_paraisite"),
     ],
 )
 def test_a_path_under_a_file_is_one_line_naming_it(capsys, tmp_path, monkeypatch, argv, option):
