@@ -393,6 +393,9 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
         rows.append(("mean ± std", "", *mean))
         print(f"{name}: pooled out-of-fold test predictions per repeat")
         print(_table(rows, ("repeat", "n", *metrics)))
+        if (mae := (res.get("per_fold") or {}).get("mae")) is not None:  # as the Matbench leaderboard states it
+            print(f"{name}: MAE per fold, mean ± std over {len(res['folds'])} folds (np.std, Matbench's form): "
+                  f"{mae['mean']:.4g} ± {mae['std']:.4g}")  # fmt: skip
     print(f"  {out / 'cv.json'}\n  {out / 'oof_predictions.parquet'}\n  {out}/r<repeat>f<fold>/checkpoint.pt")
     return 0
 
@@ -783,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="test set: seeded (a fixed 10%% per dataset) or paper (Devi et al.'s files; their trial subsets for "
         "sizes 10..800 and seeds 1..5); paper_or_seeded: paper where the file exists; kfold: --folds x --repeats "
         "cross-validation, every structure tested once per repeat (the protocol for sets of ~100; writes "
-        "OUT/cv.json with pooled out-of-fold metrics)",
+        "OUT/cv.json with pooled out-of-fold metrics); matbench: the official Matbench v0.1 folds of a Matbench "
+        "task (ph, gv, bg, fe; the whole task must be local), metrics also per fold, as the leaderboard shows them",
     )
     g.add_argument(
         "--test-fraction",

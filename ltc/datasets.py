@@ -1462,6 +1462,27 @@ def _read_subsets(path_str: str, mtime_ns: int) -> dict[str, list[str]]:
     return {k: [str(j) for j in v] for k, v in files.items()}
 
 
+def matbench_folds(name: str, *, data_home: str | os.PathLike[str] | None = None) -> list[list[str]]:
+    """The official Matbench v0.1 test ids of each of the 5 folds of ``name``'s task, as ltc ids (a row's id is its
+    0-based row index in the task's table; Matbench's ``mb-<task>-NNNN`` counts from 1)."""
+    s = spec(name)
+    if not s.folder.startswith("matbench_"):
+        known = sorted(n for n, d in REGISTRY.items() if d.folder.startswith("matbench_"))
+        raise ConfigError(f"dataset {name!r} is not a Matbench task; those with official folds: {', '.join(known)}")
+    path = _data_home(data_home) / s.folder / f"matbench_v0.1_folds_{s.folder}.json.gz"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"no Matbench folds file for {name!r}: put {path.name} in {path.parent}")
+    per_fold = _load_json(path)["test_ids_per_fold"]
+    prefix = f"mb-{s.folder.removeprefix('matbench_').replace('_', '-')}-"
+    folds = []
+    for key in sorted(per_fold, key=lambda k: int(k.rsplit("_", 1)[1])):  # fold_0 … fold_4
+        bad = [i for i in per_fold[key] if not i.startswith(prefix)]
+        if bad:
+            raise DataError(f"{path}: {key} holds {bad[0]!r}, not an id of the form {prefix}NNNN")
+        folds.append([str(int(i.removeprefix(prefix)) - 1) for i in per_fold[key]])
+    return folds
+
+
 def devi_test_ids(name: str, *, data_home: str | os.PathLike[str] | None = None) -> list[str]:
     """The fixed test set of Devi et al. for ``name`` (never used in PT or FT)."""
     subsets = devi_subsets(name, data_home=data_home)

@@ -55,6 +55,8 @@ def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
     for col in ("fold", "repeat", "n_folds", "test_r2_log10"):
         if col not in trials.columns:
             trials = trials.assign(**{col: np.nan})
+    if "split" not in trials.columns:  # schema 3 and older: K-fold stages were the only folded ones
+        trials = trials.assign(split=np.where(trials.n_folds.notna(), "kfold", None))
     return trials
 
 
@@ -631,13 +633,14 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
 # --------------------------------------------------------------------------------------------------
 # The trials table: one flat row per trial (``results/README.md``), built from a stage's ResultGrid.
 
-RESULTS_SCHEMA_VERSION = 3  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
+RESULTS_SCHEMA_VERSION = 4  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
 # 3: arch (the model trained) and start (the start's label, or scratch[<model>] beside several architectures)
+# 4: split (how the test set was chosen: seeded, paper, kfold, matbench)
 
 COLUMNS = [
     "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "arch",
     "start", "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat",
-    "n_folds",
+    "n_folds", "split",
     "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10",
     "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds",
     "wall_seconds", "params_trainable", "params_total", "checkpoint", "init", "task_metrics",
@@ -716,6 +719,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             "fold": cfg.get("fold"),
             "repeat": cfg.get("repeat"),
             "n_folds": (cfg.get("split") or {}).get("folds") if cfg.get("fold") is not None else None,
+            "split": (cfg.get("split") or {}).get("test"),
             "checkpoint": _checkpoint_uri(result.checkpoint) if done else None,
             "init": cfg.get("init"),
             "trial_id": m.get("trial_id") or Path(str(result.path)).name,

@@ -30,7 +30,8 @@ DEVI_SIZES = (10, 100, 200, 500, 800)
 # K-fold bounds, checked before anything loops over them: a sweep makes folds x repeats settings per stage
 MAX_FOLDS = 100
 MAX_REPEATS = 100
-SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded", "kfold")  # how the test set is chosen (SplitConfig.test)
+SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded", "kfold", "matbench")  # how the test set is chosen
+MATBENCH_FOLDS = 5  # Matbench v0.1: 5-fold KFold, shuffled, random_state 18012019, one repeat
 _told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
 
@@ -41,6 +42,8 @@ class SplitConfig:
     ``test``: ``seeded`` (a fixed ``test_fraction``), ``paper`` / ``paper_or_seeded`` (Devi et al.'s test
     file), or ``kfold``: each of ``repeats`` repeats partitions the dataset into ``folds`` folds and every
     structure is tested once per repeat; the run of (repeat, fold) tests that fold and trains on the rest.
+    ``matbench``: K-fold on the official Matbench v0.1 folds of a Matbench task (5 folds, 1 repeat), so that a
+    result compares directly with the public leaderboard (``datasets.matbench_folds``).
     ``val_fraction`` of the training structures is the validation split, the only data that selects
     (best epoch, Optuna, early stopping): never the test set or fold.
     """
@@ -63,10 +66,16 @@ class SplitConfig:
             raise ConfigError(f"folds={self.folds!r} must be an integer between 2 and {MAX_FOLDS}")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or not 1 <= self.repeats <= MAX_REPEATS:
             raise ConfigError(f"repeats={self.repeats!r} must be an integer between 1 and {MAX_REPEATS}")
+        if self.test == "matbench" and (self.folds, self.repeats) != (MATBENCH_FOLDS, 1):
+            raise ConfigError(
+                f"test 'matbench' is Matbench v0.1's {MATBENCH_FOLDS} official folds, one repeat: got folds="
+                f"{self.folds}, repeats={self.repeats}"
+            )
 
     @property
     def kfold(self) -> bool:
-        return self.test == "kfold"
+        """Every structure tested once per repeat, fold by fold (``kfold``, or Matbench's official folds)."""
+        return self.test in ("kfold", "matbench")
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class SplitIds:
     paper_test: tuple[str, ...] | None = None
     paper_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     universe: tuple[str, ...] | None = None
+    matbench_folds: tuple[tuple[str, ...], ...] | None = None  # the official test ids of each fold (``matbench``)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -122,17 +132,21 @@ class SplitIds:
         }
         if self.universe is not None:  # absent otherwise: split files of one graph kind stay what they were
             out["universe"] = sorted(self.universe)
+        if self.matbench_folds is not None:
+            out["matbench_folds"] = [list(f) for f in self.matbench_folds]
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitIds:
         test = d.get("paper_test")
         universe = d.get("universe")
+        folds = d.get("matbench_folds")
         return cls(
             d["dataset"],
             tuple(test) if test is not None else None,
             {k: tuple(v) for k, v in (d.get("paper_subsets") or {}).items()},
             tuple(universe) if universe is not None else None,
+            tuple(tuple(f) for f in folds) if folds is not None else None,
         )
 
 
@@ -154,6 +168,8 @@ def fold_of(shards: ShardSet, config: SplitConfig, repeat: int, ids: SplitIds | 
     the other graphs get -1 (in no fold, never trained on).
     """
     inside = _in_universe(shards, ids)
+    if config.test == "matbench":
+        return _matbench_fold_of(shards, ids, inside)
     members = np.arange(len(shards)) if inside is None else np.flatnonzero(inside)
     all_ids = shards.ids
     order = _hash_rank([all_ids[i] for i in members], config.split_seed, shards.name, "kfold", repeat)
@@ -162,10 +178,34 @@ def fold_of(shards: ShardSet, config: SplitConfig, repeat: int, ids: SplitIds | 
     return folds
 
 
+def _matbench_fold_of(shards: ShardSet, ids: SplitIds | None, inside: np.ndarray | None) -> np.ndarray:
+    """[n] the official Matbench fold of each graph (-1: outside the universe). Every id of the task must be in
+    the dataset (a graph or a rejected row): a partial local copy would not be the leaderboard's folds."""
+    if ids is None or ids.matbench_folds is None:
+        raise ConfigError(f"{shards.name}: a matbench split needs the official folds (resolve_split_ids)")
+    have = set(shards.ids) | set(shards.rejected_ids)
+    wanted = [i for f in ids.matbench_folds for i in f]
+    missing = len(wanted) - len(have.intersection(wanted))
+    if missing:
+        raise ConfigError(
+            f"{shards.name}: {missing:,} of the {len(wanted):,} structures of its Matbench task are not in the local "
+            "data, so its folds would not be the leaderboard's; use test: kfold"
+        )
+    folds = np.full(len(shards), -1, dtype=np.int64)
+    for k, members in enumerate(ids.matbench_folds):
+        folds[shards.indices_of(list(members), missing="skip")] = k  # rejected rows have no graph to place
+    if inside is not None:
+        folds[~inside] = -1
+    return folds
+
+
 def resolve_split_ids(
     name: str, config: SplitConfig = SplitConfig(), *, home: str | os.PathLike[str] | None = None
 ) -> SplitIds:
-    """Read what ``config`` needs of Devi et al.'s files for dataset ``name`` (nothing for seeded splits)."""
+    """Read what ``config`` needs of Devi et al.'s or Matbench's files for dataset ``name`` (nothing for seeded
+    and kfold splits)."""
+    if config.test == "matbench":
+        return SplitIds(name, matbench_folds=tuple(tuple(f) for f in datasets.matbench_folds(name, data_home=home)))
     if config.test not in ("paper", "paper_or_seeded"):
         return SplitIds(name)  # seeded and kfold test sets come from the shards' ids
     try:

@@ -488,6 +488,17 @@ def pooled_metrics(predictions: Any, *, kappa: bool) -> dict[str, Any]:
         values = [r[key] for r in per_repeat if r[key] is not None]
         out[f"{key}_mean"] = float(np.mean(values)) if values else None
         out[f"{key}_std"] = float(np.std(values)) if values else None
+    if "fold" in predictions:
+        # each fold's own test metrics, mean and std (np.std) over every fold: Matbench's leaderboard form
+        per_fold = []
+        for (repeat, fold), g in predictions.groupby(["repeat", "fold"], sort=True):
+            m = regression_metrics(g.y_true.to_numpy(), g.y_pred.to_numpy(), kappa=kappa)
+            per_fold.append({"repeat": int(repeat), "fold": int(fold), "n": len(g), **m})
+        out["folds"] = per_fold
+        out["per_fold"] = {}  # metric -> {"mean", "std"} over the folds
+        for key in ("mae", "rmse"):
+            values = [f[key] for f in per_fold if f[key] is not None]
+            out["per_fold"][key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
     return out
 
 

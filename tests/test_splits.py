@@ -154,3 +154,71 @@ def test_two_graph_kinds_of_one_stage_get_the_same_folds_and_test_sets(data_home
     plain = resolve_inputs(["l96"], graph=knn, split=kfold, home=data_home, cache=shared_cache)
     assert alone == plain and alone.split_ids("l96").universe is None
     np.testing.assert_array_equal(fold_of(alone.open_shards("l96"), kfold, 0), fold_of(ShardSet.open("l96"), kfold, 0))
+
+
+# --- Matbench's official folds ------------------------------------------------------------------------------------
+
+MATBENCH = SplitConfig(test="matbench", val_fraction=0.2)
+
+
+def test_matbench_folds_are_the_official_files(data_home):
+    """ph's folds are read from Matbench v0.1's file: mb-phonons-NNNN is row NNNN - 1 of the task's table."""
+    from ltc import datasets
+
+    folds = datasets.matbench_folds("ph")
+    raw = read_json_gz(DATA_HOME / "matbench_phonons" / "matbench_v0.1_folds_matbench_phonons.json.gz")
+    assert [len(f) for f in folds] == [len(raw["test_ids_per_fold"][f"fold_{k}"]) for k in range(5)] == [253] * 5
+    assert folds[0][0] == str(int(raw["test_ids_per_fold"]["fold_0"][0].rsplit("-", 1)[1]) - 1)
+    every = [i for f in folds for i in f]
+    assert len(set(every)) == 1265 and set(every) == {r.id for r in datasets.read("ph").records}
+    with pytest.raises(ConfigError, match="'l96' is not a Matbench task; those with official folds: bg, fe, gv, ph"):
+        datasets.matbench_folds("l96")
+
+
+def test_a_matbench_split_tests_each_official_fold_once(data_home):
+    ph = ShardSet.open("ph")
+    ids = splits.resolve_split_ids("ph", MATBENCH)
+    folds = fold_of(ph, MATBENCH, 0, ids)
+    for k, official in enumerate(ids.matbench_folds):
+        s = make_split(ph, size=None, seed=0, config=MATBENCH, fold=k, repeat=0, ids=ids)
+        assert sorted(ph.ids[i] for i in s.test) == sorted(official)  # the leaderboard's test fold, whole
+        assert not set(s.test) & set(s.train) and not set(s.test) & set(s.val)
+        assert len(s.val) == round(0.2 * (len(ph) - len(official)))  # selection on the training folds only
+        assert (folds[s.test] == k).all()
+    with pytest.raises(ConfigError, match=r"Matbench v0\.1's 5 official folds, one repeat: got folds=3"):
+        SplitConfig(test="matbench", folds=3)
+    # a local copy that lacks structures of the task would not be the leaderboard's folds
+    partial = splits.SplitIds("ph", matbench_folds=(*ids.matbench_folds[:4], (*ids.matbench_folds[4], "999999")))
+    with pytest.raises(ConfigError, match="ph: 1 of the 1,266 structures of its Matbench task are not in the local"):
+        fold_of(ph, MATBENCH, 0, partial)
+    assert splits.SplitIds.from_dict(ids.to_dict()) == ids  # what a trial reads back
+
+
+def test_train_on_matbench_folds_reports_the_leaderboard_form(tmp_path, capsys, data_home):
+    """`ltc train --split matbench` tests each official fold once; cv.json and the console give each fold's MAE,
+    mean ± np.std over the 5 folds (Matbench's form), and a report's K-fold cell shows the same number."""
+    import json
+
+    from ltc import compare
+    from ltc.cli import main
+    from ltc.results import read_predictions
+
+    out = tmp_path / "mb"
+    args = ["train", "--dataset", "ph", "--model", "cgcnn", "--model-config", "hidden=8", "n_blocks=1", "fc_dim=8"]
+    assert main([*args, "--split", "matbench", "--size", "60", "--epochs", "1", "--out", str(out), "-q"]) == 0
+    res = json.loads((out / "cv.json").read_text())["datasets"]["ph"]
+    folds = res["folds"]
+    assert [(f["fold"], f["n"]) for f in folds] == [(k, 253) for k in range(5)]  # every official fold, whole
+    maes = [json.loads((out / f"r0f{k}" / "metrics.json").read_text())["test_mae"] for k in range(5)]
+    assert [f["mae"] for f in folds] == pytest.approx(maes)
+    assert res["per_fold"]["mae"] == pytest.approx({"mean": np.mean(maes), "std": np.std(maes)})
+    printed = capsys.readouterr().out
+    assert f"ph: MAE per fold, mean ± std over 5 folds (np.std, Matbench's form): {np.mean(maes):.4g} ± " in printed
+    rows = pd.DataFrame(
+        {"ft_dataset": "ph", "fold": float(k), "repeat": 0.0, "n_folds": 5.0, "split": "matbench", "test_mae": mae,
+         "checkpoint": str(out / f"r0f{k}" / "checkpoint.pt")}
+        for k, mae in enumerate(maes)
+    )  # fmt: skip
+    shown = compare.cell_metrics(rows, read_predictions)
+    assert shown[compare.MATBENCH_COLUMN] == compare.fmt_pm(np.mean(maes), np.std(maes))
+    assert compare.MATBENCH_COLUMN not in compare.cell_metrics(rows.assign(split="kfold"), read_predictions)

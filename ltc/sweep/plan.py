@@ -588,8 +588,9 @@ def describe(spec: SweepSpec) -> str:
         sizes = ", ".join(_size_label(*o) for o in stage.size_options())
         split = spec.split_for(stage)
         if split.kfold:
+            folds = "Matbench v0.1's official 5 folds" if split.test == "matbench" else f"{split.folds}-fold"
             lines.append(
-                f"  test: {split.folds}-fold cross-validation x {split.repeats} repeats (every structure tested once "
+                f"  test: {folds} cross-validation x {split.repeats} repeats (every structure tested once "
                 f"per repeat; selection on an inner {split.val_fraction:.0%} of the training folds)"
             )
         lines.append(
