@@ -331,3 +331,41 @@ def test_stage_config_errors():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="loss='huber'"):
         TrainConfig(loss="huber")
+
+
+# --- where a fresh head starts ------------------------------------------------------------------------------------
+
+
+def _head_biases(path) -> list[float]:
+    state = load_checkpoint(path)["state_dict"]
+    return [float(v) for k, v in sorted(state.items()) if k.startswith("heads.") and k.endswith(".out.bias")]
+
+
+def test_fresh_heads_start_at_the_mean_of_the_scaled_training_targets(tmp_path, pt_run):
+    """Fresh models (every head, one per property) and new heads of a fine-tune start with their output bias at the
+    mean of their task's scaled training targets; a kept head keeps its trained bias. Trained at lr 1e-12 for one
+    epoch, a run's checkpoint shows where its heads started."""
+    from ltc.train import start_heads_at_mean
+
+    tasks = [make_task("ph", size=80, seed=0), make_task("dc", size=80, seed=0)]
+    model = build_model("cgcnn", {**SMALL["cgcnn"], "n_targets": 2})
+    start_heads_at_mean(model, tasks)
+    means = [float(t.y_scaled[t.split.train].mean()) for t in tasks]
+    assert means[0] < -0.5  # phonons min-max scaled sit far from 0, where a head would start without this
+    assert [float(h.out.bias) for h in model.heads] == pytest.approx(means, abs=1e-7)
+
+    still = TrainConfig(epochs=1, batch_size=64, lr=1e-12, schedule="constant")
+    train_run(RunConfig(datasets=("ph",), model="cgcnn", model_config=SMALL["cgcnn"], size=80, train=still),
+              tmp_path / "fresh")  # fmt: skip
+    shards = ShardSet.open("ph")
+    split = make_split(shards, size=80, seed=0)  # the run's split: seeded test set, 80 drawn for seed 0
+    mean = float(TargetScaler.fit("minmax", shards.y[split.train]).transform(shards.y[split.train]).mean())
+    assert _head_biases(tmp_path / "fresh" / "checkpoint.pt") == pytest.approx([mean], abs=1e-6)
+
+    pt_out, _ = pt_run
+    trained = _head_biases(pt_out / "checkpoint.pt")
+    for head, same in (("keep", True), ("new", False)):
+        ft = RunConfig(datasets=("ph",), init=str(pt_out / "checkpoint.pt"), size=60, head=head, train=still, seed=1)
+        train_run(ft, tmp_path / head)
+        got = _head_biases(tmp_path / head / "checkpoint.pt")
+        assert (got == pytest.approx(trained, abs=1e-6)) == same, (head, got, trained)
