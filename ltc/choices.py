@@ -33,6 +33,10 @@ DEFAULT_GRAPHS = {
 
 
 LOSSES = ("mse", "l1")
+# What picks the epoch a run keeps, and the trial a sweep keeps (Optuna's objective), on the validation split:
+# loss (the training loss in scaled units), mae (raw units), mae_log10 (kappa), r2 (as 1 - R²). Default: the
+# metric that judges the dataset (ltc.targets.HEADLINE: kappa mae_log10, other properties r2; several datasets: loss)
+SELECT_BY = ("loss", "mae", "mae_log10", "r2")
 SCHEDULES = ("onecycle", "cosine", "constant")
 HEADS = ("auto", "keep", "new")
 
@@ -45,10 +49,11 @@ class TrainConfig:
     weight_decay: float = 1e-5
     loss: str = "mse"  # one of LOSSES
     schedule: str = "onecycle"  # one of SCHEDULES
-    patience: int | None = None  # stop after this many epochs without a better validation loss
+    patience: int | None = None  # stop after this many epochs without a better validation score
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 …
     grad_clip: float | None = None
+    select_by: str | None = None  # one of SELECT_BY; None: the dataset's judging metric (ltc.train.selection)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -63,6 +68,8 @@ class TrainConfig:
             raise ConfigError(f"loss={self.loss!r} must be one of {LOSSES}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.select_by is not None and self.select_by not in SELECT_BY:
+            raise ConfigError(f"select_by={self.select_by!r} must be one of {SELECT_BY}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ConfigError(f"patience={self.patience!r} must be an integer >= 1 or None")
 
@@ -171,13 +178,14 @@ class RunConfig:
 # What `ltc report` writes (``ltc.results``), for its --help: here, where reading it costs no scipy or matplotlib
 REPORT_HELP = (
     "Read RESULTS_DIR/trials.parquet and write RESULTS_DIR/report.md with PNG figures beside it. Each unit (a "
-    "seed, or a fold of a repeat) is represented by its trial with the lowest validation loss. Tables: "
+    "seed, or a fold of a repeat) is represented by its trial with the lowest validation score (what picks "
+    "epochs and trials: select_by, by default the dataset's judging metric). Tables: "
     "pre-training per dataset and size (mean ± std over seeds); per FT dataset and size, every start and scratch "
     "by the dataset's headline metric (kappa: MAE of log10 kappa; other properties: R²), as mean ± std over "
     "seeds, or over repeats of pooled out-of-fold predictions (K-fold); paired comparisons A − B of each start "
     "against scratch and of starts against each other, with a 95 % corrected resampled t interval, win count "
     "and verdict (fewer than 3 pairs: cannot be judged); how much the validation-loss pick lost on test; and "
-    "the cell with the lowest validation loss, scratch included. Figures: a PT × FT heatmap of A − B (start "
+    "the cell with the lowest validation score, scratch included. Figures: a PT × FT heatmap of A − B (start "
     "minus scratch, as in the paired table; unjudged cells hatched), metrics against FT and PT size, "
     "strategies, a parity plot of the lowest-validation-loss cell per FT dataset (K-fold: its pooled "
     "out-of-fold predictions, with the table's headline), and the Optuna trials. Partial sweeps work: what is "

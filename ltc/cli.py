@@ -19,6 +19,7 @@ from ltc.choices import (
     PRETRAINED,
     REPORT_HELP,
     SCHEDULES,
+    SELECT_BY,
     STRATEGIES,
     RunConfig,
     TrainConfig,
@@ -310,6 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             loss=args.loss,
             schedule=args.schedule,
             patience=args.patience,
+            select_by=args.select_by,
             seed=args.seed,
             device=args.device,
         ),
@@ -865,7 +867,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--loss", choices=list(LOSSES), default=_TRAIN.loss, help=f"default {_TRAIN.loss}")
     g.add_argument("--schedule", choices=list(SCHEDULES), default=_TRAIN.schedule, help=f"default {_TRAIN.schedule}")
-    g.add_argument("--patience", type=int, help="early stopping: epochs without a better validation loss (default off)")
+    g.add_argument(
+        "--select-by",
+        choices=list(SELECT_BY),
+        default=_TRAIN.select_by,
+        help="what picks the epoch kept, on the validation split: loss (scaled), mae, mae_log10 (kappa) or r2 "
+        "(default: the metric that judges the dataset, kappa mae_log10, others r2; several datasets: loss)",
+    )
+    g.add_argument(
+        "--patience", type=int, help="early stopping: epochs without a better validation score (default off)"
+    )
     g.add_argument("--device", default=_TRAIN.device, help="auto (CUDA if available), cpu, cuda, cuda:1 …")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar of epochs (-v: a line per epoch)")

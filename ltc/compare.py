@@ -3,13 +3,13 @@
 A *cell* is what a user compares: FT dataset and size × start (a PT source, or scratch) × strategy. A
 cell's *units* are the evaluations every cell of that (dataset, size) shares: the (repeat, fold) pairs of
 a K-fold stage, or the seeds of a fixed-test-split stage. Each unit is represented by its best trial
-(lowest validation loss: selection never sees the test set or fold).
+(lowest validation score: selection never sees the test set or fold).
 
 - ``cell_table``: per cell, the dataset's headline metric (kappa: MAE and R² of log10 kappa, MAPE;
   other properties: R², MAE) as mean ± std over repeats of pooled out-of-fold predictions (K-fold), or
   over seeds (``spread_note`` says which, in words); numbers for people by ``fmt_num`` / ``fmt_pm``.
-- ``lowest_val_loss``: the cell with the lowest mean validation loss, scratch included: the report's
-  "lowest validation loss" line, the parity plot's model and the heatmap's strategy per start all use it.
+- ``lowest_val_score``: the cell with the lowest mean validation score, scratch included: the report's
+  "lowest validation score" line, the parity plot's model and the heatmap's strategy per start all use it.
 - ``paired_table``: every start against scratch and starts against each other, on the units both have:
   mean paired difference of the headline metric with a 95 % interval (Nadeau–Bengio corrected resampled t,
   ``ltc.stats``; the units share training data, so the plain paired t is too narrow), win count, and
@@ -199,17 +199,17 @@ def cell_metrics(g: pd.DataFrame, read_predictions) -> dict[str, str]:
     return out
 
 
-def val_loss_by_cell(rows: pd.DataFrame) -> pd.Series:
-    """Mean validation loss of each (start, strategy) cell over its units' best trials, lowest first (scratch
-    included). The aggregate ``cell_table`` keeps as ``val_loss`` and every "best cell" choice uses."""
-    loss = rows.assign(val_loss=rows.val_loss.astype(float)).groupby(CELL, sort=False, dropna=False).val_loss.mean()
+def val_score_by_cell(rows: pd.DataFrame) -> pd.Series:
+    """Mean validation score of each (start, strategy) cell over its units' best trials, lowest first (scratch
+    included). The aggregate ``cell_table`` keeps as ``val_score`` and every "best cell" choice uses."""
+    loss = rows.assign(val_score=rows.val_score.astype(float)).groupby(CELL, sort=False, dropna=False).val_score.mean()
     return loss.dropna().sort_values(kind="stable")
 
 
-def lowest_val_loss(rows: pd.DataFrame) -> tuple[tuple[str, str], float] | None:
-    """The cell of one (stage, FT dataset, size) with the lowest mean validation loss, over every start and
+def lowest_val_score(rows: pd.DataFrame) -> tuple[tuple[str, str], float] | None:
+    """The cell of one (stage, FT dataset, size) with the lowest mean validation score, over every start and
     scratch, with that mean; None when no cell has one."""
-    loss = val_loss_by_cell(rows)
+    loss = val_score_by_cell(rows)
     if loss.empty:
         return None
     start, strategy = loss.index[0]
@@ -218,17 +218,17 @@ def lowest_val_loss(rows: pd.DataFrame) -> tuple[tuple[str, str], float] | None:
 
 def cell_table(rows: pd.DataFrame, read_predictions) -> pd.DataFrame:
     """One row per cell of one (dataset, size): units, headline and other metrics (``cell_metrics``; the ±
-    is said by ``spread_note``), lr, n_unfrozen, and the mean validation loss (``val_loss_by_cell``)."""
+    is said by ``spread_note``), lr, n_unfrozen, and the mean validation score (``val_score_by_cell``)."""
     if rows.empty:
         return pd.DataFrame()
-    loss = val_loss_by_cell(rows)
+    loss = val_score_by_cell(rows)
     out = []
     for (start, strategy), g in rows.groupby(CELL, sort=False, dropna=False):
         row: dict[str, Any] = {"start": start, "strategy": strategy, **cell_metrics(g, read_predictions)}
         row["lr (median)"] = fmt_num(g.lr.astype(float).median(), 2)
         nu = g.n_unfrozen.dropna()
         row["n_unfrozen"] = ",".join(str(int(v)) for v in nu.value_counts().sort_index().index) if len(nu) else MISSING
-        row["val_loss"] = float(loss.get((start, strategy), float("nan")))
+        row["val_score"] = float(loss.get((start, strategy), float("nan")))
         out.append(row)
     table = pd.DataFrame(out)
     return table.sort_values("start", key=lambda s: ~s.map(is_scratch), kind="stable").reset_index(drop=True)
@@ -332,7 +332,7 @@ def selection_gaps(
     """Per cell: mean over units of (test headline of the validation-picked trial) − (best test headline among
     that unit's completed trials), signed so that positive = the pick is worse on test; and how often the
     pick was the test-best. ``dataset``: whose headline (default: the rows' FT dataset; PT rows pass theirs,
-    since a later stage starts from the PT trial picked by validation loss)."""
+    since a later stage starts from the PT trial picked by validation score)."""
     if rows.empty:
         return pd.DataFrame()
     h = headline(dataset if dataset is not None else rows.ft_dataset.iloc[0])
@@ -382,7 +382,7 @@ class HeatCell:
 
 def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], HeatCell]:
     """(start, FT dataset) → that start against the scratch of its architecture at the FT dataset's largest
-    size; the start's strategy is its cell with the lowest mean validation loss (``val_loss_by_cell``).
+    size; the start's strategy is its cell with the lowest mean validation score (``val_score_by_cell``).
 
     Only rows of one stage are ever paired (stages differ in their held-out data); a dataset fine-tuned in
     several stages is labelled ``<stage>:<dataset>``.
@@ -399,7 +399,7 @@ def heatmap_cells(best: pd.DataFrame) -> dict[tuple[str, str], HeatCell]:
             continue
         s_cells = cells_of(scratch)
         for start, g in rows[rows.kind == "finetune"].groupby("start"):
-            found = lowest_val_loss(g)
+            found = lowest_val_score(g)
             if found is None:
                 continue
             a = found[0]

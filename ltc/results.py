@@ -1,10 +1,10 @@
 """Sweep results → tables, figures and ``report.md`` (``ltc report RESULTS_DIR``; ``ltc.choices.REPORT_HELP``).
 
 Everything starts from ``trials.parquet``. Each unit (a seed, or a fold of a repeat) of a setting is
-represented by its best trial (lowest validation loss) among the completed ones; a cell's metrics are then
+represented by its best trial (lowest validation score) among the completed ones; a cell's metrics are then
 mean ± std over seeds, or over repeats of pooled out-of-fold predictions (K-fold), and every ± says over
-what. What is "best" (strategy, lr, n_unfrozen, the parity plot's model) is chosen on validation loss, never
-on the test set, by one aggregate (``compare.val_loss_by_cell``). A sweep that stopped half way reports what
+what. What is "best" (strategy, lr, n_unfrozen, the parity plot's model) is chosen on the validation score, never
+on the test set, by one aggregate (``compare.val_score_by_cell``). A sweep that stopped half way reports what
 it has: a missing cell is drawn and printed as missing, never as zero.
 """
 
@@ -55,6 +55,8 @@ def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
     for col in ("fold", "repeat", "n_folds", "test_r2_log10"):
         if col not in trials.columns:
             trials = trials.assign(**{col: np.nan})
+    if "val_score" not in trials.columns:  # schema 3 and older: epochs and trials were picked by the loss
+        trials = trials.assign(val_score=trials.val_loss, select_by="loss")
     if "split" not in trials.columns:  # schema 3 and older: K-fold stages were the only folded ones
         trials = trials.assign(split=np.where(trials.n_folds.notna(), "kfold", None))
     return trials
@@ -70,11 +72,12 @@ def with_start(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_per_setting(trials: pd.DataFrame) -> pd.DataFrame:
-    """The completed trial with the lowest validation loss of each setting."""
-    done = trials[(trials.status == "completed") & trials.val_loss.notna()]
+    """The completed trial with the lowest validation score (``val_score``: what picks epochs and trials,
+    ``ltc.train.selection``) of each setting."""
+    done = trials[(trials.status == "completed") & trials.val_score.notna()]
     if done.empty:
         return done
-    return done.loc[done.groupby("setting").val_loss.idxmin()].reset_index(drop=True)
+    return done.loc[done.groupby("setting").val_score.idxmin()].reset_index(drop=True)
 
 
 def _units(name: str) -> str:
@@ -83,8 +86,8 @@ def _units(name: str) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """``table`` as a Markdown table (``val_loss`` left out; a missing float shows as ``MISSING``)."""
-    cols = [c for c in table.columns if c != "val_loss"]
+    """``table`` as a Markdown table (``val_score`` left out; a missing float shows as ``MISSING``)."""
+    cols = [c for c in table.columns if c != "val_score"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
         lines.append(
@@ -310,14 +313,14 @@ def read_predictions(checkpoint: str) -> pd.DataFrame | None:
 
 def best_cells(best: pd.DataFrame) -> list[tuple[pd.DataFrame, tuple[str, str]]]:
     """Per (stage, FT dataset), at its largest FT size: its rows and the cell with the lowest mean validation
-    loss over every start and scratch (``compare.lowest_val_loss``: the report's line for that size). Validation
-    losses are only compared within one stage and size (same scaling, comparable validation sets)."""
+    loss over every start and scratch (``compare.lowest_val_score``: the report's line for that size). Validation
+    scores are only compared within one stage and size (same scaling, comparable validation sets)."""
     ft = best[best.kind != "pretrain"]
     out = []
     for _, rows in ft.groupby(["stage", "ft_dataset"], sort=False):
         size = _largest_size(rows)
         at = rows[rows.ft_size == size] if not pd.isna(size) else rows
-        found = compare.lowest_val_loss(at)
+        found = compare.lowest_val_score(at)
         if found is not None:
             out.append((at, found[0]))
     return out
@@ -328,12 +331,12 @@ def _cell_rows(rows: pd.DataFrame, cell: tuple[str, str]) -> pd.DataFrame:
 
 
 def best_models(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per (stage, FT dataset), at its largest FT size: the best trial (lowest validation loss) of its
+    """Per (stage, FT dataset), at its largest FT size: the best trial (lowest validation score) of its
     ``best_cells`` cell, one row each."""
     out = []
     for rows, cell in best_cells(best_per_setting(trials)):
         g = _cell_rows(rows, cell)
-        out.append(g.loc[g.val_loss.astype(float).idxmin()])
+        out.append(g.loc[g.val_score.astype(float).idxmin()])
     return pd.DataFrame(out)
 
 
@@ -355,7 +358,7 @@ def parity_panels(trials: pd.DataFrame, read=None) -> list[ParityPanel]:
     """``best_cells``' predictions. K-fold: the pooled out-of-fold test predictions of every full repeat
     (each structure once per repeat), with the cell's headline exactly as ``compare.cell_table`` prints it (the
     metric of each repeat's pooled predictions, mean ± std over repeats). Seeds: the test predictions of the
-    seed with the cell's lowest validation loss, with that seed's headline (the table's is over all seeds).
+    seed with the cell's lowest validation score, with that seed's headline (the table's is over all seeds).
     ``read``: ``read_predictions`` (tests pass their own)."""
     read = read or read_predictions
     panels = []
@@ -374,12 +377,12 @@ def parity_panels(trials: pd.DataFrame, read=None) -> list[ParityPanel]:
             value = compare.cell_metrics(g, read)[h.metric]
             panels.append(ParityPanel(stage, dataset, cell, points, h, value, what, spread))
             continue
-        unit = g.loc[g.val_loss.astype(float).idxmin()]
+        unit = g.loc[g.val_score.astype(float).idxmin()]
         preds = read(unit.checkpoint) if isinstance(unit.checkpoint, str) else None
         if preds is None:
             continue
         seed = "" if pd.isna(unit.get("seed")) else f"seed {int(unit['seed'])}: "
-        what = f"test set, {seed}the cell's lowest validation loss of {len(g)} seeds"
+        what = f"test set, {seed}the cell's lowest validation score of {len(g)} seeds"
         value = compare.fmt_num(unit[f"test_{h.metric}"])
         spread = f"this seed; the table: {compare.cell_metrics(g, read)[h.metric]} over {len(g)}"
         panels.append(ParityPanel(stage, dataset, cell, preds[preds.split == "test"], h, value, what, spread))
@@ -388,7 +391,7 @@ def parity_panels(trials: pd.DataFrame, read=None) -> list[ParityPanel]:
 
 def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     """Predicted against true of ``parity_panels``: per (stage, FT dataset), the cell the report names as its
-    lowest validation loss at the largest FT size."""
+    lowest validation score at the largest FT size."""
     panels = parity_panels(trials)
     if not panels:
         return None, "no predictions of a completed fine-tuning trial were found"
@@ -408,7 +411,7 @@ def fig_parity(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         ax.set_xlabel(f"true ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
         name = f"{p.stage}:{p.dataset}" if sum(d == p.dataset for d, _ in stages) > 1 else p.dataset
-        ax.set_title(f"{name}: {compare.cell_name(p.cell)} (lowest validation loss)\n{p.what}\n"
+        ax.set_title(f"{name}: {compare.cell_name(p.cell)} (lowest validation score)\n{p.what}\n"
                      f"{p.headline.label} {p.value} ({p.spread})", fontsize=8)  # fmt: skip
     return _save(fig, out / "parity.png"), ""
 
@@ -443,7 +446,7 @@ def _lr_axis(ax, most: int = 5) -> None:
 
 
 def fig_optuna(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
-    rows = trials[trials.n_unfrozen.notna() & trials.val_loss.notna() & trials.lr.notna()]
+    rows = trials[trials.n_unfrozen.notna() & trials.val_score.notna() & trials.lr.notna()]
     if rows.empty:
         return None, "no trial searched n_unfrozen (strategy blocks)"
     from matplotlib.colors import LogNorm
@@ -452,7 +455,7 @@ def fig_optuna(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
     fig, axes = _grid(len(groups))
     rng = np.random.default_rng(0)
     for ax, (dataset, g) in zip(axes, groups, strict=True):
-        positive = g.val_loss.clip(lower=1e-12)
+        positive = g.val_score.clip(lower=1e-12)
         norm = LogNorm(vmin=positive.min(), vmax=max(positive.max(), positive.min() * 1.0001))
         jitter = rng.uniform(-0.15, 0.15, len(g))
         sc = None
@@ -467,7 +470,7 @@ def fig_optuna(trials: pd.DataFrame, out: Path) -> tuple[Path | None, str]:
         ax.set_title(f"{dataset}: Optuna trials")
         ax.legend(fontsize=7, loc="best", framealpha=0.6)
         if sc is not None:
-            fig.colorbar(sc, ax=ax, label="validation loss")
+            fig.colorbar(sc, ax=ax, label="validation score (Optuna's objective)")
     return _save(fig, out / "optuna_lr_n_unfrozen.png"), ""
 
 
@@ -504,7 +507,7 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
         "have ((repeat, fold), or seed), by each unit's test metric: mean difference A − B with a 95 % interval "
         "from the Nadeau–Bengio corrected resampled t-test (units share training data, so a plain paired t "
         "would be too narrow), and how often A was better. Fewer than 3 pairs cannot be judged. The lowest "
-        "validation loss is the mean over a cell's units, every start and scratch alike; at the largest FT size "
+        "validation score is the mean over a cell's units, every start and scratch alike; at the largest FT size "
         "its cell is the parity plot's.",
         "",
     ]
@@ -523,30 +526,37 @@ def _ft_sections(trials: pd.DataFrame, best: pd.DataFrame) -> list[str]:
         gaps = compare.selection_gaps(trials, best, rows)
         if not gaps.empty:
             lines += [
-                "Selection honesty: each unit's model was picked by validation loss among its trials; how much "
+                "Selection honesty: each unit's model was picked by validation score among its trials; how much "
                 "worse on test it was than the best test result among the same trials (0: the pick was the "
                 "test-best; a positive gap is the optimism a test-set pick would have hidden).",
                 "",
                 markdown_table(gaps),
                 "",
             ]
-        line = lowest_val_loss_line(rows)
+        line = lowest_val_score_line(rows)
         if line:
             lines += [line, ""]
     return lines
 
 
-def lowest_val_loss_line(rows: pd.DataFrame) -> str:
-    """The cell of one (stage, FT dataset, size) with the lowest mean validation loss, every start and scratch
-    considered (``compare.val_loss_by_cell``), and the runner-up; "" when no cell has a validation loss."""
-    loss = compare.val_loss_by_cell(rows)
+# What each select_by makes val_score (ltc.choices.SELECT_BY), for the report's words
+SCORE_NAMES = {"loss": "training loss, scaled", "mae": "MAE", "mae_log10": "MAE log10", "r2": "1 − R²"}
+
+
+def lowest_val_score_line(rows: pd.DataFrame) -> str:
+    """The cell of one (stage, FT dataset, size) with the lowest mean validation score, every start and scratch
+    considered (``compare.val_score_by_cell``), and the runner-up; "" when no cell has a validation score."""
+    loss = compare.val_score_by_cell(rows)
     if loss.empty:
         return ""
     units = "folds" if compare.is_kfold(rows) else "seeds"
-    text = f"Lowest validation loss (mean over each cell's {units}): `{compare.cell_name(loss.index[0])}`, "
+    text = f"Lowest validation score (mean over each cell's {units}): `{compare.cell_name(loss.index[0])}`, "
     text += compare.fmt_num(loss.iloc[0])
     if len(loss) > 1:
         text += f"; next `{compare.cell_name(loss.index[1])}`, {compare.fmt_num(loss.iloc[1])}"
+    picked_by = sorted(rows.select_by.dropna().astype(str).unique()) if "select_by" in rows else []
+    if picked_by:  # what the score is: 1 - R² reads otherwise as a loss
+        text += f" (score: {', '.join(SCORE_NAMES.get(x, x) for x in picked_by)}; lower is better)"
     return text + "."
 
 
@@ -583,7 +593,7 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         "",
         f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".",
         "Each setting (one seed, or one fold of one repeat) is represented by its best completed trial (lowest "
-        "validation loss). Test metrics are in the target's raw units (log10 for kappa's headline), on test "
+        "validation score). Test metrics are in the target's raw units (log10 for kappa's headline), on test "
         f"sets or folds no stage trained on. `{MISSING}` marks what the sweep did not (yet) produce.",
         "",
     ]
@@ -601,7 +611,7 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
         ]
         if gaps:
             lines += [
-                "Later stages start from the PT trial with the lowest validation loss; how much worse on test it "
+                "Later stages start from the PT trial with the lowest validation score; how much worse on test it "
                 "was than the test-best PT trial of its setting:",
                 "",
                 markdown_table(pd.concat(gaps, ignore_index=True)),
@@ -635,23 +645,23 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
 
 RESULTS_SCHEMA_VERSION = 4  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
 # 3: arch (the model trained) and start (the start's label, or scratch[<model>] beside several architectures)
-# 4: split (how the test set was chosen: seeded, paper, kfold, matbench)
+# 4: split (how the test set was chosen: seeded, paper, kfold, matbench); val_score and select_by (what picked
+# the epoch and the trial: ltc.train.selection)
 
 COLUMNS = [
     "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "arch",
     "start", "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat",
-    "n_folds", "split",
-    "val_loss", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10",
-    "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds",
-    "wall_seconds", "params_trainable", "params_total", "checkpoint", "init", "task_metrics",
-    "trial_id", "node_id", "gpu_ids", "started", "finished", "error",
+    "n_folds", "split", "val_loss", "val_score", "select_by", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2",
+    "test_mape", "test_mae_log10", "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch",
+    "resumed_from_epoch", "train_seconds", "wall_seconds", "params_trainable", "params_total", "checkpoint", "init",
+    "task_metrics", "trial_id", "node_id", "gpu_ids", "started", "finished", "error",
 ]  # fmt: skip
 
 
-_FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "fold", "repeat", "n_folds", "val_loss", "val_mae",
-          "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10", "test_r2_log10", "n_train",
-          "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "wall_seconds", "train_seconds",
-          "params_trainable", "params_total", "started", "finished")  # fmt: skip
+_FLOAT = ("pt_size", "ft_size", "size", "n_unfrozen", "lr", "fold", "repeat", "n_folds", "val_loss", "val_score",
+          "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2", "test_mape", "test_mae_log10", "test_r2_log10",
+          "n_train", "n_val", "n_test", "epochs_run", "best_epoch", "resumed_from_epoch", "wall_seconds",
+          "train_seconds", "params_trainable", "params_total", "started", "finished")  # fmt: skip
 # Fixed column types: a stage without kappa rows (all-null test_mae_log10) concatenates cleanly with one with.
 DTYPES = {c: ("float64" if c in _FLOAT else "int64" if c in ("trial_index", "seed") else "object") for c in COLUMNS}
 
@@ -738,7 +748,7 @@ def results_table(grid: Any, stage: str) -> pd.DataFrame:
             for key in COLUMNS:
                 if key.startswith("test_"):
                     row[key] = None  # a stopped or failed trial has no test metrics
-            row["val_loss"] = m.get("val_loss")
+            row["val_loss"], row["val_score"] = m.get("val_loss"), m.get("val_score")
             row["epochs_run"] = m.get("epoch_count")  # epochs trained before it stopped (its last report)
         rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS).astype({c: t for c, t in DTYPES.items()})
@@ -779,7 +789,7 @@ def copy_best(table: pd.DataFrame, folder: Path, *, pause=None) -> None:
 def summary(trials: pd.DataFrame) -> str:
     """What a sweep found, for the console, in the report's numbers and words: pre-training settings
     (``settings_table``), then per FT dataset and size its cells (``compare.cell_table``), the paired
-    comparisons (A − B ± the 95 % interval's half-width) with their verdicts, and the lowest validation loss."""
+    comparisons (A − B ± the 95 % interval's half-width) with their verdicts, and the lowest validation score."""
     trials = upgrade(trials)
     best = with_start(best_per_setting(trials))
     if best.empty:
@@ -800,12 +810,12 @@ def summary(trials: pd.DataFrame) -> str:
         lines += ["", f"{stage}: {dataset}, FT size {size_label}; judged by {h.label} "
                   f"({'lower' if not h.higher_is_better else 'higher'} is better)"]  # fmt: skip
         lines += [f"metrics: {compare.spread_note(rows)}"]
-        lines += [compare.cell_table(rows, read_predictions).drop(columns=["val_loss"]).to_string(index=False)]
+        lines += [compare.cell_table(rows, read_predictions).drop(columns=["val_score"]).to_string(index=False)]
         units = "folds" if compare.is_kfold(rows) else "seeds"
         for a, b, r in compare.paired_results(rows):
             lines.append(f"  {compare.cell_name(a)} vs {compare.cell_name(b)}: {compare.diff_pm(r)} "
                          f"(A better on {r.wins} of {r.n_pairs} {units}): {compare.verdict(r, a, b)}")  # fmt: skip
-        line = lowest_val_loss_line(rows)
+        line = lowest_val_score_line(rows)
         if line:
             lines.append(line)
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from ltc.io import write_json_atomic, write_parquet_atomic
 from ltc.models import MODELS, CrystalGNN, build_model
 from ltc.shards import ShardSet
 from ltc.splits import Split, make_split
-from ltc.targets import TargetScaler, regression_metrics
+from ltc.targets import HEADLINE, TargetScaler, regression_metrics
 from ltc.transfer import check_strategy, freeze, load_init, model_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class Task:
 class FitResult:
     epochs_run: int
     best_epoch: int
-    best_val_loss: float | None
+    best_val_loss: float | None  # the validation loss of the kept epoch
+    best_val_score: float | None  # its validation score, what picked it (``selection``)
+    select_by: str
     history: list[dict[str, float]]
     train_seconds: float
     data_seconds: float  # of which spent building batches and moving them to the device
@@ -126,19 +128,48 @@ def predict(model: CrystalGNN, task: Task, indices: np.ndarray, *, head: int, ba
     return task.scaler.inverse(scaled)
 
 
+def selection(select_by: str | None, tasks: list[Task]) -> str:
+    """What picks a run's epoch (and a sweep's trial): ``select_by`` checked against the tasks, or by default the
+    metric that judges the dataset (``HEADLINE``: kappa MAE log10, other properties R²); several datasets have
+    no one metric in common units: their loss."""
+    if select_by is None:
+        return "loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric
+    if select_by != "loss" and len(tasks) > 1:
+        raise ConfigError(f"select_by={select_by!r} needs one dataset; {len(tasks)} train together: use loss")
+    if select_by == "mae_log10" and not tasks[0].kappa:
+        raise ConfigError(f"select_by='mae_log10' is for kappa datasets; {tasks[0].name} is not one")
+    return select_by
+
+
 @torch.no_grad()
-def _val_loss(model: CrystalGNN, tasks: list[Task], loss: Callable, batch_size: int) -> float | None:
+def _validate(
+    model: CrystalGNN, tasks: list[Task], loss: Callable, batch_size: int, select: str
+) -> tuple[float, float]:
+    """(validation loss in scaled units, validation score: what ``select`` minimises) in one pass; NaN without
+    a validation split. Scores: mae, mae_log10 in raw units (log10 for kappa), r2 as 1 - R²."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, scaled = 0.0, 0, []
     for k, task in enumerate(tasks):
         for i in range(0, len(task.split.val), batch_size):
             idx = task.split.val[i : i + batch_size]
             batch = task.shards.batch(idx).to(device)
             target = torch.from_numpy(task.y_scaled[idx]).to(device)
-            total += loss(model(batch)[:, k], target, reduction="sum").item()
+            out = model(batch)[:, k]
+            total += loss(out, target, reduction="sum").item()
             count += len(idx)
-    return total / count if count else None
+            scaled.append(out.double().cpu().numpy())
+    if not count:
+        return math.nan, math.nan
+    val_loss = total / count
+    if select == "loss":
+        return val_loss, val_loss
+    task = tasks[0]  # selection(): a metric other than the loss has one task
+    m = regression_metrics(task.shards.y[task.split.val], task.scaler.inverse(np.concatenate(scaled)), kappa=task.kappa)
+    value = m[select]
+    if value is None:  # R² of a constant validation target, log10 metrics without a positive value
+        return val_loss, math.nan
+    return val_loss, 1.0 - value if select == "r2" else value
 
 
 def fit(
@@ -163,7 +194,8 @@ def fit(
     steps = len(_epoch_plan(tasks, config.batch_size, config.seed, 0))
     opt, sched = _make_optimizer(model, config, config.epochs * steps)
 
-    start_epoch, best_val, best_epoch, bad, history = 0, math.inf, -1, 0, []
+    select = selection(config.select_by, tasks)
+    start_epoch, best_val, best_loss, best_epoch, bad, history = 0, math.inf, math.nan, -1, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -173,6 +205,7 @@ def fit(
         start_epoch = resume["epoch"] + 1
         best_val = resume["best_val"] if resume["best_val"] is not None else math.inf
         best_epoch, bad, history = resume["best_epoch"], resume["bad_epochs"], list(resume["history"])
+        best_loss = history[best_epoch]["val_loss"] if 0 <= best_epoch < len(history) else math.nan
         best_state = resume.get("best_state")
 
     t_start, data_s, skipped, stopped = time.perf_counter(), 0.0, 0, False
@@ -200,18 +233,19 @@ def fit(
                 sched.step()
             running += batch_loss.item() * len(idx)
             seen += len(idx)
-        val = _val_loss(model, tasks, loss, max(config.batch_size, 64))
+        val_loss, val = _validate(model, tasks, loss, max(config.batch_size, 64), select)
         record = {
             "epoch": epoch,
             "train_loss": running / seen if seen else float("nan"),
-            "val_loss": val if val is not None else float("nan"),
+            "val_loss": val_loss,
+            "val_score": val,
             "lr": opt.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t_epoch,
         }
         history.append(record)
         # "better" means by a relative 1e-6: rounding noise must not reset the patience count
-        if val is not None and (not math.isfinite(best_val) or val < best_val * (1 - MIN_IMPROVEMENT)):
-            best_val, best_epoch, bad = val, epoch, 0
+        if math.isfinite(val) and (not math.isfinite(best_val) or val < best_val * (1 - MIN_IMPROVEMENT)):
+            best_val, best_loss, best_epoch, bad = val, val_loss, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
@@ -235,7 +269,7 @@ def fit(
         if on_epoch is not None and on_epoch(record, state):
             stopped = True
             break
-        if config.patience is not None and val is not None and bad >= config.patience:
+        if config.patience is not None and math.isfinite(val) and bad >= config.patience:
             stopped = True
             break
     if best_state is not None:
@@ -245,7 +279,9 @@ def fit(
     return FitResult(
         epochs_run=epoch + 1,
         best_epoch=best_epoch,
-        best_val_loss=best_val if math.isfinite(best_val) else None,
+        best_val_loss=best_loss if math.isfinite(best_loss) else None,
+        best_val_score=best_val if math.isfinite(best_val) else None,
+        select_by=select,
         history=history,
         train_seconds=time.perf_counter() - t_start,
         data_seconds=data_s,
@@ -418,6 +454,8 @@ def train_run(
             "init": str(stage.init) if stage.init else None,
             "graph": graph.to_dict(),
             "val_loss": result.best_val_loss,
+            "val_score": result.best_val_score,
+            "select_by": result.select_by,
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,

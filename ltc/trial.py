@@ -7,7 +7,7 @@ A trial opens those and nothing else: it never reads raw data, hashes files or b
 node without the driver's shard cache copies those paths from the driver first (``ltc.nodes``, the server
 named by ``input_server``); otherwise a path missing on its node is an error that names it.
 
-Every epoch reports ``val_loss`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
+Every epoch reports ``val_score`` (into its Optuna trial, for early stopping); every ``checkpoint_every``
 epochs a resumable training state goes with it, so a trial whose worker died continues from there. The last report
 carries the test metrics, ``done=True`` and the final checkpoint (``checkpoint.pt``, ``metrics.json``,
 ``predictions.parquet``), marked ``ltc_completed``; a trial restored after it finished re-reports that

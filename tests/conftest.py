@@ -240,7 +240,7 @@ def assert_studies_match(root: Path, trials: Any) -> None:
             assert told[r.trial_id].state.name == state[r.status]
             assert told[r.trial_id].params.get("lr", r.lr) == pytest.approx(r.lr)
             if r.status == "completed":
-                assert told[r.trial_id].value == pytest.approx(r.val_loss)
+                assert told[r.trial_id].value == pytest.approx(r.val_score)
 
 
 def live_parameters(model: Any, batch: Any) -> set[str]:

@@ -327,7 +327,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     # starting checkpoint in the bucket only (Ray alone decides where trials run: without this, all of them could
     # land on the node that trained it, and nothing would have been fetched)
     done = pd.read_parquet(results / "s3check" / "stages" / "pretrain.parquet")
-    lost = done.loc[done.val_loss.idxmin(), "node_id"]
+    lost = done.loc[done.val_score.idxmin(), "node_id"]
     cluster.remove_worker(lost)
     cluster.add_worker(tmp_path / "replacement")
 
@@ -337,7 +337,7 @@ def test_checkpoints_in_a_bucket_reach_other_nodes_a_stopped_job_resumes_from_it
     assert len(trials) == 6 and trials.trial_id.is_unique and (trials.status == "completed").all()
     assert trials.checkpoint.str.startswith(f"{storage}/").all()
     pt, ft = trials[trials.kind == "pretrain"], trials[trials.kind == "finetune"]
-    best = pt.loc[pt.val_loss.idxmin()]
+    best = pt.loc[pt.val_score.idxmin()]
     assert set(ft.init) == {best.checkpoint}  # FT starts from the best PT checkpoint, in the bucket …
     assert best.node_id == lost and lost not in set(ft.node_id)  # … which FT trials on other nodes fetched
     assert (trials.resumed_from_epoch > 0).sum() >= 2  # stopped trials went on from their states in the bucket

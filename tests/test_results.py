@@ -98,7 +98,7 @@ def test_report_writes_every_table_and_figure(mini_results, capsys):
     for start in ("pz:max100", "pz:max200", "dc:max100", "dc:max200"):
         assert f"| {start} | all |" in text and f"| {start} | blocks |" in text
     assert "| scratch | scratch | 2 seeds |" in text
-    assert text.count("Lowest validation loss (mean over each cell's seeds): `") == 2
+    assert text.count("Lowest validation score (mean over each cell's seeds): `") == 2
     assert "| start | strategy | units | mae_log10 | r2_log10 | mape |" in text  # kappa: log10 metrics first
     # 2 seeds are 2 pairs: the report says so instead of a verdict
     assert "| pz:max200 [all] | scratch | MAE log10 kappa | 2 |" in text
@@ -108,7 +108,7 @@ def test_report_writes_every_table_and_figure(mini_results, capsys):
     # the numbers in the table are the seeds' best trials, recomputed here from trials.parquet
     trials = load_trials(mini_results)
     done = trials[trials.status == "completed"]
-    best = done.loc[done.groupby("setting").val_loss.idxmin()]
+    best = done.loc[done.groupby("setting").val_score.idxmin()]
     g = best[(best.start == "pz:max200") & (best.strategy == "all") & (best.ft_size == 60)]
     expected = compare.fmt_pm(g.test_mae_log10.mean(), g.test_mae_log10.std(ddof=0))
     assert f"| pz:max200 | all | 2 seeds | {expected} |" in text
@@ -183,7 +183,7 @@ def test_optuna_figure_lr_tick_labels_do_not_overlap(tmp_path, monkeypatch):
     for dataset, (lo, hi) in spans.items():
         for i, lr in enumerate(np.geomspace(lo * 1.3, hi / 1.3, 12)):
             status = ("completed", "pruned", "error")[i % 3]
-            rows.append({"ft_dataset": dataset, "lr": lr, "n_unfrozen": float(i % 4), "val_loss": 0.1 + i / 10,
+            rows.append({"ft_dataset": dataset, "lr": lr, "n_unfrozen": float(i % 4), "val_score": 0.1 + i / 10,
                          "status": status})  # fmt: skip
     path, why = results.fig_optuna(pd.DataFrame(rows), tmp_path)
     assert path is not None, why
@@ -235,7 +235,7 @@ def _best(results) -> pd.DataFrame:
     """Each setting's best completed trial, by hand (the rule the report states)."""
     trials = load_trials(results)
     done = trials[trials.status == "completed"]
-    return done.loc[done.groupby("setting").val_loss.idxmin()]
+    return done.loc[done.groupby("setting").val_score.idxmin()]
 
 
 def _largest(best: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -244,8 +244,8 @@ def _largest(best: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def _argmin_cell(rows: pd.DataFrame) -> tuple[str, str]:
-    """The (start, strategy) with the lowest mean validation loss, every start and scratch alike."""
-    return rows.groupby(["start", "strategy"]).val_loss.mean().idxmin()
+    """The (start, strategy) with the lowest mean validation score, every start and scratch alike."""
+    return rows.groupby(["start", "strategy"]).val_score.mean().idxmin()
 
 
 def _name(cell: tuple[str, str]) -> str:
@@ -296,7 +296,7 @@ def _check_heatmap(results, monkeypatch, *, judged: bool) -> None:
     bounds = [0.0]
     assert set(panel.starts) == set(rows[rows.kind == "finetune"].start)
     for i, start in enumerate(panel.starts):
-        strategy = rows[rows.start == start].groupby("strategy").val_loss.mean().idxmin()
+        strategy = rows[rows.start == start].groupby("strategy").val_score.mean().idxmin()
         a = rows[(rows.start == start) & (rows.strategy == strategy)].set_index(units)[f"test_{h.metric}"]
         b = rows[rows.start == "scratch"].set_index(units)[f"test_{h.metric}"]
         by_hand = (a - b.reindex(a.index)).mean()  # A − B: start minus scratch, per unit
@@ -339,7 +339,7 @@ def test_heatmap_is_the_paired_tables_a_minus_b(kfold_results, monkeypatch):
 
 def test_parity_plot_is_the_pooled_out_of_fold_headline(kfold_results):
     """K-fold: the parity plot draws every full repeat's pooled out-of-fold test predictions of the cell with
-    the lowest validation loss, and prints the report's headline for that cell."""
+    the lowest validation score, and prints the report's headline for that cell."""
     from ltc.results import parity_panels
 
     best = _best(kfold_results)
@@ -365,19 +365,22 @@ def test_parity_plot_is_the_pooled_out_of_fold_headline(kfold_results):
 
     text = write_report(kfold_results).path.read_text()
     assert f"| {cell[0]} | {cell[1]} | 6 folds, 2 full repeats | {panel.value} |" in text
-    assert f"Lowest validation loss (mean over each cell's folds): `{_name(cell)}`, " in text
+    assert f"Lowest validation score (mean over each cell's folds): `{_name(cell)}`, " in text
 
 
 def test_lowest_validation_loss_counts_scratch(mini_results, tmp_path):
     """The report's line, the parity plot and best_models name the argmin over every start and scratch; a
-    scratch with the lowest validation loss is named (it was left out)."""
+    scratch with the lowest validation score is named (it was left out)."""
     from ltc.results import best_models, parity_panels
 
     trials = pd.read_parquet(mini_results / "trials.parquet")
     scratch = trials.kind == "scratch"
-    trials.loc[scratch, "val_loss"] = trials.loc[scratch, "val_loss"] * 1e-3  # scratch now fits best
-    trials.to_parquet(tmp_path / "trials.parquet")
-    for folder, expect_scratch in ((mini_results, False), (tmp_path, True)):
+    for factor, name in ((1e-3, "scratch_best"), (1e3, "scratch_worst")):  # whichever won in the run itself
+        changed = trials.copy()
+        changed.loc[scratch, "val_score"] = changed.loc[scratch, "val_score"] * factor
+        (tmp_path / name).mkdir()
+        changed.to_parquet(tmp_path / name / "trials.parquet")
+    for folder, expect_scratch in ((tmp_path / "scratch_worst", False), (tmp_path / "scratch_best", True)):
         text = write_report(folder).path.read_text()
         best = _best(folder)
         for size in (30, 60):
@@ -385,12 +388,12 @@ def test_lowest_validation_loss_counts_scratch(mini_results, tmp_path):
             cell = _argmin_cell(rows)
             assert (cell[0] == "scratch") == expect_scratch
             section = text.split(f"### finetune: l96, FT size {size} ")[1].split("###")[0]
-            assert f"Lowest validation loss (mean over each cell's seeds): `{_name(cell)}`, " in section
+            assert f"Lowest validation score (mean over each cell's seeds): `{_name(cell)}`, " in section
             if size == 60:  # the parity plot and best_models: the largest FT size
                 (panel,) = parity_panels(load_trials(folder))
                 g = rows[(rows.start == cell[0]) & (rows.strategy == cell[1])]
                 assert panel.cell == cell and f"of {len(g)} seeds" in panel.what
-                unit = g.sort_values("val_loss").iloc[0]
+                unit = g.sort_values("val_score").iloc[0]
                 assert panel.value == compare.fmt_num(unit.test_mae_log10)
                 assert len(panel.points) == len(_predictions(unit.checkpoint))
                 (model,) = [r for _, r in best_models(load_trials(folder)).iterrows()]

@@ -87,10 +87,10 @@ def test_searcher_takes_settings_in_turn_and_writes_its_studies(tmp_path):
     assert [t.number for t in a.trials] == [c[OPTUNA_TRIAL] for c in got if c["setting"] == "a"]
 
     # outcomes reach the right study: completed with its value, stopped early as pruned, errors as failed
-    s.on_trial_complete("t0", {"val_loss": 0.4, "ltc_completed": True})
-    s.on_trial_complete("t2", {"val_loss": 0.9, "done": True})  # Tune marks a scheduler's stop done=True
+    s.on_trial_complete("t0", {"val_score": 0.4, "ltc_completed": True})
+    s.on_trial_complete("t2", {"val_score": 0.9, "done": True})  # Tune marks a scheduler's stop done=True
     s.on_trial_complete("t4", error=True)
-    s.on_trial_complete("t1", {"val_loss": 0.7})  # stopped by an interrupt: told when it ends after --resume
+    s.on_trial_complete("t1", {"val_score": 0.7})  # stopped by an interrupt: told when it ends after --resume
     assert [t.state.name for t in _study(tmp_path, "a").trials] == ["COMPLETE", "PRUNED", "FAIL"]
     assert _study(tmp_path, "a").best_value == 0.4
     assert "t1" in s.live and _study(tmp_path, "b").trials[0].state.name == "RUNNING"
@@ -102,12 +102,12 @@ def test_model_proposals_wait_for_the_start_up_results(tmp_path):
     assert len(first) == 4  # the fixed points run at once; TPE waits for their results
     assert s.suggest("x") is None
     for i, c in enumerate(first[:3]):
-        s.on_trial_complete(f"t{i}", {"val_loss": 1.0 + c["lr"], "ltc_completed": True})
+        s.on_trial_complete(f"t{i}", {"val_score": 1.0 + c["lr"], "ltc_completed": True})
     assert s.suggest("x") is None  # one start-up trial still running
-    s.on_trial_complete("t3", {"val_loss": 1.5, "ltc_completed": True})
+    s.on_trial_complete("t3", {"val_score": 1.5, "ltc_completed": True})
     second = _drain(s, "u")
     assert len(second) == studies.MAX_MODEL_IN_FLIGHT
-    s.on_trial_complete("u0", {"val_loss": 1.2, "ltc_completed": True})
+    s.on_trial_complete("u0", {"val_score": 1.2, "ltc_completed": True})
     third = _drain(s, "v")
     assert len(third) == 1 and s.suggest("w") == s.FINISHED
     trials = _study(tmp_path, "a").trials
@@ -122,7 +122,7 @@ def test_random_sampler_has_no_limit(tmp_path):
 def test_searcher_state_survives_a_restart_and_fails_orphans(tmp_path):
     s = _searcher(tmp_path, trials=4)
     first = [s.suggest(f"t{i}") for i in range(3)]
-    s.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
+    s.on_trial_complete("t0", {"val_score": 0.3, "ltc_completed": True})
     s.save(str(tmp_path / "searcher.pkl"))
     s.suggest("lost")  # asked after Tune's last snapshot, then the driver died
     restored = _searcher(tmp_path, trials=4)
@@ -130,7 +130,7 @@ def test_searcher_state_survives_a_restart_and_fails_orphans(tmp_path):
     rest = _drain(restored, "u")
     assert len(first) + len(rest) == 8  # every planned trial exactly once
     assert len({(c["setting"], c["trial_index"]) for c in first + rest}) == 8
-    restored.on_trial_complete("t1", {"val_loss": 0.2, "ltc_completed": True})  # issued before the save
+    restored.on_trial_complete("t1", {"val_score": 0.2, "ltc_completed": True})  # issued before the save
     b = _study(tmp_path, "b")
     assert b.best_value == 0.2
     orphan = [t for t in b.trials if t.user_attrs.get("ray_trial_id") == "lost"]
@@ -165,7 +165,7 @@ def test_early_stopping_judges_each_setting_by_its_own_trials(tmp_path):
     for i, c in enumerate(configs):
         loss = level[c["setting"]] * (1 + 0.5 * c["trial_index"])
         for epoch in (1, 2):
-            decisions[i] = pruning.on_trial_result(None, trials[i], {"val_loss": loss, "epoch_count": epoch})
+            decisions[i] = pruning.on_trial_result(None, trials[i], {"val_score": loss, "epoch_count": epoch})
     by = {(c["setting"], c["trial_index"]): decisions[i] for i, c in enumerate(configs)}
     # the first trial of each setting reaches the rung first and goes on: b's is never judged against a's
     assert by[("a", 0)] == by[("b", 0)] == TrialScheduler.CONTINUE
@@ -176,9 +176,9 @@ def test_early_stopping_judges_each_setting_by_its_own_trials(tmp_path):
     pruning2 = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=None, max_epochs=20)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Optuna warns when a step is reported twice: it must not be asked to
-        again = pruning2.on_trial_result(None, trials[0], {"val_loss": 5.0, "epoch_count": 2})
+        again = pruning2.on_trial_result(None, trials[0], {"val_score": 5.0, "epoch_count": 2})
     assert again == TrialScheduler.CONTINUE
-    final = {"val_loss": 0.1, "epoch_count": 20, "ltc_completed": True}
+    final = {"val_score": 0.1, "epoch_count": 20, "ltc_completed": True}
     assert pruning2.on_trial_result(None, trials[0], final) == TrialScheduler.CONTINUE
     assert _study(tmp_path, "a").trials[0].intermediate_values == {1: 1.0, 2: 1.0}
 
@@ -187,7 +187,7 @@ def test_optuna_dashboard_opens_the_journal(tmp_path):
     """What the README tells users: `optuna-dashboard results/<name>/optuna.log` lists the sweep's studies."""
     s = _searcher(tmp_path, trials=2)
     c = s.suggest("t0")
-    s.on_trial_complete("t0", {"val_loss": 0.25, "ltc_completed": True})
+    s.on_trial_complete("t0", {"val_score": 0.25, "ltc_completed": True})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -239,12 +239,12 @@ def test_a_trial_that_ended_in_its_study_is_never_reported_into_again(tmp_path):
     s.on_trial_complete("t0", error=True)
     pruning = StudyPruning(storage=str(tmp_path / "optuna.log"), prefix=PREFIX, asha=AshaSpec(2, 2), max_epochs=20)
     errored = _tune_trial("a", first[OPTUNA_TRIAL])
-    assert pruning.on_trial_result(None, errored, {"val_loss": 1.0, "epoch_count": 3}) == TrialScheduler.CONTINUE
+    assert pruning.on_trial_result(None, errored, {"val_score": 1.0, "epoch_count": 3}) == TrialScheduler.CONTINUE
     study = _study(tmp_path, "a")
     study.tell(second[OPTUNA_TRIAL], state=optuna.trial.TrialState.PRUNED)
     pruned = _tune_trial("a", second[OPTUNA_TRIAL])
-    assert pruning.on_trial_result(None, pruned, {"val_loss": 1.0, "epoch_count": 3}) == TrialScheduler.STOP
-    s.on_trial_complete("t0", {"val_loss": 0.5, "ltc_completed": True})  # the errored trial, resumed, finished
+    assert pruning.on_trial_result(None, pruned, {"val_score": 1.0, "epoch_count": 3}) == TrialScheduler.STOP
+    s.on_trial_complete("t0", {"val_score": 0.5, "ltc_completed": True})  # the errored trial, resumed, finished
     trials = _study(tmp_path, "a").trials
     assert [t.state.name for t in trials] == ["FAIL", "PRUNED", "COMPLETE"]
     assert trials[0].intermediate_values == {} and trials[2].value == 0.5
@@ -264,7 +264,7 @@ def test_open_trials_of_a_crashed_run_are_failed_when_their_study_is_opened_agai
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored._studies == {}  # nothing opened yet
     # the first thing after the restart: a live trial ends (it opens the study; it is no orphan)
-    restored.on_trial_complete("t0", {"val_loss": 0.3, "ltc_completed": True})
+    restored.on_trial_complete("t0", {"val_score": 0.3, "ltc_completed": True})
     rest = _drain(restored, "u")
     assert [c["trial_index"] for c in rest] == [1, 2]
     by_id = {t.user_attrs["ray_trial_id"]: t.state.name for t in _study(tmp_path, "a").trials}

@@ -206,7 +206,7 @@ def test_a_sweep_keeps_checkpoints_and_tune_state_in_the_bucket(s3_ray, tmp_path
 
     # the FT trials started from the best PT trial's checkpoint, fetched from the bucket by their workers
     pt, ft = trials[trials.kind == "pretrain"], trials[trials.kind == "finetune"]
-    assert set(ft.init) == {pt.loc[pt.val_loss.idxmin()].checkpoint}
+    assert set(ft.init) == {pt.loc[pt.val_score.idxmin()].checkpoint}
     # … and say so in what they wrote (the checkpoint's history, metrics.json): the URI, not a copy's temp path
     for uri in ft.checkpoint:
         key = uri.removeprefix(f"s3://{s3.bucket}/")

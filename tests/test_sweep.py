@@ -138,6 +138,15 @@ def test_devi_sweeps_train_alignn_on_its_reference_graphs(capsys):
         (_spec(graph={"cutoff": -2}), "cutoff=-2"),
         (_spec(graph={"construction": "dgl"}), "construction='dgl' must be one of"),
         ({"stages": []}, "missing key 'name'"),
+        (
+            _spec(stages=[{"name": "pt", "datasets": ["ph"], "select_by": "mae_log10"}]),
+            "stage 'pt': select_by='mae_log10' is for kappa datasets; ph is not one",
+        ),
+        (
+            _spec(stages=[{"name": "pt", "datasets": [["ph", "dc"]], "select_by": "mae"}]),
+            "stage 'pt': select_by='mae' needs one dataset per run; ph\\+dc train together",
+        ),
+        (_spec(stages=[{"name": "pt", "datasets": ["ph"], "select_by": "rmse"}]), "select_by='rmse' must be one of"),
     ],
 )
 def test_strict_loader_names_the_bad_key(data, match):

@@ -106,7 +106,7 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
 
     # FT rows name the PT checkpoint they started from: the best completed PT trial
     pt = saved[(saved.kind == "pretrain") & (saved.status == "completed")]
-    best_pt = pt.loc[pt.val_loss.idxmin()]
+    best_pt = pt.loc[pt.val_score.idxmin()]
     assert set(ft.init) == {best_pt.checkpoint} and set(ft.pt_dataset) == {"agl"}
     assert set(saved[saved.kind == "scratch"].init.dropna()) == set()
     ckpt = torch.load(best_pt.checkpoint, weights_only=True)

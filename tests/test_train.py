@@ -369,3 +369,41 @@ def test_fresh_heads_start_at_the_mean_of_the_scaled_training_targets(tmp_path, 
         train_run(ft, tmp_path / head)
         got = _head_biases(tmp_path / head / "checkpoint.pt")
         assert (got == pytest.approx(trained, abs=1e-6)) == same, (head, got, trained)
+
+
+# --- the epoch kept is picked by the metric that judges ---------------------------------------------------------
+
+
+CHOICES = [("ph", None, "r2"), ("ph", "mae", "mae"), ("l96", None, "mae_log10"), ("ph", "loss", None)]
+
+
+@pytest.mark.parametrize(("dataset", "select_by", "metric"), CHOICES)
+def test_the_kept_epoch_has_the_best_validation_score(tmp_path, dataset, select_by, metric):
+    """The kept epoch is the argmin of the validation score over the epochs, and that score is the kept model's
+    validation metric (raw units; 1 - R²; log10 for kappa): selection and report measure the same thing."""
+    train = TrainConfig(epochs=6, batch_size=16, lr=3e-3, select_by=select_by)
+    stage = RunConfig(datasets=(dataset,), model="cgcnn", model_config=SMALL["cgcnn"], max_size=120, train=train)
+    train_run(stage, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())  # with each epoch's record
+    scores = [h["val_score"] for h in m["history"]]
+    assert m["select_by"] == (select_by or metric)
+    assert m["best_epoch"] == int(np.argmin(scores)) and m["val_score"] == pytest.approx(min(scores))
+    assert m["val_loss"] == pytest.approx(m["history"][m["best_epoch"]]["val_loss"])
+    if metric is None:  # the loss: the scaled validation MSE itself
+        assert scores == pytest.approx([h["val_loss"] for h in m["history"]])
+    else:
+        kept = 1 - m["val_r2"] if metric == "r2" else m[f"val_{metric}"]
+        assert m["val_score"] == pytest.approx(kept, rel=1e-5)
+
+
+def test_select_by_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"select_by='mse' must be one of \('loss', 'mae', 'mae_log10', 'r2'\)"):
+        TrainConfig(select_by="mse")
+    from ltc.train import selection
+
+    ph, dc = make_task("ph", size=40, seed=0), make_task("dc", size=40, seed=0)
+    assert selection(None, [ph, dc]) == "loss" and selection(None, [ph]) == "r2"
+    with pytest.raises(ValueError, match="select_by='mae' needs one dataset; 2 train together: use loss"):
+        selection("mae", [ph, dc])
+    with pytest.raises(ValueError, match="select_by='mae_log10' is for kappa datasets; ph is not one"):
+        selection("mae_log10", [ph])

@@ -33,7 +33,7 @@ from ltc.trial import COMPLETED
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "val_loss", "min"
+METRIC, MODE = "val_score", "min"  # what picks epochs and trials (ltc.train.selection), lower is better
 STEP = "epoch_count"  # the step of an epoch report: epochs trained so far
 OPTUNA_TRIAL = "optuna_trial"  # trial config key: the number of its Optuna trial in its setting's study
 
@@ -287,7 +287,7 @@ class SettingSearch(Searcher):
 
 
 class StudyPruning(FIFOScheduler):
-    """Every epoch report goes into the trial's Optuna trial (``report(val_loss, epoch_count)``: that epoch's
+    """Every epoch report goes into the trial's Optuna trial (``report(val_score, epoch_count)``: that epoch's
     validation loss, never a best-so-far); with ``asha`` set, the study's ``SuccessiveHalvingPruner`` decides
     whether the trial stops. Studies are per setting, so a setting's trials are only ever judged against
     each other. The rung values live in the Optuna storage, so a resumed sweep judges as before.
@@ -335,7 +335,7 @@ class StudyPruning(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         value, step = result.get(METRIC), result.get(STEP)
         if result.get(COMPLETED) or OPTUNA_TRIAL not in trial.config or value is None or step is None:
-            return TrialScheduler.CONTINUE  # the final report: its val_loss is the best epoch's, told by the searcher
+            return TrialScheduler.CONTINUE  # the final report: its val_score is the best epoch's, told by the searcher
         if not math.isfinite(value):
             return TrialScheduler.CONTINUE
         optuna_trial, last, ended = self._optuna_trial(trial)

@@ -308,6 +308,7 @@ def trial_config(
             "schedule": stage.schedule,
             "weight_decay": stage.weight_decay,
             "patience": stage.patience,
+            "select_by": stage.select_by,
         },
         "checkpoint_every": stage.checkpoint_every,
         "checkpoint_seconds": stage.checkpoint_seconds,
@@ -317,7 +318,8 @@ def trial_config(
 
 
 def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
-    """Attach to each planned start the checkpoint of its source's best completed trial (lowest val_loss).
+    """Attach to each planned start the checkpoint of its source's best completed trial (lowest ``val_score``,
+    what picks trials: ``ltc.train.selection``; tables written before it have ``val_loss`` alone).
 
     ``tables``: the source stages' trials (``ltc.results`` columns) by stage name. A start without a
     completed trial is dropped, with a warning.
@@ -340,7 +342,8 @@ def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
                 "no completed trial for source %s: settings starting from it are dropped", start.label
             )
             continue
-        best = rows.loc[rows.val_loss.astype(float).idxmin()]
+        score = rows.val_score if "val_score" in rows and rows.val_score.notna().any() else rows.val_loss
+        best = rows.loc[score.astype(float).idxmin()]
         out.append(dataclasses.replace(start, checkpoint=best.checkpoint))
     return out
 
@@ -606,7 +609,7 @@ def describe(spec: SweepSpec) -> str:
         lines.append(
             f"  epochs {stage.epochs}, batch {stage.batch_size}"
             + (f" {stage.batch_size_by_size}" if stage.batch_size_by_size else "")
-            + f", loss {stage.loss}; Optuna lr {lr}"
+            + f", loss {stage.loss}, kept by {stage.select_by or 'the judging metric'}; Optuna lr {lr}"
             + (f", n_unfrozen {nu} (0..{blocks})" if "blocks" in stage.strategies else "")
         )
         if stage.sources:

@@ -21,7 +21,16 @@ from typing import Any, Literal
 
 from ltc import datasets
 from ltc.archs import ARCHS, MODEL_NAMES, ModelConfig, model_config
-from ltc.choices import DEFAULT_GRAPHS, LOSSES, PRETRAINED, SCHEDULES, STRATEGIES, TrainConfig, check_strategy
+from ltc.choices import (
+    DEFAULT_GRAPHS,
+    LOSSES,
+    PRETRAINED,
+    SCHEDULES,
+    SELECT_BY,
+    STRATEGIES,
+    TrainConfig,
+    check_strategy,
+)
 from ltc.config import from_dict, read_yaml
 from ltc.datasets import UserDataset
 from ltc.errors import ConfigError, LtcError
@@ -312,6 +321,9 @@ class StageSpec:
     schedule: str = _TRAIN.schedule  # one of ltc.train.SCHEDULES
     weight_decay: float = _TRAIN.weight_decay
     patience: int | None = _TRAIN.patience
+    select_by: str | None = (
+        _TRAIN.select_by
+    )  # what picks epochs and trials (ltc.choices.SELECT_BY); None: judging metric
     holdout: Literal["auto", "none"] | list[str] = "auto"  # auto: test sets of later stages' datasets
     split: SplitConfig | None = None  # this stage's split (e.g. kfold on a small FT set); default: the sweep's
     search: SearchOverride | None = None  # keys given here override the sweep's search
@@ -369,6 +381,8 @@ class StageSpec:
             raise ConfigError(f"stage {self.name!r}: loss={self.loss!r} must be one of {LOSSES}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"stage {self.name!r}: schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.select_by is not None and self.select_by not in SELECT_BY:
+            raise ConfigError(f"stage {self.name!r}: select_by={self.select_by!r} must be one of {SELECT_BY} or null")
 
     @property
     def sources(self) -> list[Source]:
@@ -433,6 +447,13 @@ class SweepSpec:
                             datasets.spec(name)
                         except datasets.UnknownDatasetError as err:
                             raise ConfigError(f"stage {st.name!r}: {key}: {err}") from None
+                for group in st.dataset_sets:  # what a trial's selection() would refuse
+                    if st.select_by not in (None, "loss") and len(group) > 1:
+                        raise ConfigError(f"stage {st.name!r}: select_by={st.select_by!r} needs one dataset per "
+                                          f"run; {'+'.join(group)} train together: use loss")  # fmt: skip
+                    if st.select_by == "mae_log10" and not datasets.spec(group[0]).kappa:
+                        raise ConfigError(f"stage {st.name!r}: select_by='mae_log10' is for kappa datasets; "
+                                          f"{group[0]} is not one")  # fmt: skip
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
         _check_name("name", self.name)
