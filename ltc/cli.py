@@ -379,7 +379,8 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
     from ltc.train import train_kfold
 
     split = stage.split
-    print(f"{split.folds}-fold cross-validation x {split.repeats} repeat(s): {split.folds * split.repeats} runs")
+    folds = "Matbench v0.1's official 5 folds" if split.test == "matbench" else f"{split.folds}-fold cross-validation"
+    print(f"{folds} x {split.repeats} repeat(s): {split.folds * split.repeats} runs")
     cv = train_kfold(stage, out, inputs=inputs, on_epoch=bar)
     for name, res in cv["datasets"].items():
         from ltc.compare import shown_metrics
