@@ -393,7 +393,8 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
         mean = [
             f"{res[f'{k}_mean']:.4g} ± {res[f'{k}_std']:.2g}" if res[f"{k}_mean"] is not None else "-" for k in metrics
         ]
-        rows.append(("mean ± std", "", *mean))
+        if len(res["repeats"]) > 1:  # one repeat has no spread to state
+            rows.append(("mean ± std", "", *mean))
         print(f"{name}: pooled out-of-fold test predictions per repeat")
         print(_table(rows, ("repeat", "n", *metrics)))
         if (mae := (res.get("per_fold") or {}).get("mae")) is not None:  # as the Matbench leaderboard states it
