@@ -237,8 +237,9 @@ def _writable_folder(folder: Path, *, create: bool = True) -> None:
     if create:
         folder.mkdir(parents=True, exist_ok=True)
         existing = folder
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only mount says so, not "permission denied"
+        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(existing))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

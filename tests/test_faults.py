@@ -171,7 +171,9 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_resume_finishes_every_tri
         finally:
             _cleanup(first)
         last = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
-        assert last.startswith("ltc sweep: error: No space left on device") and str(results / "full") in last
+        # the option that led there, then what and where: "--results R: No space left on device: R/full (… free)"
+        assert last.startswith(f"ltc sweep: error: --results {results}: No space left on device"), last
+        assert str(results / "full") in last
         assert "free some space there" in last and "--resume" in last
         assert inside("test", "-e", str(results / "full" / "stages" / "ft.parquet")).returncode == 1  # not done
 
@@ -192,7 +194,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_resume_finishes_every_tri
             done = inside(*ltc, *cmd)
             assert done.returncode == 2, done.stdout + done.stderr
             line = done.stderr.strip().splitlines()[-1]
-            assert line.startswith(f"ltc {cmd[0]}: error: Read-only file system: {results}"), done.stderr[-2000:]
+            assert line.startswith(f"ltc {cmd[0]}: error: ") and f"Read-only file system: {results}" in line, line
     finally:
         _cleanup(holder)
 
