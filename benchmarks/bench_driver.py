@@ -76,7 +76,7 @@ def bench_search(sizes: list[int], trials: int = 3) -> None:
             for i in range(n * trials):
                 t0 = time.perf_counter()
                 c = s.suggest(f"t{i}")
-                s.on_trial_complete(f"t{i}", {"val_loss": c["lr"], "ltc_completed": True})
+                s.on_trial_complete(f"t{i}", {"val_score": c["lr"], "ltc_completed": True})
                 times.append(time.perf_counter() - t0)
             assert s.suggest("end") == s.FINISHED
             t0 = time.perf_counter()
@@ -95,14 +95,14 @@ def bench_search(sizes: list[int], trials: int = 3) -> None:
 def _noop(config: dict) -> None:
     from ray import tune
 
-    tune.report({"val_loss": config["lr"], "ltc_completed": True, "epoch_count": 1})
+    tune.report({"val_score": config["lr"], "ltc_completed": True, "epoch_count": 1})
 
 
 def _sleep(config: dict) -> None:
     from ray import tune
 
     time.sleep(1.0)
-    tune.report({"val_loss": config["lr"], "ltc_completed": True, "epoch_count": 1})
+    tune.report({"val_score": config["lr"], "ltc_completed": True, "epoch_count": 1})
 
 
 def _run(trainable, n: int, storage: str) -> float:

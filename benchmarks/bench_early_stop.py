@@ -7,7 +7,7 @@ The same sweep is run twice on a local Ray with 2 slots, once with ``asha: null`
 fine-tuned on L96 under 5-fold CV (one repeat) with scratch baselines: 10 settings of T trials of 40
 epochs, every epoch reported (``report_seconds: 0``, so the pruner sees each rung). For each T it prints
 the fine-tuning stage's trial-epochs and wall time with and without early stopping, how many trials
-were stopped, in how many settings the selected trial (lowest validation loss) changed, and the paired
+were stopped, in how many settings the selected trial (lowest validation score) changed, and the paired
 difference of the selected trials' test MAE (log10 kappa) with its interval. With T <= 4 the budget
 sampler proposes the same hypercube points in both runs, so the selected trials are directly comparable.
 """
@@ -62,9 +62,9 @@ def main() -> None:
         on, wall_on = run(sweep(t, args.epochs, {"grace_epochs": args.grace, "reduction_factor": args.rf}))
         # epochs_run: a stopped trial's epochs at its last report; a finished one's (patience may end it early)
         ep_off, ep_on = off.epochs_run.sum(), on.epochs_run.sum()
-        pick_off = off.loc[off.groupby("setting").val_loss.idxmin()].set_index("setting")
+        pick_off = off.loc[off.groupby("setting").val_score.idxmin()].set_index("setting")
         done_on = on[on.status == "completed"]
-        pick_on = done_on.loc[done_on.groupby("setting").val_loss.idxmin()].set_index("setting")
+        pick_on = done_on.loc[done_on.groupby("setting").val_score.idxmin()].set_index("setting")
         pick_on = pick_on.reindex(pick_off.index)
         changed = int((pick_on.trial_index != pick_off.trial_index).sum())
         res = paired_compare(pick_on.test_mae_log10.to_numpy(), pick_off.test_mae_log10.to_numpy(),

@@ -15,7 +15,7 @@ sweeps use) with the ``budget`` sampler at each budget, and with the ``random`` 
 largest budget; its first b trials are random search at budget b, since random proposals do not
 depend on results). Trials run as in a sweep with 2 slots: the searcher is asked whenever a slot is
 free, so its limits on proposals in flight act as they would. Each search selects its trial with the
-lowest inner validation loss (the sweep's rule); the benchmark prints the selected trial's test metric
+lowest inner validation score (the sweep's rule); the benchmark prints the selected trial's test metric
 (MAE of log10 kappa for L96, R² for PH) for both samplers, paired per (unit, repeat), with the
 corrected resampled t interval of ``ltc.stats`` (``no significant difference`` when it spans 0).
 It also prints the regret: the gap to the best test metric among all trials the search ran.
@@ -99,7 +99,7 @@ def _train(f: Family, unit: int, init: str, inputs, lr: float, n_unfrozen: int |
         n_unfrozen=n_unfrozen, train=TrainConfig(epochs=f.epochs, batch_size=f.batch_size, lr=lr, seed=0),
     )  # fmt: skip
     m = train_run(stage, out, inputs=inputs)
-    return {"val_loss": m["val_loss"], "test": m[f.metric], "epochs": m["epochs_run"]}
+    return {"val_score": m["val_score"], "test": m[f.metric], "epochs": m["epochs_run"]}
 
 
 def _blocks() -> int:
@@ -130,7 +130,7 @@ def search(f: Family, unit: int, repeat: int, sampler: str, budget: int, init: s
             return sorted(done, key=lambda r: r["trial_index"])
         tid, c = running.popleft()  # the oldest trial ends first
         r = _train(f, unit, init, inputs, c["lr"], c["n_unfrozen"], tmp / tid)
-        s.on_trial_complete(tid, {"val_loss": r["val_loss"], "ltc_completed": True})
+        s.on_trial_complete(tid, {"val_score": r["val_score"], "ltc_completed": True})
         done.append({**r, "trial_index": c["trial_index"], "lr": c["lr"], "n_unfrozen": c["n_unfrozen"]})
 
 
@@ -156,8 +156,8 @@ def job(args: tuple[str, int, int, tuple[int, ...], str, str]) -> list[dict[str,
 
 
 def _selected(f: Family, unit: int, repeat: int, sampler: str, budget: int, trials: list[dict]) -> dict[str, Any]:
-    ok = [t for t in trials if t["val_loss"] is not None and math.isfinite(t["val_loss"])]
-    pick = min(ok, key=lambda t: t["val_loss"])
+    ok = [t for t in trials if t["val_score"] is not None and math.isfinite(t["val_score"])]
+    pick = min(ok, key=lambda t: t["val_score"])
     best = (max if f.higher_is_better else min)(t["test"] for t in ok)
     return {"family": f.name, "unit": unit, "repeat": repeat, "sampler": sampler, "budget": budget,
             "test": pick["test"], "regret": abs(best - pick["test"]), "lr": pick["lr"],

@@ -184,10 +184,10 @@ REPORT_HELP = (
     "by the dataset's headline metric (kappa: MAE of log10 kappa; other properties: R²), as mean ± std over "
     "seeds, or over repeats of pooled out-of-fold predictions (K-fold); paired comparisons A − B of each start "
     "against scratch and of starts against each other, with a 95 % corrected resampled t interval, win count "
-    "and verdict (fewer than 3 pairs: cannot be judged); how much the validation-loss pick lost on test; and "
+    "and verdict (fewer than 3 pairs: cannot be judged); how much the validation-score pick lost on test; and "
     "the cell with the lowest validation score, scratch included. Figures: a PT × FT heatmap of A − B (start "
     "minus scratch, as in the paired table; unjudged cells hatched), metrics against FT and PT size, "
-    "strategies, a parity plot of the lowest-validation-loss cell per FT dataset (K-fold: its pooled "
+    "strategies, a parity plot of the lowest-validation-score cell per FT dataset (K-fold: its pooled "
     "out-of-fold predictions, with the table's headline), and the Optuna trials. Partial sweeps work: what is "
     "missing is shown as missing."
 )

@@ -238,7 +238,8 @@ def _writable_folder(folder: Path, *, create: bool = True) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         existing = folder
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only mount says so, not "permission denied"
-        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+        read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY  # statvfs: POSIX only
+        code = errno.EROFS if read_only else errno.EACCES
         raise OSError(code, os.strerror(code), str(existing))
 
 
@@ -363,7 +364,7 @@ class EpochBar:
             self.runs += 1
             desc = "training" if self.total_runs == 1 else f"run {self.runs}/{self.total_runs}"
             self.bar = tqdm(total=self.epochs, desc=desc, unit="epoch", disable=self.quiet, leave=False)
-        self.bar.set_postfix(train_loss=f"{record['train_loss']:.3g}", val_loss=f"{record['val_loss']:.3g}",
+        self.bar.set_postfix(train_loss=f"{record['train_loss']:.3g}", val_score=f"{record['val_score']:.3g}",
                              refresh=False)  # fmt: skip
         self.bar.n = done  # one line per epoch, whatever the time since the last (tqdm's update may skip it)
         self.bar.refresh()
@@ -380,7 +381,9 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
     from ltc.train import train_kfold
 
     split = stage.split
-    folds = "Matbench v0.1's official 5 folds" if split.test == "matbench" else f"{split.folds}-fold cross-validation"
+    folds = f"{split.folds}-fold cross-validation"
+    if split.test == "matbench":
+        folds = f"Matbench v0.1's {split.folds} official folds"
     print(f"{folds} x {split.repeats} repeat(s): {split.folds * split.repeats} runs")
     cv = train_kfold(stage, out, inputs=inputs, on_epoch=bar)
     for name, res in cv["datasets"].items():
@@ -398,7 +401,8 @@ def _train_kfold(stage, out: Path, inputs, bar: EpochBar) -> int:
             rows.append(("mean ± std", "", *mean))
         print(f"{name}: pooled out-of-fold test predictions per repeat")
         print(_table(rows, ("repeat", "n", *metrics)))
-        if (mae := (res.get("per_fold") or {}).get("mae")) is not None:  # as the Matbench leaderboard states it
+        mae = (res.get("per_fold") or {}).get("mae")
+        if split.test == "matbench" and mae is not None:  # as the Matbench leaderboard states it
             print(f"{name}: MAE per fold, mean ± std over {len(res['folds'])} folds (np.std, Matbench's form): "
                   f"{mae['mean']:.4g} ± {mae['std']:.4g}")  # fmt: skip
     print(f"  {out / 'cv.json'}\n  {out / 'oof_predictions.parquet'}\n  {out}/r<repeat>f<fold>/checkpoint.pt")
@@ -546,7 +550,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     source = args.input
     if source is None:  # `--checkpoint A B INPUT`: argparse gave INPUT to --checkpoint
         if len(checkpoints) < 2:
-            raise ConfigError("give INPUT: a CIF or POSCAR file, a folder of them, or a dataset name")
+            raise ConfigError(
+                "give INPUT: a structure file or a folder of them, an extxyz file, a table or a dataset name"
+            )
         source = checkpoints.pop()
     out = Path(args.out)
     _writable_folder(out.parent)  # before predicting
@@ -947,11 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         cmd_predict,
         "predict with trained checkpoints: screen CIF/POSCAR files or a dataset",
-        "Predict the target of each structure in INPUT (a CIF or POSCAR file, a folder of them, or a dataset "
-        "name) with one or more checkpoints; several (e.g. the seeds of one setting) give mean ± std. Kappa "
-        "predictions are ranked lowest first. Unreadable files are reported and kept as rows with their error. "
-        "Writes --out (Parquet): id, source, formula, target, units, n_models, pred_mean, pred_std, pred_<i>, "
-        "y_true (dataset inputs), rank, error.",
+        "Predict the target of each structure in INPUT (a CIF or POSCAR file or a folder of them, an extxyz file, "
+        "a CSV / Parquet table, a JSON list of records, or a dataset name) with one or more checkpoints; several "
+        "(e.g. the seeds of one setting) give mean ± std. Kappa predictions are ranked lowest first. Unreadable "
+        "files are reported and kept as rows with their error. Where INPUT has known values (a dataset, --target) "
+        "it prints MAE and R² against them (log10 for kappa). Writes --out (Parquet): id, source, formula, target, "
+        "units, n_models, pred_mean, pred_std, pred_<i>, y_true (known values), rank, error.",
     )
     sp.add_argument(
         "--checkpoint",
@@ -1051,8 +1058,9 @@ USER_PATHS = {"results": "--results", "results_dir": "RESULTS_DIR", "out": "--ou
 USER_PATH_VARIABLES = ("LTC_DATA_HOME", "LTC_CACHE", "RAY_TMPDIR")
 
 
-def _given_path(args: argparse.Namespace, filename: object) -> str | None:
-    """``--out PATH`` (say) when ``filename`` is the path the user gave there, or a folder above or below it."""
+def _given_path(args: argparse.Namespace, filename: object, *, below: bool) -> str | None:
+    """``--out PATH`` (say) when ``filename`` is the path the user gave there or a folder above it (where making
+    it failed), or with ``below`` a path inside it."""
     if not isinstance(filename, (str, os.PathLike)):
         return None
     given = [(flag, getattr(args, key, None)) for key, flag in USER_PATHS.items()]
@@ -1061,7 +1069,7 @@ def _given_path(args: argparse.Namespace, filename: object) -> str | None:
     for flag, value in given:
         if value and "://" not in str(value):
             mine = Path(os.path.abspath(value))
-            if bad == mine or bad in mine.parents or mine in bad.parents:
+            if bad == mine or bad in mine.parents or (below and mine in bad.parents):
                 return f"{flag} {value}" if flag.startswith("-") else f"{flag}={value}"
     return None
 
@@ -1086,7 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ltc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a path the user gave that cannot be written or read, a full disk: theirs to fix too
-        given = _given_path(args, err.filename)
+        # any errno on the path given or above it (it could not be made); below it, where ltc writes its own files,
+        # only the errnos that say the disk or permissions are the trouble: anything else there is a bug
+        given = _given_path(args, err.filename, below=err.errno in USER_ERRNOS)
         if args.verbose or (err.errno not in USER_ERRNOS and given is None):
             raise
         where = f": {err.filename}" if err.filename else ""

@@ -365,7 +365,7 @@ def selection_gaps(
 
 @dataclass(frozen=True)
 class HeatCell:
-    """One heatmap cell: start ``a`` (its lowest-validation-loss strategy) against scratch ``b``, paired.
+    """One heatmap cell: start ``a`` (its lowest-validation-score strategy) against scratch ``b``, paired.
 
     ``result.mean_diff`` is ``A − B`` with ``paired_table``'s sign; ``judged``: enough pairs for an interval.
     """

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 MISSING = compare.MISSING
 
 
-# What `ltc report` writes: its --help text (ltc.cli), kept here beside the code that writes it.
 def load_trials(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """``RESULTS_DIR/trials.parquet`` with a ``start`` column (the trial's source lineage, or its kind).
 
@@ -55,8 +54,13 @@ def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
     for col in ("fold", "repeat", "n_folds", "test_r2_log10"):
         if col not in trials.columns:
             trials = trials.assign(**{col: np.nan})
-    if "val_score" not in trials.columns:  # schema 3 and older: epochs and trials were picked by the loss
-        trials = trials.assign(val_score=trials.val_loss, select_by="loss")
+    # schema 3 and older, or their rows in a sweep resumed since: epochs and trials were picked by the loss
+    if "val_score" not in trials.columns:
+        trials = trials.assign(val_score=np.nan, select_by=None)
+    old = trials.val_score.isna() & trials.select_by.isna() & trials.val_loss.notna()
+    if old.any():
+        trials = trials.assign(val_score=trials.val_score.where(~old, trials.val_loss),
+                               select_by=trials.select_by.where(~old, "loss"))  # fmt: skip
     if "split" not in trials.columns:  # schema 3 and older: K-fold stages were the only folded ones
         trials = trials.assign(split=np.where(trials.n_folds.notna(), "kfold", None))
     return trials
@@ -159,7 +163,7 @@ def _largest_size(rows: pd.DataFrame):
 @dataclass(frozen=True)
 class HeatmapPanel:
     """The numbers one panel of the heatmap draws (one headline metric): per (start, FT column), A − B of the
-    start (its lowest-validation-loss strategy) against scratch, as ``compare.paired_table``'s ``A - B``."""
+    start (its lowest-validation-score strategy) against scratch, as ``compare.paired_table``'s ``A - B``."""
 
     headline: Headline
     starts: list[str]  # rows: PT starts

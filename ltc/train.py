@@ -41,7 +41,7 @@ from ltc.transfer import check_strategy, freeze, load_init, model_from_checkpoin
 
 log = logging.getLogger(__name__)
 
-MIN_IMPROVEMENT = 1e-6  # relative decrease of the validation loss that counts as better
+MIN_IMPROVEMENT = 1e-6  # relative decrease of the validation score that counts as better
 
 
 def resolve_device(device: str) -> torch.device:
@@ -133,12 +133,22 @@ def selection(select_by: str | None, tasks: list[Task]) -> str:
     metric that judges the dataset (``HEADLINE``: kappa MAE log10, other properties R²); several datasets have
     no one metric in common units: their loss."""
     if select_by is None:
-        return "loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric
-    if select_by != "loss" and len(tasks) > 1:
-        raise ConfigError(f"select_by={select_by!r} needs one dataset; {len(tasks)} train together: use loss")
-    if select_by == "mae_log10" and not tasks[0].kappa:
-        raise ConfigError(f"select_by='mae_log10' is for kappa datasets; {tasks[0].name} is not one")
-    return select_by
+        select = "loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric
+    else:
+        if select_by != "loss" and len(tasks) > 1:
+            raise ConfigError(f"select_by={select_by!r} needs one dataset; {len(tasks)} train together: use loss")
+        if select_by == "mae_log10" and not tasks[0].kappa:
+            raise ConfigError(f"select_by='mae_log10' is for kappa datasets; {tasks[0].name} is not one")
+        select = select_by
+    if select == "r2":
+        # R² needs two different validation targets: a fine-tune of 10-14 structures has one validation structure.
+        # Decided once per run (never epoch by epoch): MAE orders the epochs instead.
+        task = tasks[0]
+        if len(np.unique(task.shards.y[task.split.val])) < 2:
+            log.info("%s: R² is undefined on %d validation structure(s); epochs are kept by MAE", task.name,
+                     len(task.split.val))  # fmt: skip
+            return "mae"
+    return select
 
 
 @torch.no_grad()
@@ -183,7 +193,7 @@ def fit(
     """Train ``model`` on ``tasks`` (task k → head k); the best validation epoch's weights are kept.
 
     ``on_epoch(record, state)`` is called after every epoch with ``record`` (epoch, train_loss,
-    val_loss, lr, seconds) and ``state()``, which returns a dict from which ``fit(resume=…)`` continues
+    val_loss, val_score, lr, seconds) and ``state()``, which returns a dict from which ``fit(resume=…)`` continues
     exactly where this run is; returning True stops training. Batch order depends only on (seed,
     epoch), so a resumed run follows the same path as an uninterrupted one.
     """
@@ -195,6 +205,8 @@ def fit(
     opt, sched = _make_optimizer(model, config, config.epochs * steps)
 
     select = selection(config.select_by, tasks)
+    if resume is not None:  # a run continues as it began; a state written before select_by was picked by the loss
+        select = resume.get("select", "loss")
     start_epoch, best_val, best_loss, best_epoch, bad, history = 0, math.inf, math.nan, -1, 0, []
     best_state: dict[str, torch.Tensor] | None = None
     if resume is not None:
@@ -259,6 +271,7 @@ def fit(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "best_val": best[0] if math.isfinite(best[0]) else None,
+                    "select": select,
                     "best_epoch": best[1],
                     "best_state": best[2],
                     "bad_epochs": best[3],

@@ -100,6 +100,8 @@ def ltc_trial(config: dict[str, Any]) -> None:
             if (folder / "metrics.json").is_file():  # finished before the driver went down: report again
                 metrics = json.loads((folder / "metrics.json").read_text())
                 metrics.pop("history", None)
+                if "val_score" not in metrics:  # written before val_score: it was picked by the loss
+                    metrics |= {"val_score": metrics.get("val_loss"), "select_by": "loss"}
                 final = {**_flat(metrics), **where, COMPLETED: True, "epoch_count": metrics["epochs_run"]}
                 tune.report(final, checkpoint=previous)
                 return

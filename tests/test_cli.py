@@ -206,7 +206,7 @@ def test_cli_three_stage_chain(tmp_path, capsys):
     assert "MAE log10" in out
     # a bar of epochs per run, to its end (2 of 2), with the latest losses
     assert len(re.findall(r"training: +0%", printed.err)) == 3, printed.err[-2000:]
-    assert len(re.findall(r"training: 100%\|[^|]*\| 2/2 \[[^\]]*val_loss=", printed.err)) == 3, printed.err[-2000:]
+    assert len(re.findall(r"training: 100%\|[^|]*\| 2/2 \[[^\]]*val_score=", printed.err)) == 3, printed.err[-2000:]
     import torch
 
     ckpt = torch.load(ft2 / "checkpoint.pt", weights_only=True)

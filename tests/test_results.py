@@ -422,3 +422,15 @@ def test_summary_gives_one_plus_minus_per_number(kfold_results):
     low, high = (float(x) for x in pair["95% interval"].strip("[]").split(", "))
     assert f"A − B = {pair['A - B']} ± {(high - low) / 2:.3f}, 95 % interval (A better on " in text
     assert f"`{_name(_argmin_cell(rows))}`" in text
+
+
+def test_rows_written_before_val_score_read_as_picked_by_the_loss():
+    """A sweep resumed across the upgrade holds rows of both kinds: the old ones were picked by their loss."""
+    from ltc.results import upgrade
+
+    table = pd.DataFrame({"setting": ["a", "a", "b"], "val_loss": [0.2, 0.3, 0.5], "val_score": [np.nan, 0.1, np.nan],
+                          "select_by": [None, "mae_log10", None], "n_folds": np.nan})  # fmt: skip
+    got = upgrade(table)
+    assert got.val_score.tolist() == [0.2, 0.1, 0.5] and got.select_by.tolist() == ["loss", "mae_log10", "loss"]
+    older = upgrade(table.drop(columns=["val_score", "select_by"]))  # schema 3: no such columns at all
+    assert older.val_score.tolist() == [0.2, 0.3, 0.5] and (older.select_by == "loss").all()

@@ -176,6 +176,11 @@ def test_resume_continues_exactly(ph_task):
         torch.equal(a, b)
         for a, b in zip(straight.state_dict().values(), resumed_model.state_dict().values(), strict=True)
     )
+    assert saved["select"] == full.select_by == resumed.select_by == "r2"  # the run goes on as it began
+    # a state written before select_by existed held the loss's best: the run keeps selecting by the loss
+    old = {k: v for k, v in state.items() if k != "select"}
+    again = fit(build_model("cgcnn", SMALL["cgcnn"]), [ph_task], config, resume=old)
+    assert again.select_by == "loss" and again.best_val_score == again.best_val_loss
 
 
 def test_early_stopping_and_best_epoch(ph_task):
@@ -407,3 +412,5 @@ def test_select_by_errors_name_the_value():
         selection("mae", [ph, dc])
     with pytest.raises(ValueError, match="select_by='mae_log10' is for kappa datasets; ph is not one"):
         selection("mae_log10", [ph])
+    tiny = make_task("ph", size=12, seed=0)  # Devi's FT size 10-14: one validation structure, where R² is undefined
+    assert len(tiny.split.val) == 1 and selection(None, [tiny]) == "mae" and selection("r2", [tiny]) == "mae"

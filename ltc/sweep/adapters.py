@@ -5,7 +5,7 @@ stays busy across settings in one ``Tuner``), each proposed by that setting's Op
 (``ltc.sweep.studies``: storage, sampler). ``StudyPruning`` is a Tune scheduler, on Tune's public
 scheduler interface, that writes every epoch report into the trial's Optuna trial and, with early
 stopping on, stops the trials its study's pruner (successive halving) prunes: each setting is judged
-against its own trials only (validation losses of different datasets or sizes are not comparable).
+against its own trials only (validation scores of different datasets or sizes are not comparable).
 ``Progress`` draws one bar per stage.
 """
 
@@ -65,7 +65,7 @@ class SettingSearch(Searcher):
     """One Optuna study per setting; ``suggest`` serves the settings in turn (round robin, O(1) each).
 
     Each suggestion is ``configs[setting] | {"lr": …, "n_unfrozen": …, "trial_index": i, "optuna_trial": n}``.
-    A finished trial is told to its study with its best validation loss, one stopped early as pruned,
+    A finished trial is told to its study with its best validation score (``METRIC``), one stopped early as pruned,
     a failed one as failed; one stopped by an interrupt is told when it ends after ``--resume``.
     ``storage`` is a reference from ``studies.register_storage``; the studies are opened lazily and are not
     part of the searcher's saved state (Tune's snapshot holds counters and ids only).
@@ -288,7 +288,7 @@ class SettingSearch(Searcher):
 
 class StudyPruning(FIFOScheduler):
     """Every epoch report goes into the trial's Optuna trial (``report(val_score, epoch_count)``: that epoch's
-    validation loss, never a best-so-far); with ``asha`` set, the study's ``SuccessiveHalvingPruner`` decides
+    validation score, never a best-so-far); with ``asha`` set, the study's ``SuccessiveHalvingPruner`` decides
     whether the trial stops. Studies are per setting, so a setting's trials are only ever judged against
     each other. The rung values live in the Optuna storage, so a resumed sweep judges as before.
     """

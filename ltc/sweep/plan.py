@@ -342,7 +342,8 @@ def select_starts(planned: list[Start], tables: dict[str, Any]) -> list[Start]:
                 "no completed trial for source %s: settings starting from it are dropped", start.label
             )
             continue
-        score = rows.val_score if "val_score" in rows and rows.val_score.notna().any() else rows.val_loss
+        # rows written before val_score (a sweep resumed since) were picked by the loss
+        score = rows.val_score.fillna(rows.val_loss) if "val_score" in rows else rows.val_loss
         best = rows.loc[score.astype(float).idxmin()]
         out.append(dataclasses.replace(start, checkpoint=best.checkpoint))
     return out
@@ -591,7 +592,7 @@ def describe(spec: SweepSpec) -> str:
         sizes = ", ".join(_size_label(*o) for o in stage.size_options())
         split = spec.split_for(stage)
         if split.kfold:
-            folds = "Matbench v0.1's official 5 folds" if split.test == "matbench" else f"{split.folds}-fold"
+            folds = f"Matbench v0.1's {split.folds} official" if split.test == "matbench" else f"{split.folds}-fold"
             lines.append(
                 f"  test: {folds} cross-validation x {split.repeats} repeats (every structure tested once "
                 f"per repeat; selection on an inner {split.val_fraction:.0%} of the training folds)"
@@ -606,10 +607,12 @@ def describe(spec: SweepSpec) -> str:
         if archs != [spec.arch_for(None)]:
             lines.append(f"  model{'s' if len(archs) > 1 else ''} " + "; ".join(_arch_text(spec, a) for a in archs))
         blocks = "/".join(str(n_blocks(spec, a)) for a in archs)
+        several = any(len(group) > 1 for group in stage.dataset_sets)  # ltc.train.selection's default
+        kept = stage.select_by or ("the loss (several datasets)" if several else "the judging metric")
         lines.append(
             f"  epochs {stage.epochs}, batch {stage.batch_size}"
             + (f" {stage.batch_size_by_size}" if stage.batch_size_by_size else "")
-            + f", loss {stage.loss}, kept by {stage.select_by or 'the judging metric'}; Optuna lr {lr}"
+            + f", loss {stage.loss}, kept by {kept}; Optuna lr {lr}"
             + (f", n_unfrozen {nu} (0..{blocks})" if "blocks" in stage.strategies else "")
         )
         if stage.sources:

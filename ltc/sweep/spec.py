@@ -117,7 +117,7 @@ class SearchOverride:
 @dataclass(frozen=True)
 class AshaSpec:
     """Successive halving per setting (Optuna's ``SuccessiveHalvingPruner``): at epochs grace, grace·rf,
-    grace·rf², … a trial goes on only if its validation loss there is among the best 1/rf of the values its
+    grace·rf², … a trial goes on only if its validation score there is among the best 1/rf of the values its
     setting's trials had there so far; while fewer than rf trials have reached that epoch, only if it is
     the best of them (so the first to arrive always goes on)."""
 
