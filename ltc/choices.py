@@ -7,7 +7,7 @@ One source of truth: ``ltc.train`` re-exports ``TrainConfig``, ``RunConfig`` and
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,18 @@ def check_strategy(model: str, config: ModelConfig, strategy: str, n_unfrozen: i
             f"three_body needs model alignn or chgnet: {model} has no three-body (bond-angle) updates; "
             "use alignn or chgnet, or two_body / last_layer / new_head / blocks / all"
         )
+
+
+def check_select_by(select_by: str | None, datasets_: Sequence[str], *, kappa: bool) -> None:
+    """A ``ConfigError`` if ``select_by`` cannot pick the epochs of a run on ``datasets_`` (the first of them kappa
+    or not): a metric other than the loss has no common units over several datasets, and MAE log10 is kappa's.
+    ``ltc.train.selection`` (in the run) and the sweep spec (at load, --dry-run) both ask here."""
+    if select_by not in (None, "loss") and len(datasets_) > 1:
+        raise ConfigError(
+            f"select_by={select_by!r} needs one dataset per run; {'+'.join(datasets_)} train together: use loss"
+        )
+    if select_by == "mae_log10" and not kappa:
+        raise ConfigError(f"select_by='mae_log10' is for kappa datasets; {datasets_[0]} is not one")
 
 
 def _chgnet_pretrained(version: str) -> tuple[CrystalGNN, GraphConfig, dict[str, Any]]:

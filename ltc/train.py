@@ -28,7 +28,12 @@ import torch
 from torch import nn
 
 from ltc.checkpoints import save_checkpoint
-from ltc.choices import DEFAULT_GRAPHS, RunConfig, TrainConfig  # defined without torch; used and re-exported here
+from ltc.choices import (
+    DEFAULT_GRAPHS,
+    RunConfig,
+    TrainConfig,
+    check_select_by,
+)  # defined without torch; used and re-exported here
 from ltc.errors import ConfigError
 from ltc.graphs import GraphConfig
 from ltc.inputs import RunInputs, resolve_inputs
@@ -132,14 +137,8 @@ def selection(select_by: str | None, tasks: list[Task]) -> str:
     """What picks a run's epoch (and a sweep's trial): ``select_by`` checked against the tasks, or by default the
     metric that judges the dataset (``HEADLINE``: kappa MAE log10, other properties R²); several datasets have
     no one metric in common units: their loss."""
-    if select_by is None:
-        select = "loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric
-    else:
-        if select_by != "loss" and len(tasks) > 1:
-            raise ConfigError(f"select_by={select_by!r} needs one dataset; {len(tasks)} train together: use loss")
-        if select_by == "mae_log10" and not tasks[0].kappa:
-            raise ConfigError(f"select_by='mae_log10' is for kappa datasets; {tasks[0].name} is not one")
-        select = select_by
+    check_select_by(select_by, [t.name for t in tasks], kappa=tasks[0].kappa)
+    select = select_by or ("loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric)
     if select == "r2":
         # R² needs two different validation targets: a fine-tune of 10-14 structures has one validation structure.
         # Decided once per run (never epoch by epoch): MAE orders the epochs instead.
@@ -168,7 +167,8 @@ def _validate(
             out = model(batch)[:, k]
             total += loss(out, target, reduction="sum").item()
             count += len(idx)
-            scaled.append(out.double().cpu().numpy())
+            if select != "loss":  # the loss needs no copy of the predictions off the device
+                scaled.append(out.double().cpu().numpy())
     if not count:
         return math.nan, math.nan
     val_loss = total / count

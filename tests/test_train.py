@@ -408,7 +408,7 @@ def test_select_by_errors_name_the_value():
 
     ph, dc = make_task("ph", size=40, seed=0), make_task("dc", size=40, seed=0)
     assert selection(None, [ph, dc]) == "loss" and selection(None, [ph]) == "r2"
-    with pytest.raises(ValueError, match="select_by='mae' needs one dataset; 2 train together: use loss"):
+    with pytest.raises(ValueError, match=r"select_by='mae' needs one dataset per run; ph\+dc train together: use loss"):
         selection("mae", [ph, dc])
     with pytest.raises(ValueError, match="select_by='mae_log10' is for kappa datasets; ph is not one"):
         selection("mae_log10", [ph])

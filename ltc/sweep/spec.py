@@ -29,6 +29,7 @@ from ltc.choices import (
     SELECT_BY,
     STRATEGIES,
     TrainConfig,
+    check_select_by,
     check_strategy,
 )
 from ltc.config import from_dict, read_yaml
@@ -448,12 +449,10 @@ class SweepSpec:
                         except datasets.UnknownDatasetError as err:
                             raise ConfigError(f"stage {st.name!r}: {key}: {err}") from None
                 for group in st.dataset_sets:  # what a trial's selection() would refuse
-                    if st.select_by not in (None, "loss") and len(group) > 1:
-                        raise ConfigError(f"stage {st.name!r}: select_by={st.select_by!r} needs one dataset per "
-                                          f"run; {'+'.join(group)} train together: use loss")  # fmt: skip
-                    if st.select_by == "mae_log10" and not datasets.spec(group[0]).kappa:
-                        raise ConfigError(f"stage {st.name!r}: select_by='mae_log10' is for kappa datasets; "
-                                          f"{group[0]} is not one")  # fmt: skip
+                    try:
+                        check_select_by(st.select_by, group, kappa=datasets.spec(group[0]).kappa)
+                    except ConfigError as err:
+                        raise ConfigError(f"stage {st.name!r}: {err}") from None
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
         _check_name("name", self.name)
