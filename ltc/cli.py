@@ -231,7 +231,9 @@ def _writable_folder(folder: Path, *, create: bool = True) -> None:
     """Make ``folder`` (and its parents; ``create=False``: only check that they could be made) and check that
     this user can write there: an ``OSError`` naming the path otherwise, which ``main`` prints as one line naming
     the option that gave it. Run before any work, so a mistyped path costs nothing."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the root always exists
+    from ltc.paths import nearest_existing
+
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     if create:

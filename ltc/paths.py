@@ -57,9 +57,10 @@ def _writable(folder: Path) -> bool:
     A folder with no write permission bit at all counts as read-only even for root, who passes
     ``os.access``: a shared, read-only data home must never receive a cache.
     """
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            return False
-        probe = probe.parent
+    probe = nearest_existing(folder)
     return bool(probe.stat().st_mode & 0o222) and os.access(probe, os.W_OK)
+
+
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` if it exists, else its nearest existing parent (where making it would begin)."""
+    return next(p for p in (folder, *folder.parents) if p.exists())  # the root always exists
