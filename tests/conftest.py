@@ -44,6 +44,16 @@ DATA_HOME = _find_data_home()
 local_ray_on_loopback()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs on 127.0.0.1 for one test module, shut down after it (the module's own)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     """Every test session reads the real data and writes shards into its own cache, never the user's."""

@@ -452,15 +452,6 @@ def test_init_from_a_folder_of_fold_models_asks_for_one(tmp_path, checkpoint, ca
 # from the first one's best checkpoints.
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def _kfold_ft(name: str, start_from, **extra) -> dict:
     split = {"test": "kfold", "folds": 3, "repeats": 1, "val_fraction": 0.2}
     return {"name": name, "datasets": ["mykappa"], "start_from": start_from, "scratch": True, "epochs": 3,

@@ -72,15 +72,6 @@ def write_inputs(root: Path, rows) -> dict[str, tuple[Path, str | None]]:
     }
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_screen_gives_predicts_numbers_for_a_folder_an_extxyz_file_and_a_table(ensemble, l96, tmp_path, local_ray):
     inputs = write_inputs(tmp_path, l96)

@@ -40,15 +40,6 @@ sys.exit(main(sys.argv[1:]))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def test_the_local_ray_of_ltc_sweep_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (LOOPBACK_ONLY[0], "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])

@@ -25,15 +25,6 @@ SWEEP = {
 }
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_each_trial_is_one_tagged_run_in_mlflow_and_offline_wandb(local_ray, tmp_path, monkeypatch):
     from mlflow import MlflowClient
