@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             folds=args.folds,
             repeats=args.repeats,
             val_fraction=args.val_fraction,
+            val_min=args.val_min,
         ),
         holdout=tuple(_dataset_args(args.holdout, args)),
         transform=args.transform,
@@ -817,6 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_SPLIT.val_fraction,
         help=f"validation share of the training structures: picks the best epoch (default {_SPLIT.val_fraction:g})",
+    )
+    g.add_argument(
+        "--val-min",
+        type=int,
+        default=_SPLIT.val_min,
+        help=f"at least this many validation structures, up to a fifth of them (default {_SPLIT.val_min})",
     )
     g.add_argument(
         "--split-seed",

@@ -49,6 +49,7 @@ def run_config(config: dict[str, Any]):
         fold=config.get("fold"),
         repeat=config.get("repeat"),
         holdout=tuple(config.get("holdout") or ()),
+        transform=config.get("transform"),
         # a URI as it is: load_checkpoint copies it for the load only, and results record where the run started
         init=config.get("init") or None,
         strategy="all" if config["kind"] != "finetune" else config["strategy"],

@@ -222,3 +222,24 @@ def test_train_on_matbench_folds_reports_the_leaderboard_form(tmp_path, capsys, 
     shown = compare.cell_metrics(rows, read_predictions)
     assert shown[compare.MATBENCH_COLUMN] == compare.fmt_pm(np.mean(maes), np.std(maes))
     assert compare.MATBENCH_COLUMN not in compare.cell_metrics(rows.assign(split="kfold"), read_predictions)
+
+
+def test_small_sets_validate_on_at_least_val_min_structures_up_to_a_fifth():
+    # FT 100 at 10 %: 20 (not 10); FT 800: 10 % (80); a 50-structure set: a fifth (10); tiny sets: at least 1
+    default = SplitConfig()
+    assert [splits.val_count(n, default) for n in (0, 1, 2, 9, 50, 100, 200, 800, 941)] == [
+        0,
+        0,
+        1,
+        1,
+        10,
+        20,
+        20,
+        80,
+        94,
+    ]
+    # a user's larger share is kept; val_min is theirs to lower
+    assert splits.val_count(100, SplitConfig(val_fraction=0.3)) == 30
+    assert splits.val_count(100, SplitConfig(val_min=5)) == 10
+    with pytest.raises(ConfigError, match="val_min=0"):
+        SplitConfig(val_min=0)

@@ -71,6 +71,7 @@ def _dry_run(tmp_path, data: dict, capsys) -> tuple[int, str]:
         (_sweep(stages=_stage(0, max_sizes=[-5])), "stage 'pt': max_sizes[0]=-5 must be >= 1"),
         (_sweep(stages=_stage(0, weight_decay=float("nan"))), "stage 'pt': weight_decay=nan must be finite and >= 0"),
         (_sweep(stages=_stage(0, seeds=[-1])), "seeds[0]=-1 must be between 0 and"),
+        (_sweep(stages=_stage(1, transform="log")), "stage 'ft': transform='log' must be one of"),
         (_sweep(max_failures=-1), "max_failures=-1 must be between 0 and 100"),
         (_sweep(resources={"cpu": float("inf")}), "need cpu > 0 and gpu >= 0, both finite"),
         (_sweep(split={"test": "kfold", "repeats": 1000000}), "repeats=1000000 must be an integer between 1 and 100"),
@@ -149,3 +150,18 @@ def test_resources_beyond_this_machine(tmp_path, capsys):
     assert beyond_this_machine(spec)
     with pytest.raises(ConfigError, match="its trials would never start; give --address"):
         validate(spec, local=True)
+
+
+def test_a_stage_transform_reaches_its_trials_run_config():
+    from ltc.inputs import RunInputs
+    from ltc.sweep import plan
+    from ltc.sweep.plan import trial_config
+    from ltc.trial import run_config
+
+    spec = from_dict(SweepSpec, _sweep(stages=_stage(1, transform="minmax")))
+    inputs = RunInputs({"hh143": "/s/hh143", "l96": "/s/l96"}, {"hh143": "/i.json", "l96": "/i.json"})
+    p = plan(spec)
+    pt = trial_config(spec, spec.stages[0], p["pt"][0], inputs)
+    ft = trial_config(spec, spec.stages[1], p["ft"][0], inputs)
+    assert run_config({**pt, "lr": 1e-3}).transform is None  # each dataset's default
+    assert run_config({**ft, "lr": 1e-3, "n_unfrozen": 1, "init": "pt.pt"}).transform == "minmax"

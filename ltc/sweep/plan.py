@@ -300,6 +300,7 @@ def trial_config(
         "fold": s.fold,
         "repeat": s.repeat,
         "holdout": resolve_holdout(spec, stage),
+        "transform": stage.transform,
         "inputs": inputs.subset(s.datasets).to_dict(),
         "train": {
             "epochs": stage.epochs,
@@ -595,7 +596,8 @@ def describe(spec: SweepSpec) -> str:
             folds = f"Matbench v0.1's {split.folds} official" if split.test == "matbench" else f"{split.folds}-fold"
             lines.append(
                 f"  test: {folds} cross-validation x {split.repeats} repeats (every structure tested once "
-                f"per repeat; selection on an inner {split.val_fraction:.0%} of the training folds)"
+                f"per repeat; selection on an inner {split.val_fraction:.0%} of the training folds, at least "
+                f"{split.val_min} up to a fifth)"
             )
         lines.append(
             f"  datasets {', '.join('+'.join(grp) for grp in stage.dataset_sets)}; sizes {sizes}; seeds {stage.seeds}; "

@@ -38,6 +38,7 @@ from ltc.errors import ConfigError, LtcError
 from ltc.graphs import GraphConfig
 from ltc.splits import SplitConfig
 from ltc.sweep.studies import SAMPLERS, Sampler
+from ltc.targets import TRANSFORMS
 
 _TRAIN = TrainConfig()  # the defaults a stage inherits (one source of truth: TrainConfig)
 
@@ -325,6 +326,8 @@ class StageSpec:
     select_by: str | None = (
         _TRAIN.select_by
     )  # what picks epochs and trials (ltc.choices.SELECT_BY); None: judging metric
+    # target transform of every dataset of the stage (ltc.targets.TRANSFORMS); None: each dataset's default
+    transform: str | None = None
     holdout: Literal["auto", "none"] | list[str] = "auto"  # auto: test sets of later stages' datasets
     split: SplitConfig | None = None  # this stage's split (e.g. kfold on a small FT set); default: the sweep's
     search: SearchOverride | None = None  # keys given here override the sweep's search
@@ -384,6 +387,8 @@ class StageSpec:
             raise ConfigError(f"stage {self.name!r}: schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.select_by is not None and self.select_by not in SELECT_BY:
             raise ConfigError(f"stage {self.name!r}: select_by={self.select_by!r} must be one of {SELECT_BY} or null")
+        if self.transform is not None and self.transform not in TRANSFORMS:
+            raise ConfigError(f"stage {self.name!r}: transform={self.transform!r} must be one of {TRANSFORMS} or null")
 
     @property
     def sources(self) -> list[Source]:
