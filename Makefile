@@ -16,7 +16,7 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 LTC_DATA_HOME ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),$(HOME)/.cache/ltc/data)
 export LTC_DATA_HOME
 
-.PHONY: install demo test lint format bench bench-search reproduce reproduce-matbench clean
+.PHONY: install demo test lint format bench bench-search bench-targets reproduce reproduce-matbench clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ bench: install
 bench-search: install
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_early_stop.py
+
+# Target transforms per built-in dataset, by inner K-fold on training data (about 26 minutes on 2 cores).
+bench-targets: install
+	$(BIN)/python benchmarks/bench_targets.py
 
 # The papers at laptop scale, and CHGNet as a start for L96 (about 11, 16 and 7 minutes on 2 cores; not part
 # of CI): each sweep, its report, and a copy with the papers' numbers beside ltc's in results/reference/<name>/
