@@ -57,7 +57,7 @@ bench-search: install
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_early_stop.py
 
-# Target transforms per built-in dataset, by inner K-fold on training data (about 26 minutes on 2 cores).
+# Target transforms per built-in dataset, by inner K-fold on training data (about 30 minutes on 2 cores).
 bench-targets: install
 	$(BIN)/python benchmarks/bench_targets.py
 

@@ -791,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=_TRAIN.seed,
-        help="draws the subset, its 90/10 train/validation split and the init (default 0)",
+        help="draws the subset, its train/validation split (--val-fraction, --val-min) and the init (default 0)",
     )
     g.add_argument(
         "--split",

@@ -61,6 +61,8 @@ def upgrade(trials: pd.DataFrame) -> pd.DataFrame:
     if old.any():
         trials = trials.assign(val_score=trials.val_score.where(~old, trials.val_loss),
                                select_by=trials.select_by.where(~old, "loss"))  # fmt: skip
+    if "transform" not in trials.columns:  # schema 4 and older: not recorded (each dataset's default then)
+        trials = trials.assign(transform=None)
     if "split" not in trials.columns:  # schema 3 and older: K-fold stages were the only folded ones
         trials = trials.assign(split=np.where(trials.n_folds.notna(), "kfold", None))
     return trials
@@ -647,18 +649,19 @@ def write_report(results_dir: str | os.PathLike[str]) -> Report:
 # --------------------------------------------------------------------------------------------------
 # The trials table: one flat row per trial (``results/README.md``), built from a stage's ResultGrid.
 
-RESULTS_SCHEMA_VERSION = 4  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
+RESULTS_SCHEMA_VERSION = 5  # 2: ``group`` became ``source_key``; fold, repeat, n_folds, test_r2_log10 added
 # 3: arch (the model trained) and start (the start's label, or scratch[<model>] beside several architectures)
 # 4: split (how the test set was chosen: seeded, paper, kfold, matbench); val_score and select_by (what picked
-# the epoch and the trial: ltc.train.selection)
+# the epoch and the trial: ltc.train.selection); 5: transform (each dataset's target transform, '+'-joined)
 
 COLUMNS = [
     "stage", "kind", "setting", "source_key", "trial_index", "status", "pt_dataset", "pt_size", "lineage", "arch",
     "start", "ft_dataset", "ft_size", "dataset", "size", "strategy", "n_unfrozen", "lr", "seed", "fold", "repeat",
-    "n_folds", "split", "val_loss", "val_score", "select_by", "val_mae", "val_r2", "test_mae", "test_rmse", "test_r2",
-    "test_mape", "test_mae_log10", "test_r2_log10", "n_train", "n_val", "n_test", "epochs_run", "best_epoch",
-    "resumed_from_epoch", "train_seconds", "wall_seconds", "params_trainable", "params_total", "checkpoint", "init",
-    "task_metrics", "trial_id", "node_id", "gpu_ids", "started", "finished", "error",
+    "n_folds", "split", "transform", "val_loss", "val_score", "select_by", "val_mae", "val_r2", "test_mae",
+    "test_rmse", "test_r2", "test_mape", "test_mae_log10", "test_r2_log10", "n_train", "n_val", "n_test",
+    "epochs_run", "best_epoch", "resumed_from_epoch", "train_seconds", "wall_seconds", "params_trainable",
+    "params_total", "checkpoint", "init", "task_metrics", "trial_id", "node_id", "gpu_ids", "started", "finished",
+    "error",
 ]  # fmt: skip
 
 

@@ -32,6 +32,9 @@ DEVI_SIZES = (10, 100, 200, 500, 800)
 MAX_FOLDS = 100
 MAX_REPEATS = 100
 SPLIT_TESTS = ("seeded", "paper", "paper_or_seeded", "kfold", "matbench")  # how the test set is chosen
+# A split stored before val_min existed (a sweep's sweep.json, a trial's config) validated on val_fraction alone,
+# which is what val_min 1 gives: read back with this, an older sweep resumes on the protocol it began with.
+LEGACY_VAL_MIN = 1
 MATBENCH_FOLDS = 5  # Matbench v0.1: 5-fold KFold, shuffled, random_state 18012019, one repeat
 _told_seeded: set[str] = set()  # datasets already reported as falling back to a seeded test set
 
@@ -76,6 +79,11 @@ class SplitConfig:
                 f"test 'matbench' is Matbench v0.1's {MATBENCH_FOLDS} official folds, one repeat: got folds="
                 f"{self.folds}, repeats={self.repeats}"
             )
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> SplitConfig:
+        """A split stored as a dict (``asdict``); one stored before ``val_min`` keeps its protocol (LEGACY_VAL_MIN)."""
+        return cls(**{"val_min": LEGACY_VAL_MIN, **d})
 
     @property
     def kfold(self) -> bool:
@@ -356,7 +364,7 @@ def make_split(
 
 def val_count(n: int, config: SplitConfig = SplitConfig()) -> int:
     """How many of ``n`` training + validation structures validate: ``val_fraction`` of them, raised to
-    ``val_min`` but never above a fifth; at least 1 (0 below 2 structures).
+    ``val_min`` where that stays within a fifth; at least 1, and at least 1 left to train (0 below 2 structures).
 
     Why a floor: the validation split picks the epoch (and Optuna's trial) by a mean over its structures, whose
     relative standard error is about 0.76/sqrt(n_val) for MAE of roughly normal errors: 24 % at 10 structures
@@ -368,7 +376,7 @@ def val_count(n: int, config: SplitConfig = SplitConfig()) -> int:
     if n < 2:
         return 0
     share = round(config.val_fraction * n)
-    return max(1, share, min(config.val_min, n // 5))
+    return min(n - 1, max(1, share, min(config.val_min, n // 5)))
 
 
 def _paper_subset(

@@ -11,6 +11,7 @@ import numpy as np
 from ltc.errors import ConfigError
 
 TRANSFORMS = ("minmax", "standardize", "log10p1", "log10p1+standardize", "none")
+LOG_NEEDS_ABOVE = -1.0  # log10(1 + y) is defined for y above this
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class TargetScaler:
         y = np.asarray(y, dtype=np.float64)
         if y.size == 0:
             raise ConfigError("cannot fit a target transform on an empty training split")
-        if kind.startswith("log10p1") and y.min() <= -1:
-            raise ConfigError(f"{kind} needs targets > -1; the training split has min {y.min():g}")
+        if kind.startswith("log10p1") and y.min() <= LOG_NEEDS_ABOVE:
+            raise ConfigError(f"{kind} needs targets > {LOG_NEEDS_ABOVE:g}; the training split has min {y.min():g}")
         f = np.log10(1.0 + y) if kind.startswith("log10p1") else y
         if kind == "minmax":
             lo, hi = float(f.min()), float(f.max())

@@ -133,6 +133,10 @@ def predict(model: CrystalGNN, task: Task, indices: np.ndarray, *, head: int, ba
     return task.scaler.inverse(scaled)
 
 
+# Fewer validation structures than this: R² is left to one point (SST over a handful of values), MAE selects.
+R2_MIN_VAL = 10
+
+
 def selection(select_by: str | None, tasks: list[Task]) -> str:
     """What picks a run's epoch (and a sweep's trial): ``select_by`` checked against the tasks, or by default the
     metric that judges the dataset (``HEADLINE``: kappa MAE log10, other properties R²); several datasets have
@@ -140,11 +144,11 @@ def selection(select_by: str | None, tasks: list[Task]) -> str:
     check_select_by(select_by, [t.name for t in tasks], kappa=tasks[0].kappa)
     select = select_by or ("loss" if len(tasks) > 1 else HEADLINE[tasks[0].kappa].metric)
     if select == "r2":
-        # R² needs two different validation targets: a fine-tune of 10-14 structures has one validation structure.
-        # Decided once per run (never epoch by epoch): MAE orders the epochs instead.
+        # R² needs two different validation targets, and over a few it is one point's (a fine-tune of 10-49
+        # structures validates on 2-9). Decided once per run (never epoch by epoch): MAE orders the epochs instead.
         task = tasks[0]
-        if len(np.unique(task.shards.y[task.split.val])) < 2:
-            log.info("%s: R² is undefined on %d validation structure(s); epochs are kept by MAE", task.name,
+        if len(task.split.val) < R2_MIN_VAL or len(np.unique(task.shards.y[task.split.val])) < 2:
+            log.info("%s: R² on %d validation structure(s) is one point's; epochs are kept by MAE", task.name,
                      len(task.split.val))  # fmt: skip
             return "mae"
     return select
@@ -469,6 +473,7 @@ def train_run(
             "val_loss": result.best_val_loss,
             "val_score": result.best_val_score,
             "select_by": result.select_by,
+            "transform": "+".join(t.scaler.kind for t in tasks),  # the target transform each head learnt in
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,

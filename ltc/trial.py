@@ -45,7 +45,7 @@ def run_config(config: dict[str, Any]):
         size=config.get("size"),
         max_size=config.get("max_size"),
         seed=config["seed"],
-        split=SplitConfig(**config["split"]),
+        split=SplitConfig.from_stored(config["split"]),  # a resumed older trial: its own split
         fold=config.get("fold"),
         repeat=config.get("repeat"),
         holdout=tuple(config.get("holdout") or ()),

@@ -432,5 +432,6 @@ def test_rows_written_before_val_score_read_as_picked_by_the_loss():
                           "select_by": [None, "mae_log10", None], "n_folds": np.nan})  # fmt: skip
     got = upgrade(table)
     assert got.val_score.tolist() == [0.2, 0.1, 0.5] and got.select_by.tolist() == ["loss", "mae_log10", "loss"]
+    assert "transform" in upgrade(table).columns and upgrade(table)["transform"].isna().all()  # schema 4: not recorded
     older = upgrade(table.drop(columns=["val_score", "select_by"]))  # schema 3: no such columns at all
     assert older.val_score.tolist() == [0.2, 0.3, 0.5] and (older.select_by == "loss").all()

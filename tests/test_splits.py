@@ -241,5 +241,6 @@ def test_small_sets_validate_on_at_least_val_min_structures_up_to_a_fifth():
     # a user's larger share is kept; val_min is theirs to lower
     assert splits.val_count(100, SplitConfig(val_fraction=0.3)) == 30
     assert splits.val_count(100, SplitConfig(val_min=5)) == 10
+    assert splits.val_count(2, SplitConfig(val_fraction=0.9)) == 1  # one structure is always left to train
     with pytest.raises(ConfigError, match="val_min=0"):
         SplitConfig(val_min=0)

@@ -521,6 +521,38 @@ def test_a_folder_started_by_an_older_ltc_resumes(tmp_path):
         _claim_results(paths, dataclasses.replace(spec, asha=AshaSpec()), None, resume=True)
 
 
+def test_a_sweep_begun_before_val_min_resumes_on_its_own_split_once_told(tmp_path):
+    # sweep.json and trial configs written before splits had val_min: the same file is refused, naming the key and
+    # what to add; with `val_min: 1` (what those splits did) it resumes, and its stored trials keep their split
+    import json
+
+    from ltc.errors import ConfigError as LtcConfigError
+    from ltc.splits import LEGACY_VAL_MIN, SplitConfig
+    from ltc.sweep.driver import SweepPaths, _claim_results
+
+    spec = load_sweep(REPO / "sweeps/quickstart.yaml")
+    old = json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+    for split in [old["split"], *(st["split"] for st in old["stages"] if st["split"])]:
+        del split["val_min"]
+    root = tmp_path / spec.name
+    root.mkdir()
+    paths = SweepPaths(root, str(root / "ray"), str(root / "optuna.log"))
+    (root / "sweep.json").write_text(json.dumps({"spec": json.dumps(old), "optuna_storage": paths.optuna}))
+    with pytest.raises(LtcConfigError, match=r"\(split.val_min: 1 then, 20 now\).*add `val_min: 1` to that split"):
+        _claim_results(paths, spec, None, resume=True)
+    told = dataclasses.replace(
+        spec,
+        split=dataclasses.replace(spec.split, val_min=LEGACY_VAL_MIN),
+        stages=[
+            dataclasses.replace(st, split=st.split and dataclasses.replace(st.split, val_min=1)) for st in spec.stages
+        ],
+    )
+    _claim_results(paths, told, None, resume=True)  # accepted
+    stored = {k: v for k, v in dataclasses.asdict(SplitConfig(val_fraction=0.2)).items() if k != "val_min"}
+    assert SplitConfig.from_stored(stored) == SplitConfig(val_fraction=0.2, val_min=1)
+    assert SplitConfig.from_stored({**stored, "val_min": 20}).val_min == 20
+
+
 def test_a_ray_job_refuses_relative_result_paths(tmp_path, monkeypatch):
     # `ray job submit --working-dir .` runs `ltc sweep` in Ray's temporary copy of the folder: results written
     # there relative to it would go with the job

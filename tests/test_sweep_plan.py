@@ -72,6 +72,11 @@ def _dry_run(tmp_path, data: dict, capsys) -> tuple[int, str]:
         (_sweep(stages=_stage(0, weight_decay=float("nan"))), "stage 'pt': weight_decay=nan must be finite and >= 0"),
         (_sweep(stages=_stage(0, seeds=[-1])), "seeds[0]=-1 must be between 0 and"),
         (_sweep(stages=_stage(1, transform="log")), "stage 'ft': transform='log' must be one of"),
+        # a log transform of targets at or below -1 (jarvis2d's are scaled to [-1, 1]) fails every trial
+        (
+            _sweep(stages=_stage(0, datasets=["jarvis2d"], transform="log10p1")),
+            "stages[0].transform='log10p1': jarvis2d has targets down to -1, and log10(1 + y) needs y > -1",
+        ),
         (_sweep(max_failures=-1), "max_failures=-1 must be between 0 and 100"),
         (_sweep(resources={"cpu": float("inf")}), "need cpu > 0 and gpu >= 0, both finite"),
         (_sweep(split={"test": "kfold", "repeats": 1000000}), "repeats=1000000 must be an integer between 1 and 100"),

@@ -66,7 +66,7 @@ def tiny_quickstart():
         asha=AshaSpec(grace_epochs=2, reduction_factor=3),
         search=dataclasses.replace(spec.search, trials=2, n_unfrozen="search"),
         stages=[
-            dataclasses.replace(pt, max_sizes=[150], epochs=3),
+            dataclasses.replace(pt, max_sizes=[150], epochs=3, transform="standardize"),  # a stage's own transform
             dataclasses.replace(
                 ft,
                 epochs=4,
@@ -101,7 +101,11 @@ def test_quickstart_end_to_end(local_ray, tmp_path):
     assert set(ft.init) == {best_pt.checkpoint} and set(ft.pt_dataset) == {"agl"}
     assert set(saved[saved.kind == "scratch"].init.dropna()) == set()
     ckpt = torch.load(best_pt.checkpoint, weights_only=True)
-    assert ckpt["targets"][0]["dataset"] == "agl"
+    assert ckpt["targets"][0]["dataset"] == "agl" and ckpt["targets"][0]["scaler"]["kind"] == "standardize"
+    # the stage's transform for PT, the dataset's default (log for kappa) for FT, in the table
+    completed = saved[saved.status == "completed"]
+    assert set(completed[completed.kind == "pretrain"]["transform"]) == {"standardize"}
+    assert set(completed[completed.kind != "pretrain"]["transform"]) == {"log10p1+standardize"}
 
     done = saved[saved.status == "completed"]
     assert done.test_mae.notna().all() and done.test_mae_log10.notna().all() and done.checkpoint.notna().all()

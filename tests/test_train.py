@@ -406,7 +406,7 @@ def test_select_by_errors_name_the_value():
         TrainConfig(select_by="mse")
     from ltc.train import selection
 
-    ph, dc = make_task("ph", size=40, seed=0), make_task("dc", size=40, seed=0)
+    ph, dc = make_task("ph", size=50, seed=0), make_task("dc", size=50, seed=0)  # 10 validate each
     assert selection(None, [ph, dc]) == "loss" and selection(None, [ph]) == "r2"
     with pytest.raises(ValueError, match=r"select_by='mae' needs one dataset per run; ph\+dc train together: use loss"):
         selection("mae", [ph, dc])
@@ -414,3 +414,5 @@ def test_select_by_errors_name_the_value():
         selection("mae_log10", [ph])
     tiny = make_task("ph", size=9, seed=0)  # one validation structure (a fifth of 9 is 1), where R² is undefined
     assert len(tiny.split.val) == 1 and selection(None, [tiny]) == "mae" and selection("r2", [tiny]) == "mae"
+    few = make_task("ph", size=45, seed=0)  # 9 validate: R² would be one point's
+    assert len(few.split.val) == 9 and selection(None, [few]) == "mae" and len(ph.split.val) == 10

@@ -38,6 +38,7 @@ from typing import Any
 from ltc import datasets, io
 from ltc.errors import AlreadyExistsError, ConfigError, DataError, LtcError
 from ltc.inputs import resolve_inputs_by_graph
+from ltc.splits import LEGACY_VAL_MIN
 from ltc.sweep import studies
 from ltc.sweep.plan import (
     Setting,
@@ -357,7 +358,25 @@ def spec_identity(spec_json: str) -> str:
             return [drop(v, key) for v in value]
         return value
 
-    return json.dumps(drop(json.loads(spec_json)), sort_keys=True)
+    spec = json.loads(spec_json)
+    # a split stored before val_min existed validated on val_fraction alone (splits.LEGACY_VAL_MIN)
+    for split in [spec.get("split"), *(st.get("split") for st in spec.get("stages") or [])]:
+        if isinstance(split, dict):
+            split.setdefault("val_min", LEGACY_VAL_MIN)
+    return json.dumps(drop(spec), sort_keys=True)
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> tuple[str, Any, Any]:
+    """(dotted path, value in a, value in b) of the first place two JSON values differ (``None``: absent)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return first_difference(x, y, f"{where}[{i}]")
+    return where or "the sweep", a, b
 
 
 def _located(parent: str, key: str) -> bool:
@@ -413,8 +432,19 @@ def _claim_results(paths: SweepPaths, spec: SweepSpec, spec_text: str | None, re
                 f"{paths.root} keeps its checkpoints and Tune state in {claimed['storage']}, not {paths.storage}: "
                 "pass the same --storage to resume"
             )
-        if spec_identity(claimed["spec"]) != spec_identity(current):
-            raise ConfigError(f"{paths.root} was started with a different version of sweep {spec.name!r}; not resuming")
+        then_id, now_id = spec_identity(claimed["spec"]), spec_identity(current)
+        if then_id != now_id:
+            where, was, is_ = first_difference(json.loads(then_id), json.loads(now_id))
+            hint = ""
+            if where.endswith("val_min"):
+                hint = (
+                    f"; it began before splits validated on at least val_min structures: add `val_min: {was}` to that "
+                    "split to finish it as it began"
+                )
+            raise ConfigError(
+                f"{paths.root} was started with a different version of sweep {spec.name!r} ({where}: {was} then, "
+                f"{is_} now); not resuming{hint}"
+            )
         now, then = given_inputs(spec), claimed.get("given_inputs", {})
         changed = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
         if changed:

@@ -378,14 +378,49 @@ class DatasetCount:
 def count_rows(file: datasets.DatasetFile, cache: Path) -> int:
     """The rows of a located data file, read once per content (parsing a large JSON file takes seconds) and
     remembered under ``cache/counts/``: a file that cannot be read is its one-line error, here."""
+    return int(_table_facts(file, cache)["n_rows"])
+
+
+def lowest_target(file: datasets.DatasetFile, cache: Path) -> float:
+    """The smallest target of a located data file's good rows (raw units), remembered as ``count_rows``."""
+    return float(_table_facts(file, cache)["y_min"])
+
+
+def _table_facts(file: datasets.DatasetFile, cache: Path) -> dict[str, Any]:
     from ltc.io import write_json_atomic
 
     counted = cache / "counts" / f"{file.spec.name}-{file.fingerprint[:16]}.json"
     if counted.is_file():
-        return int(json.loads(counted.read_text())["n_rows"])
-    n_rows = datasets.read(file).n_rows
-    write_json_atomic(counted, {"dataset": file.spec.name, "fingerprint": file.fingerprint, "n_rows": n_rows})
-    return n_rows
+        facts = json.loads(counted.read_text())
+        if "y_min" in facts:  # counted before y_min was kept: read once more
+            return facts
+    raw = datasets.read(file)
+    facts = {"dataset": file.spec.name, "fingerprint": file.fingerprint, "n_rows": raw.n_rows,
+             "y_min": min((r.target for r in raw.records), default=math.inf)}  # fmt: skip
+    write_json_atomic(counted, facts)
+    return facts
+
+
+def check_transform(i: int, stage: StageSpec, *, home: str | None, cache: str | None) -> None:
+    """A log transform (log10(1 + y)) on a stage whose data holds a target <= -1 fails in every trial: refuse it
+    now, naming the key, the dataset and its lowest target. Data not local yet is checked when its trials start."""
+    from ltc.paths import cache_root, data_home
+    from ltc.targets import LOG_NEEDS_ABOVE
+
+    if not (stage.transform or "").startswith("log10p1"):
+        return
+    for group in stage.dataset_sets:
+        for name in group:
+            try:
+                file = datasets.locate(name, data_home=data_home(home), download=False)
+            except datasets.DatasetNotFoundError:
+                continue
+            low = lowest_target(file, cache_root(cache, home=data_home(home)))
+            if low <= LOG_NEEDS_ABOVE:
+                raise ConfigError(
+                    f"stages[{i}].transform={stage.transform!r}: {name} has targets down to {low:g}, and log10(1 + y) "
+                    f"needs y > {LOG_NEEDS_ABOVE:g}; use standardize or minmax"
+                )
 
 
 def dataset_count(
@@ -484,6 +519,8 @@ def _validate(spec: SweepSpec, *, home: str | None, cache: str | None, counts: b
                 )
         if stage.scratch:
             scratch_names(spec, stage)  # two archs of one model name cannot be told apart
+        if counts:
+            check_transform(i, stage, home=home, cache=cache)
     if not counts:
         return
     found: dict[tuple[str, SplitConfig, GraphConfig], DatasetCount | None] = {}
@@ -614,7 +651,8 @@ def describe(spec: SweepSpec) -> str:
         lines.append(
             f"  epochs {stage.epochs}, batch {stage.batch_size}"
             + (f" {stage.batch_size_by_size}" if stage.batch_size_by_size else "")
-            + f", loss {stage.loss}, kept by {kept}; Optuna lr {lr}"
+            + f", loss {stage.loss}, kept by {kept}, targets {stage.transform or 'by dataset default'}"
+            + f"; Optuna lr {lr}"
             + (f", n_unfrozen {nu} (0..{blocks})" if "blocks" in stage.strategies else "")
         )
         if stage.sources:
