@@ -14,6 +14,11 @@ TRANSFORMS = ("minmax", "standardize", "log10p1", "log10p1+standardize", "none")
 LOG_NEEDS_ABOVE = -1.0  # log10(1 + y) is defined for y above this
 
 
+def takes_log(kind: str) -> bool:
+    """Whether transform ``kind`` takes log10(1 + y) (so needs targets above ``LOG_NEEDS_ABOVE``)."""
+    return kind.startswith("log10p1")
+
+
 @dataclass(frozen=True)
 class TargetScaler:
     """``scaled = (f(y) - shift) / scale`` with ``f`` = identity or ``log10(1 + y)``.
@@ -35,9 +40,9 @@ class TargetScaler:
         y = np.asarray(y, dtype=np.float64)
         if y.size == 0:
             raise ConfigError("cannot fit a target transform on an empty training split")
-        if kind.startswith("log10p1") and y.min() <= LOG_NEEDS_ABOVE:
+        if takes_log(kind) and y.min() <= LOG_NEEDS_ABOVE:
             raise ConfigError(f"{kind} needs targets > {LOG_NEEDS_ABOVE:g}; the training split has min {y.min():g}")
-        f = np.log10(1.0 + y) if kind.startswith("log10p1") else y
+        f = np.log10(1.0 + y) if takes_log(kind) else y
         if kind == "minmax":
             lo, hi = float(f.min()), float(f.max())
             shift, scale = (hi + lo) / 2, (hi - lo) / 2
@@ -49,13 +54,13 @@ class TargetScaler:
         return cls(kind, shift, scale if scale > 0 and math.isfinite(scale) else 1.0)
 
     def transform(self, y):
-        f = np.log10(1.0 + y) if self.kind.startswith("log10p1") else y
+        f = np.log10(1.0 + y) if takes_log(self.kind) else y
         return (f - self.shift) / self.scale
 
     def inverse(self, s):
         """Scaled → raw units (numpy arrays or torch tensors)."""
         f = s * self.scale + self.shift
-        return 10.0**f - 1.0 if self.kind.startswith("log10p1") else f
+        return 10.0**f - 1.0 if takes_log(self.kind) else f
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -392,7 +392,7 @@ def _table_facts(file: datasets.DatasetFile, cache: Path) -> dict[str, Any]:
     counted = cache / "counts" / f"{file.spec.name}-{file.fingerprint[:16]}.json"
     if counted.is_file():
         facts = json.loads(counted.read_text())
-        if "y_min" in facts:  # counted before y_min was kept: read once more
+        if "y_min" in facts:  # a file counted before y_min was kept is read once more, below
             return facts
     raw = datasets.read(file)
     facts = {"dataset": file.spec.name, "fingerprint": file.fingerprint, "n_rows": raw.n_rows,
@@ -405,17 +405,18 @@ def check_transform(i: int, stage: StageSpec, *, home: str | None, cache: str | 
     """A log transform (log10(1 + y)) on a stage whose data holds a target <= -1 fails in every trial: refuse it
     now, naming the key, the dataset and its lowest target. Data not local yet is checked when its trials start."""
     from ltc.paths import cache_root, data_home
-    from ltc.targets import LOG_NEEDS_ABOVE
+    from ltc.targets import LOG_NEEDS_ABOVE, takes_log
 
-    if not (stage.transform or "").startswith("log10p1"):
+    if stage.transform is None or not takes_log(stage.transform):
         return
+    home_path = data_home(home)
     for group in stage.dataset_sets:
         for name in group:
             try:
-                file = datasets.locate(name, data_home=data_home(home), download=False)
+                file = datasets.locate(name, data_home=home_path, download=False)
             except datasets.DatasetNotFoundError:
                 continue
-            low = lowest_target(file, cache_root(cache, home=data_home(home)))
+            low = lowest_target(file, cache_root(cache, home=home_path))
             if low <= LOG_NEEDS_ABOVE:
                 raise ConfigError(
                     f"stages[{i}].transform={stage.transform!r}: {name} has targets down to {low:g}, and log10(1 + y) "
